@@ -1,0 +1,69 @@
+"""Errors raised by the engines package.
+
+Every error carries a short machine-readable ``kind`` and a message meant for the
+user. The service maps each class to an HTTP status in one table
+(``service/errors.py``); nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base class of every error the engines package raises on purpose."""
+
+    kind = "engine_error"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidModel(EngineError):
+    """The uploaded bytes are not a valid ONNX model (parse, checker, external data)."""
+
+    kind = "invalid_model"
+
+
+class UnsupportedModel(EngineError):
+    """A valid ONNX model that this backend or runtime cannot serve (opset, ops, dtypes)."""
+
+    kind = "unsupported_model"
+
+
+class CalibrationError(EngineError):
+    """Calibration or validation data does not fit the model's signature."""
+
+    kind = "invalid_calibration"
+
+
+class BuildFailed(EngineError):
+    """The backend could not build an engine; the message says why."""
+
+    kind = "build_failed"
+
+
+class AccuracyRejected(EngineError):
+    """A reduced-precision candidate fell outside tolerance against the FP32 model."""
+
+    kind = "accuracy_rejected"
+
+
+class InvalidInput(EngineError):
+    """Inference inputs do not match the engine's signature (name, dtype, shape, values)."""
+
+    kind = "invalid_input"
+
+
+class BackendUnavailable(EngineError):
+    """The requested backend cannot run on this machine (library or device missing)."""
+
+    kind = "backend_unavailable"
+
+
+class StoreCorrupted(EngineError):
+    """A stored artifact failed its checksum or its metadata cannot be read."""
+
+    kind = "store_corrupted"
