@@ -1,0 +1,243 @@
+"""The on-disk engine store.
+
+Layout under the root directory::
+
+    models/<sha256>.onnx            uploaded models, by content hash
+    data/<sha256>.npz               calibration and validation sets, by content hash
+    engines/<cache key>/engine.*    built artifacts (backend-specific suffix)
+    engines/<cache key>/meta.json   what was built, how, how well; the artifact's sha256
+    records/<name>/<version>.json   the served versions: options, state, error
+    timing/<device key>.cache       TensorRT timing caches, one per device signature
+    tmp/                            partial writes; emptied at start-up
+
+Every write goes to ``tmp/`` first, is fsynced, then renamed into place, so a
+crash never leaves a half-written file under a final name. ``meta.json`` is the
+commit point of an engine: it is written last and names the artifact's sha256,
+which is verified whenever the engine is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from engines.errors import StoreCorrupted
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class EngineStore:
+    """Content-addressed models and engines plus the records of served versions.
+
+    Safe to share between the server and build child processes: every file is
+    published by an atomic rename, and readers never see partial files.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for sub in ("models", "data", "engines", "records", "timing", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- atomic writes -------------------------------------------------------
+
+    @contextmanager
+    def temp_file(self, suffix: str = "") -> Iterator[tuple[BinaryIO, Path]]:
+        """A file in ``tmp/`` that is removed unless the caller moves it away."""
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle, path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh, empty path under ``tmp/``; the caller publishes or deletes it."""
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def publish(self, source: Path, destination: Path) -> None:
+        """fsync ``source`` and rename it to ``destination`` (same filesystem)."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with source.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(source, destination)
+        _fsync_dir(destination.parent)
+
+    def write_bytes(self, destination: Path, data: bytes) -> None:
+        path = self.temp_path()
+        try:
+            path.write_bytes(data)
+            self.publish(path, destination)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def write_json(self, destination: Path, value: Any) -> None:
+        self.write_bytes(destination, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    def cleanup_tmp(self) -> int:
+        """Remove leftovers of interrupted writes; returns how many were removed."""
+        removed = 0
+        for entry in (self.root / "tmp").iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    # -- models and data sets -------------------------------------------------
+
+    def model_path(self, sha256: str) -> Path:
+        return self.root / "models" / f"{_checked_sha(sha256)}.onnx"
+
+    def data_path(self, sha256: str) -> Path:
+        return self.root / "data" / f"{_checked_sha(sha256)}.npz"
+
+    def add_model(self, temp_path: Path, sha256: str) -> Path:
+        """Publish an uploaded model already written to ``temp_path`` (moved, not copied)."""
+        return self._add_blob(temp_path, self.model_path(sha256))
+
+    def add_data(self, temp_path: Path, sha256: str) -> Path:
+        return self._add_blob(temp_path, self.data_path(sha256))
+
+    def _add_blob(self, temp_path: Path, destination: Path) -> Path:
+        if destination.exists():
+            temp_path.unlink(missing_ok=True)
+        else:
+            self.publish(temp_path, destination)
+        return destination
+
+    # -- engines ---------------------------------------------------------------
+
+    def engine_dir(self, cache_key: str) -> Path:
+        return self.root / "engines" / _checked_key(cache_key)
+
+    def engine_meta(self, cache_key: str) -> dict[str, Any] | None:
+        """The committed metadata of an engine, or None if it was never committed."""
+        path = self.engine_dir(cache_key) / "meta.json"
+        if not path.exists():
+            return None
+        try:
+            meta: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreCorrupted(f"engine {cache_key}: unreadable metadata ({exc})") from exc
+        return meta
+
+    def artifact_path(self, cache_key: str, meta: dict[str, Any]) -> Path:
+        return self.engine_dir(cache_key) / meta["artifact"]
+
+    def verify_engine(self, cache_key: str) -> dict[str, Any] | None:
+        """Metadata of a committed engine whose artifact matches its checksum.
+
+        Returns None when the engine was never committed; raises ``StoreCorrupted``
+        when the artifact is missing or its bytes changed.
+        """
+        meta = self.engine_meta(cache_key)
+        if meta is None:
+            return None
+        artifact = self.artifact_path(cache_key, meta)
+        if not artifact.exists():
+            raise StoreCorrupted(f"engine {cache_key}: artifact {artifact.name} is missing")
+        actual = sha256_file(artifact)
+        if actual != meta.get("artifact_sha256"):
+            raise StoreCorrupted(
+                f"engine {cache_key}: artifact checksum {actual[:12]} does not match "
+                f"the recorded {str(meta.get('artifact_sha256'))[:12]}"
+            )
+        return meta
+
+    def commit_engine(self, cache_key: str, artifact_temp: Path, suffix: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """Publish an artifact, then its metadata (the commit point). Returns the metadata."""
+        directory = self.engine_dir(cache_key)
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"engine{suffix}"
+        full_meta = dict(meta)
+        full_meta["artifact"] = name
+        full_meta["artifact_sha256"] = sha256_file(artifact_temp)
+        full_meta["artifact_bytes"] = artifact_temp.stat().st_size
+        full_meta["cache_key"] = cache_key
+        self.publish(artifact_temp, directory / name)
+        self.write_json(directory / "meta.json", full_meta)
+        return full_meta
+
+    def discard_engine(self, cache_key: str) -> None:
+        """Remove an engine (metadata first, so a crash leaves it uncommitted)."""
+        directory = self.engine_dir(cache_key)
+        (directory / "meta.json").unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def timing_cache_path(self, device_key: str) -> Path:
+        return self.root / "timing" / f"{_checked_key(device_key)}.cache"
+
+    # -- records of served versions -------------------------------------------
+
+    def record_path(self, name: str, version: int) -> Path:
+        return self.root / "records" / name / f"{int(version)}.json"
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        self.write_json(self.record_path(record["name"], record["version"]), record)
+
+    def delete_record(self, name: str, version: int) -> None:
+        self.record_path(name, version).unlink(missing_ok=True)
+        directory = self.root / "records" / name
+        if directory.exists() and not any(directory.iterdir()):
+            directory.rmdir()
+
+    def load_records(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every readable record, and a message for each unreadable one."""
+        records: list[dict[str, Any]] = []
+        problems: list[str] = []
+        for path in sorted((self.root / "records").glob("*/*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path.relative_to(self.root)}: {exc}")
+        return records, problems
+
+    def referenced_engines(self) -> set[str]:
+        records, _ = self.load_records()
+        return {r["cache_key"] for r in records if r.get("cache_key")}
+
+
+def _checked_sha(value: str) -> str:
+    if not _SHA256.match(value):
+        raise ValueError(f"not a sha256 hex digest: {value!r}")
+    return value
+
+
+def _checked_key(value: str) -> str:
+    if not re.match(r"^[0-9a-f]{8,64}$", value):
+        raise ValueError(f"not a store key: {value!r}")
+    return value

@@ -1,0 +1,98 @@
+"""``create_app(settings)``: assembles routers, error handlers and the lifespan.
+
+The lifespan owns the lifecycle: open the store → pick the backend → restore
+engines (load, warm up, start batchers) → serve; on shutdown: readiness off,
+drain the batchers, stop builds, close runners. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engines.backends import select_backend
+from engines.backends.base import Backend
+from engines.store import EngineStore
+from service.errors import install_error_handlers
+from service.jobs import BuildRunner
+from service.manager import EngineManager
+from service.metrics import KilnMetrics
+from service.registry import Registry
+from service.routes import engines, health, predict
+from service.settings import Settings
+from service.state import AppState
+
+log = logging.getLogger("kiln")
+
+
+def _backend_for(settings: Settings) -> tuple[Backend, str]:
+    backend, reason = select_backend(settings.backend)
+    if backend.name == "onnxruntime":
+        from engines.backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(
+            intra_op_threads=settings.intra_op_threads,
+            session_per_instance=settings.session_per_instance,
+        )
+    return backend, reason
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = EngineStore(settings.store)
+        backend, reason = _backend_for(settings)
+        log.info("backend: %s", reason)
+        metrics = KilnMetrics()
+        _register_gpu_metrics(metrics)
+        registry = Registry(store)
+        builds = BuildRunner(workers=settings.build_workers, timeout_s=settings.build_timeout_s)
+        manager = EngineManager(settings, store, registry, backend, metrics, builds)
+        state = AppState(
+            settings=settings, store=store, registry=registry, backend=backend,
+            backend_reason=reason, metrics=metrics, manager=manager,
+            api_keys=settings.all_api_keys(),
+        )
+        app.state.kiln = state
+        await manager.restore()
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.draining = True
+            await manager.shutdown(settings.drain_timeout_s)
+            log.info("kiln stopped")
+
+    app = FastAPI(
+        title="kiln",
+        summary="Inference server for ONNX models: optimized engines, dynamic batching, KServe v2.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(engines.router)
+    app.include_router(predict.router)
+
+    @app.get("/metrics", tags=["metrics"], include_in_schema=True)
+    async def metrics_endpoint(request: Request) -> Response:
+        state: AppState = request.app.state.kiln
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _register_gpu_metrics(metrics: KilnMetrics) -> None:
+    try:
+        from service.gpu_metrics import register_gpu_collector
+    except ImportError:
+        return
+    register_gpu_collector(metrics.registry)

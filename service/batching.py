@@ -1,0 +1,406 @@
+"""Dynamic batching: concurrent requests share engine runs.
+
+One ``DynamicBatcher`` per loaded engine version. Requests wait in a bounded
+FIFO queue, each with a future and a deadline. ``instances`` worker coroutines
+each take the oldest request, gather later requests whose non-batch dimensions
+match (up to ``max_batch_size`` rows), and run the batch on a worker thread, so
+the event loop never blocks on inference and the next batch forms while the
+current one computes.
+
+A batch closes when it holds ``max_batch_size`` rows, when its rows reach one of
+the ``preferred_batch_sizes``, or when its oldest request has waited
+``max_queue_delay_ms``. With a delay of 0 a worker never waits for more requests:
+it runs what is queued, and batches grow on their own while a run is under way.
+
+A full queue rejects at once (``Unavailable``, 503 with Retry-After); a request
+whose deadline passes while queued fails with ``DeadlineExceeded`` (504) and is
+never run; a request whose client went away is dropped from the queue. One
+failing batch fails its own requests only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import BadRequest, DeadlineExceeded, Unavailable
+
+log = logging.getLogger("kiln.batching")
+
+RunBatch = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Per-engine batching settings (given at upload, defaults from server settings)."""
+
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256
+    timeout_ms: float = 30_000.0
+    instances: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchingConfig:
+        values = dict(data)
+        values["preferred_batch_sizes"] = tuple(values.get("preferred_batch_sizes", ()))
+        return cls(**values)
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (the service's metrics implement it)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_done(self, rows: int, requests: int, compute_s: float, queue_waits_s: list[float]) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+
+class BatchError(RuntimeError):
+    """The engine's outputs cannot be split back into the batch's requests."""
+
+
+_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+class _Pending:
+    __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer")
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], rows: int, key: tuple[Any, ...],
+                 future: asyncio.Future[dict[str, np.ndarray]], deadline: float) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.key = key
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = time.monotonic()
+        self.state = _QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class DynamicBatcher:
+    """Forms batches from concurrent ``infer`` calls and runs them with ``run_batch``.
+
+    ``run_batch`` is called on one of ``instances`` worker threads and must be
+    thread-safe (``Runner.infer`` is). For unbatchable engines every request runs
+    alone. All public coroutines run on the event loop that called ``start``.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        config: BatchingConfig,
+        *,
+        batchable: bool,
+        observer: BatchObserver | None = None,
+        name: str = "engine",
+    ) -> None:
+        self.run_batch = run_batch
+        self.config = config
+        self.batchable = batchable
+        self.observer = observer
+        self.name = name
+        self.batches_run = 0
+        self.requests_run = 0
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._running = 0
+        self._accepting = False
+        self._preferred = sorted(set(config.preferred_batch_sizes))
+        self._delay_s = config.max_queue_delay_ms / 1000.0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.instances, thread_name_prefix=f"kiln-infer-{self.name}"
+        )
+        self._accepting = True
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
+            for i in range(self.config.instances)
+        ]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or self._running > 0
+
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop intake; let queued and running batches finish for up to
+        ``drain_timeout_s``; then fail what is left with ``Unavailable``."""
+        self._accepting = False
+        self._wakeup.set()
+        deadline = time.monotonic() + drain_timeout_s
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for pending in list(self._queue):
+            self._finish(pending, exc=Unavailable("the engine was unloaded before this request ran"))
+        self._queue.clear()
+        self._report_depth()
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
+        if self._executor is not None:
+            # Running batches hold their own references; don't block the loop on them.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- intake ----------------------------------------------------------------
+
+    async def infer(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        timeout_ms: float | None = None,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Queue one request (one or more rows) and wait for its outputs.
+
+        Raises ``Unavailable`` (queue full or stopping), ``DeadlineExceeded`` (the
+        deadline passed before it ran), ``BadRequest`` (more rows than one batch
+        holds), or whatever the engine raised for its batch. ``disconnected``,
+        when given, is awaited alongside: if it returns first, the request is
+        dropped from the queue and ``asyncio.CancelledError`` is raised.
+        """
+        if not self._accepting:
+            self._reject("stopping")
+            raise Unavailable("the server is not accepting requests for this engine",
+                              headers={"Retry-After": "1"})
+        if len(self._queue) >= self.config.max_queue_size:
+            self._reject("queue_full")
+            raise Unavailable(
+                f"engine '{self.name}' has {len(self._queue)} requests queued, its limit",
+                headers={"Retry-After": "1"},
+            )
+        rows, key = self._rows_and_key(feeds)
+        loop = asyncio.get_running_loop()
+        timeout_s = self.config.timeout_ms / 1000.0
+        if timeout_ms is not None:
+            timeout_s = min(timeout_s, max(timeout_ms, 0.0) / 1000.0)
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        pending = _Pending(feeds, rows, key, future, time.monotonic() + timeout_s)
+        pending.timer = loop.call_later(timeout_s, self._expire, pending)
+        self._queue.append(pending)
+        self._report_depth()
+        self._wakeup.set()
+        if disconnected is None:
+            return await self._await(pending)
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._abandon(pending)
+            raise
+        finally:
+            watcher.cancel()
+        if future not in done:
+            self._abandon(pending)
+            raise asyncio.CancelledError("client disconnected")
+        return future.result()
+
+    async def _await(self, pending: _Pending) -> dict[str, np.ndarray]:
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._abandon(pending)
+            raise
+
+    def _rows_and_key(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, tuple[Any, ...]]:
+        if not self.batchable:
+            return 1, ()
+        arrays = list(feeds.values())
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+        if rows > self.config.max_batch_size:
+            raise BadRequest(
+                f"the request has {rows} rows; engine '{self.name}' runs at most "
+                f"{self.config.max_batch_size} per batch"
+            )
+        if rows < 1:
+            raise BadRequest("the request has 0 rows")
+        key = tuple((name, array.shape[1:]) for name, array in sorted(feeds.items()))
+        return rows, key
+
+    def _abandon(self, pending: _Pending) -> None:
+        """The caller is gone: drop the request if it has not started."""
+        if pending.state == _QUEUED:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(pending)
+            self._report_depth()
+        self._finish(pending, cancel=True)
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending.state != _QUEUED:
+            return
+        with contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+        self._report_depth()
+        self._reject("deadline")
+        self._finish(pending, exc=DeadlineExceeded(
+            f"the request waited {1000 * (time.monotonic() - pending.enqueued):.0f} ms in the "
+            "queue and its deadline passed before it could run"
+        ))
+
+    def _finish(self, pending: _Pending, *, result: dict[str, np.ndarray] | None = None,
+                exc: BaseException | None = None, cancel: bool = False) -> None:
+        pending.state = _DONE
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if pending.future.done():
+            return
+        if cancel:
+            pending.future.cancel()
+        elif exc is not None:
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(result or {})
+
+    def _reject(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.rejected(reason)
+
+    def _report_depth(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_depth(len(self._queue))
+
+    # -- batch formation -------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            await self._execute(batch)
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        while True:
+            if not self._queue:
+                if not self._accepting:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = self._queue[0]
+            if not self.batchable:
+                self._queue.popleft()
+                self._report_depth()
+                return [oldest]
+            selected, rows, cut = self._gather(oldest.key)
+            waited = time.monotonic() - oldest.enqueued
+            if cut is not None or rows >= self.config.max_batch_size or waited >= self._delay_s \
+                    or not self._accepting:
+                chosen = selected if cut is None else selected[:cut]
+                self._take(chosen)
+                return chosen
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._delay_s - waited)
+
+    def _gather(self, key: tuple[Any, ...]) -> tuple[list[_Pending], int, int | None]:
+        """Queued requests with this key in FIFO order that fit one batch; their row
+        count; and, when a preferred size is reached, how many of them make it."""
+        selected: list[_Pending] = []
+        rows = 0
+        cut = None
+        limit = self.config.max_batch_size
+        for pending in self._queue:
+            if pending.key != key:
+                continue
+            if rows + pending.rows > limit:
+                break
+            selected.append(pending)
+            rows += pending.rows
+            if rows in self._preferred:
+                cut = len(selected)
+            if rows == limit:
+                break
+        return selected, rows, cut
+
+    def _take(self, chosen: list[_Pending]) -> None:
+        if len(chosen) == len(self._queue):
+            self._queue.clear()
+        elif len(chosen) == 1 and self._queue[0] is chosen[0]:
+            self._queue.popleft()
+        else:
+            ids = {id(p) for p in chosen}
+            self._queue = deque(p for p in self._queue if id(p) not in ids)
+        for pending in chosen:
+            pending.state = _RUNNING
+            if pending.timer is not None:
+                pending.timer.cancel()
+                pending.timer = None
+        self._report_depth()
+
+    # -- execution ---------------------------------------------------------------
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        waits = [started - p.enqueued for p in batch]
+        rows = sum(p.rows for p in batch)
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {
+                name: np.concatenate([p.feeds[name] for p in batch], axis=0)
+                for name in batch[0].feeds
+            }
+        self._running += 1
+        try:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._executor, self.run_batch, feeds)
+            results = self._split(batch, rows, outputs)
+        except Exception as exc:  # noqa: BLE001 - the batch's own failure goes to its requests
+            for pending in batch:
+                self._finish(pending, exc=exc)
+            log.debug("batch of %d requests on %s failed: %s", len(batch), self.name, exc)
+            return
+        finally:
+            self._running -= 1
+            self.batches_run += 1
+            self.requests_run += len(batch)
+        compute_s = time.monotonic() - started
+        for pending, result in zip(batch, results, strict=True):
+            self._finish(pending, result=result)
+        if self.observer is not None:
+            self.observer.batch_done(rows, len(batch), compute_s, waits)
+
+    def _split(self, batch: list[_Pending], rows: int, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        if len(batch) == 1:
+            return [outputs]
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != rows:
+                raise BatchError(
+                    f"output '{name}' has {array.shape[0] if array.ndim else 0} rows for a batch "
+                    f"of {rows}; the engine does not keep the batch axis"
+                )
+        results = []
+        offset = 0
+        for pending in batch:
+            end = offset + pending.rows
+            results.append({name: array[offset:end] for name, array in outputs.items()})
+            offset = end
+        return results

@@ -1,0 +1,199 @@
+"""The registry: name → versions → state, with each version's runner and batcher.
+
+The single source of truth for what is servable. Records are persisted in the
+store (``records/<name>/<version>.json``) whenever a version changes state, so a
+restart on the same store serves the same engines.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from engines.backends.base import Runner
+from engines.store import EngineStore
+from engines.types import BuildOptions, Signature
+from service.batching import BatchingConfig, DynamicBatcher
+from service.errors import BadRequest, NotFound, NotReady
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise BadRequest(
+            "engine names are 1-64 characters of letters, digits, '_', '-' and '.'"
+        )
+    return name
+
+
+class State(StrEnum):
+    BUILDING = "building"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+
+
+@dataclass
+class EngineVersion:
+    name: str
+    version: int
+    model_sha256: str
+    options: BuildOptions
+    batching: BatchingConfig
+    cache_key: str
+    state: State = State.BUILDING
+    phase: str | None = "queued"
+    progress: float = 0.0
+    error: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
+    created_at: float = field(default_factory=time.time)
+    model_filename: str = ""
+    runner: Runner | None = None
+    batcher: DynamicBatcher | None = None
+
+    @property
+    def signature(self) -> Signature | None:
+        if self.meta is None:
+            return None
+        return Signature.from_dict(self.meta["signature"])
+
+    @property
+    def url(self) -> str:
+        return f"/engines/{self.name}/versions/{self.version}"
+
+    def record(self) -> dict[str, Any]:
+        """What is persisted in the store."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_sha256": self.model_sha256,
+            "model_filename": self.model_filename,
+            "options": self.options.to_dict(),
+            "batching": self.batching.to_dict(),
+            "cache_key": self.cache_key,
+            "state": str(self.state),
+            "error": self.error,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EngineVersion:
+        return cls(
+            name=record["name"],
+            version=int(record["version"]),
+            model_sha256=record["model_sha256"],
+            model_filename=record.get("model_filename", ""),
+            options=BuildOptions.from_dict(record["options"]),
+            batching=BatchingConfig.from_dict(record["batching"]),
+            cache_key=record["cache_key"],
+            state=State(record["state"]),
+            error=record.get("error"),
+            created_at=float(record.get("created_at", time.time())),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "state": str(self.state), "url": self.url}
+
+    def status(self) -> dict[str, Any]:
+        report: dict[str, Any] | None = None
+        if self.meta is not None:
+            report = {
+                "backend": self.meta.get("backend"),
+                "device": self.meta.get("device"),
+                "precision": self.meta.get("precision"),
+                "signature": self.meta.get("signature"),
+                "max_batch_size": self.meta.get("max_batch_size"),
+                "artifact_bytes": self.meta.get("artifact_bytes"),
+                "cache_key": self.cache_key,
+                **(self.meta.get("report") or {}),
+            }
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": str(self.state),
+            "phase": self.phase,
+            "progress": round(self.progress, 4),
+            "error": self.error,
+            "model_sha256": self.model_sha256,
+            "model_filename": self.model_filename,
+            "created_at": self.created_at,
+            "build_options": self.options.to_dict(),
+            "batching": self.batching.to_dict(),
+            "report": report,
+        }
+
+
+class Registry:
+    """Engine versions by name. Event-loop only: no locking needed."""
+
+    def __init__(self, store: EngineStore) -> None:
+        self.store = store
+        self._engines: dict[str, dict[int, EngineVersion]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._engines)
+
+    def versions(self, name: str) -> list[EngineVersion]:
+        versions = self._engines.get(name)
+        if not versions:
+            raise NotFound(f"no engine named '{name}'")
+        return [versions[v] for v in sorted(versions)]
+
+    def all_versions(self) -> list[EngineVersion]:
+        return [ev for name in self.names() for ev in self.versions(name)]
+
+    def next_version(self, name: str) -> int:
+        return max(self._engines.get(name, {0: None}), default=0) + 1
+
+    def add(self, version: EngineVersion) -> None:
+        self._engines.setdefault(version.name, {})[version.version] = version
+        self.save(version)
+
+    def save(self, version: EngineVersion) -> None:
+        self.store.save_record(version.record())
+
+    def remove(self, version: EngineVersion) -> None:
+        versions = self._engines.get(version.name, {})
+        versions.pop(version.version, None)
+        if not versions:
+            self._engines.pop(version.name, None)
+        self.store.delete_record(version.name, version.version)
+
+    def get(self, name: str, version: int | None = None) -> EngineVersion:
+        """A version by number, or the newest version; raises ``NotFound``."""
+        versions = self.versions(name)
+        if version is None:
+            return versions[-1]
+        found = self._engines[name].get(version)
+        if found is None:
+            raise NotFound(f"engine '{name}' has no version {version}")
+        return found
+
+    def servable(self, name: str, version: int | None = None) -> EngineVersion:
+        """The version to run a request on: the given one, or the newest ready one.
+
+        Raises ``NotFound``, or ``NotReady`` (409) naming the state."""
+        if version is not None:
+            found = self.get(name, version)
+            if found.state != State.READY or found.batcher is None:
+                raise NotReady(
+                    f"engine '{name}' version {version} is {found.state}, not ready",
+                )
+            return found
+        versions = self.versions(name)
+        for candidate in reversed(versions):
+            if candidate.state == State.READY and candidate.batcher is not None:
+                return candidate
+        latest = versions[-1]
+        raise NotReady(f"engine '{name}' has no ready version; version {latest.version} is {latest.state}")
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = {str(state): 0 for state in State}
+        for version in self.all_versions():
+            counts[str(version.state)] += 1
+        return counts

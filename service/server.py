@@ -1,0 +1,80 @@
+"""Running the app under uvicorn with a graceful drain on SIGTERM.
+
+On the first SIGTERM/SIGINT, readiness turns false and new inference requests
+get 503 while queued and running ones finish (up to ``drain_timeout_s``); then
+uvicorn stops and the lifespan closes engines. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import FrameType
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+from service.state import AppState
+
+log = logging.getLogger("kiln.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        self._draining = True
+        app = self.config.loaded_app
+        state = _find_state(app)
+        if state is None:
+            super().handle_exit(sig, frame)
+            return
+        state.draining = True
+        log.info("signal %d: draining for up to %.0f s", sig, self.settings.drain_timeout_s)
+        asyncio.get_event_loop().create_task(self._drain_then_exit(state, sig, frame))
+
+    async def _drain_then_exit(self, state: AppState, sig: int, frame: FrameType | None) -> None:
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while time.monotonic() < deadline:
+            busy = any(
+                v.batcher is not None and v.batcher.busy for v in state.registry.all_versions()
+            )
+            if not busy:
+                break
+            await asyncio.sleep(0.02)
+        # Responses of the last batches are still being written: give them a moment.
+        await asyncio.sleep(0.1)
+        super().handle_exit(sig, frame)
+
+
+def _find_state(app: object) -> AppState | None:
+    # uvicorn wraps the app in middleware; walk down to the FastAPI app.
+    seen = 0
+    while app is not None and seen < 10:
+        state = getattr(getattr(app, "state", None), "kiln", None)
+        if isinstance(state, AppState):
+            return state
+        app = getattr(app, "app", None)
+        seen += 1
+    return None
+
+
+def run_server(settings: Settings) -> None:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        server_header=False,
+    )
+    DrainingServer(config, settings).run()

@@ -1,0 +1,90 @@
+"""Server settings, read from ``KILN_*`` environment variables (pydantic-settings).
+
+Built once at start-up and passed into ``create_app``; never a module global.
+A wrong value fails start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    store: Path = Path("data/store")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = False
+
+    # Builds
+    build_workers: int = Field(1, ge=1, le=16, description="builds that run at once")
+    build_timeout_s: float = Field(1800.0, gt=0)
+    warmup: bool = True
+
+    # Default batching for engines that do not say otherwise at upload
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=10_000)
+    preferred_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    max_queue_size: int = Field(256, ge=1)
+    timeout_ms: float = Field(30_000.0, gt=0)
+    instances: int = Field(1, ge=1, le=64)
+
+    # ONNX Runtime
+    intra_op_threads: int | None = Field(None, ge=1, le=256)
+    session_per_instance: bool = False
+
+    # Limits
+    max_upload_bytes: int = Field(1024**3, ge=1024)
+    max_data_bytes: int = Field(1024**3, ge=1024)
+    max_request_bytes: int = Field(64 * 1024**2, ge=1024)
+    max_json_depth: int = Field(32, ge=2, le=1000)
+    max_tensor_elements: int = Field(16 * 1024**2, ge=1)
+    max_engines: int = Field(100, ge=1)
+    max_versions_per_engine: int = Field(10, ge=1)
+
+    # Security and shutdown
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    protect_predict: bool = False
+    allow_unauthenticated: bool = False
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    _split_keys = field_validator("api_keys", mode="before")(_split_csv)
+
+    @field_validator("preferred_batch_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
+            raise ValueError(
+                "KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE"
+            )
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from ``KILN_API_KEYS`` plus one per non-empty line of ``KILN_API_KEYS_FILE``."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += [
+                line.strip()
+                for line in self.api_keys_file.read_text().splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
+        return keys

@@ -1,0 +1,33 @@
+"""What the app holds while it runs, and the small dependencies that reach it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from engines.backends.base import Backend
+from engines.store import EngineStore
+from service.manager import EngineManager
+from service.metrics import KilnMetrics
+from service.registry import Registry
+from service.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: EngineStore
+    registry: Registry
+    backend: Backend
+    backend_reason: str
+    metrics: KilnMetrics
+    manager: EngineManager
+    api_keys: list[str] = field(default_factory=list)
+    ready: bool = False
+    draining: bool = False
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.kiln
+    return state
