@@ -1,0 +1,108 @@
+"""The one inference path behind every protocol: resolve the engine version,
+check the feeds, queue them on its batcher, and count the request.
+
+Protocol routes decode their own body into numpy feeds, then call ``infer``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from engines.errors import EngineError
+from service.errors import PayloadTooLarge, ServiceError, Unavailable, status_of
+from service.registry import EngineVersion
+from service.state import AppState
+
+
+class RequestMetrics:
+    """Counts one request under its engine, version, protocol and final status."""
+
+    def __init__(self, state: AppState, protocol: str) -> None:
+        self.state = state
+        self.protocol = protocol
+        self.started = time.perf_counter()
+        self.engine = ""
+        self.version = ""
+        self.code = 500
+
+    def bind(self, version: EngineVersion) -> None:
+        self.engine = version.name
+        self.version = str(version.version)
+
+    def finish(self) -> None:
+        if not self.engine:
+            return  # unknown engines would let clients create label values at will
+        metrics = self.state.metrics
+        metrics.requests.labels(self.engine, self.version, self.protocol, str(self.code)).inc()
+        metrics.request_duration.labels(self.engine, self.version, self.protocol).observe(
+            time.perf_counter() - self.started
+        )
+
+
+@contextmanager
+def counted(state: AppState, protocol: str) -> Iterator[RequestMetrics]:
+    """Times and counts the request; the status is 200 unless an error escapes."""
+    record = RequestMetrics(state, protocol)
+    try:
+        yield record
+        record.code = 200
+    except (ServiceError, EngineError) as exc:
+        record.code = status_of(exc)[0]
+        raise
+    finally:
+        record.finish()
+
+
+def check_intake(state: AppState) -> None:
+    if state.draining:
+        raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
+    """A coroutine factory that returns when the client closes the connection."""
+    receive = request.receive
+
+    async def wait() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return wait
+
+
+async def infer(
+    version: EngineVersion,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    request: Request,
+    timeout_ms: float | None = None,
+) -> dict[str, Any]:
+    """Run ``feeds`` on a ready version's batcher. Raises ``InvalidInput`` for feeds
+    that don't fit, and the batcher's errors (503, 504, the engine's own)."""
+    assert version.runner is not None and version.batcher is not None
+    version.runner.check_feeds(feeds)
+    return await version.batcher.infer(
+        feeds, timeout_ms=timeout_ms, disconnected=disconnect_waiter(request)
+    )
