@@ -55,12 +55,14 @@ class EngineVersion:
     model_filename: str = ""
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
+    _signature: Signature | None = field(default=None, repr=False)
 
     @property
     def signature(self) -> Signature | None:
-        if self.meta is None:
-            return None
-        return Signature.from_dict(self.meta["signature"])
+        """The built engine's signature (parsed once; None before the build ends)."""
+        if self._signature is None and self.meta is not None:
+            self._signature = Signature.from_dict(self.meta["signature"])
+        return self._signature
 
     @property
     def url(self) -> str:
