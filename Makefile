@@ -1,0 +1,48 @@
+# kiln: `make serve` sets up and starts the server; `make test` sets up and runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STORE ?= data/store
+
+.PHONY: install serve test test-fast lint format example bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install example
+	$(VENV)/bin/kiln serve --host $(HOST) --port $(PORT) --store $(STORE)
+
+example: install examples/mlp.onnx
+
+examples/mlp.onnx: examples/make_example.py
+	$(PY) examples/make_example.py $@
+
+test: install
+	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not deploy"
+
+lint: install
+	$(VENV)/bin/ruff check engines service tests examples benchmarks
+	$(VENV)/bin/ruff format --check engines service tests examples benchmarks
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix engines service tests examples benchmarks
+	$(VENV)/bin/ruff format engines service tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+
+-include deploy/checks.mk
