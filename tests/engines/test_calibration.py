@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ FIXED_BATCH_ONE = Signature(
 )
 
 
-def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+def write_npz(path: Path, **arrays: Any) -> Path:
     np.savez(path, **arrays)
     return path
 

@@ -163,7 +163,9 @@ def test_unreadable_model_fails_the_build(tmp_path: Path) -> None:
     broken.write_bytes(b"\x08\x07not a model")
 
     with pytest.raises(BuildFailed, match=r"^int8: cannot read the model broken\.onnx"):
-        quantize_int8(broken, tmp_path / "x.onnx", image_samples(2), method="minmax")  # type: ignore[arg-type]
+        quantize_int8(
+            broken, tmp_path / "x.onnx", image_samples(2), method=CalibrationMethod.MINMAX
+        )
     with pytest.raises(BuildFailed, match=r"^fp16: cannot read the model broken\.onnx"):
         convert_fp16(broken, tmp_path / "y.onnx")
     assert leftovers(tmp_path, {"broken.onnx"}) == []
