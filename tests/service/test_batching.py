@@ -1,0 +1,256 @@
+"""Pure asyncio tests of the DynamicBatcher: no server, no sleeps as synchronisation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from service.batching import BatchingConfig, DynamicBatcher
+from service.errors import BadRequest, DeadlineExceeded, Unavailable
+
+
+class FakeEngine:
+    """y = 2x + 1 per row; records each batch's row count. ``gate`` can hold a run."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.fail_next = False
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.started.set()
+        self.gate.wait(10)
+        x = feeds["x"]
+        self.batches.append(x.shape[0])
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("engine exploded")
+        return {"y": 2 * x + 1, "total": x.sum(axis=tuple(range(1, x.ndim)))}
+
+
+def rows(n: int, width: int = 3, start: float = 0.0) -> dict[str, np.ndarray]:
+    return {"x": (np.arange(n * width, dtype=np.float32).reshape(n, width) + start)}
+
+
+def make(engine: FakeEngine, **config: object) -> DynamicBatcher:
+    batcher = DynamicBatcher(engine, BatchingConfig(**config), batchable=True, name="test")  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+async def test_concurrent_requests_land_in_one_batch() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=200)
+    results = await asyncio.gather(*(batcher.infer(rows(1, start=i)) for i in range(4)))
+    await batcher.stop()
+    assert engine.batches == [4]
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], 2 * rows(1, start=i)["x"] + 1)
+
+
+async def test_full_batch_runs_without_waiting_for_the_delay() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4, max_queue_delay_ms=10_000)
+    started = time.monotonic()
+    await asyncio.gather(*(batcher.infer(rows(1)) for _ in range(4)))
+    assert time.monotonic() - started < 5
+    await batcher.stop()
+    assert engine.batches == [4]
+
+
+async def test_lone_request_waits_for_the_delay_and_no_longer() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=150)
+    task = asyncio.create_task(batcher.infer(rows(1)))
+    done, _ = await asyncio.wait({task}, timeout=0.05)
+    assert not done, "the request finished before its queue delay"
+    started = time.monotonic()
+    await asyncio.wait_for(task, timeout=1.0)
+    # It waited at most the rest of its delay, plus scheduling slack.
+    assert time.monotonic() - started < 0.15 + 0.2
+    await batcher.stop()
+    assert engine.batches == [1]
+
+
+async def test_zero_delay_runs_a_lone_request_at_once() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=0)
+    await asyncio.wait_for(batcher.infer(rows(1)), timeout=1.0)
+    await batcher.stop()
+    assert engine.batches == [1]
+
+
+async def test_requests_queue_while_a_batch_runs_and_then_share_one() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=0)
+    first = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    rest = [asyncio.create_task(batcher.infer(rows(1))) for _ in range(5)]
+    await asyncio.sleep(0)  # let them queue
+    engine.gate.set()
+    await asyncio.gather(first, *rest)
+    await batcher.stop()
+    assert engine.batches == [1, 5]
+
+
+async def test_queue_full_is_rejected_at_once_with_retry_after() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=1, max_queue_size=2)
+    running = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    queued = [asyncio.create_task(batcher.infer(rows(1))) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable, match="queued") as excinfo:
+        await batcher.infer(rows(1))
+    assert excinfo.value.headers["Retry-After"] == "1"
+    engine.gate.set()
+    await asyncio.gather(running, *queued)
+    await batcher.stop()
+
+
+async def test_deadline_passes_in_queue_and_the_request_never_runs() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=1)
+    running = asyncio.create_task(batcher.infer(rows(1, start=100)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        await batcher.infer(rows(1, start=200), timeout_ms=30)
+    engine.gate.set()
+    await running
+    await batcher.stop()
+    assert engine.batches == [1], "the expired request must not run"
+
+
+async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4, max_queue_delay_ms=100)
+    engine.fail_next = True
+    failed = await asyncio.gather(*(batcher.infer(rows(1)) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in failed)
+    ok = await batcher.infer(rows(1))
+    await batcher.stop()
+    assert "y" in ok
+    assert engine.batches == [3, 1]
+
+
+async def test_only_matching_shapes_share_a_batch() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=100)
+    narrow = [batcher.infer(rows(1, width=3)) for _ in range(2)]
+    wide = [batcher.infer(rows(1, width=5)) for _ in range(3)]
+    results = await asyncio.gather(*narrow, *wide)
+    await batcher.stop()
+    assert sorted(engine.batches) == [2, 3]
+    assert [r["y"].shape for r in results] == [(1, 3)] * 2 + [(1, 5)] * 3
+
+
+async def test_multi_row_requests_are_split_back_in_order() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=100)
+    requests = [rows(2, start=0), rows(3, start=100), rows(1, start=200)]
+    results = await asyncio.gather(*(batcher.infer(r) for r in requests))
+    await batcher.stop()
+    assert engine.batches == [6]
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["y"], 2 * request["x"] + 1)
+        np.testing.assert_array_equal(result["total"], request["x"].sum(axis=1))
+
+
+async def test_batch_never_exceeds_max_rows() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4, max_queue_delay_ms=50)
+    await asyncio.gather(*(batcher.infer(rows(3)) for _ in range(3)))
+    await batcher.stop()
+    assert engine.batches == [3, 3, 3]
+
+
+async def test_request_larger_than_a_batch_is_refused() -> None:
+    batcher = make(FakeEngine(), max_batch_size=4)
+    with pytest.raises(BadRequest, match="at most 4"):
+        await batcher.infer(rows(5))
+    await batcher.stop()
+
+
+async def test_preferred_batch_size_closes_a_batch_early() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=10_000, preferred_batch_sizes=(2,))
+    tasks = [asyncio.create_task(batcher.infer(rows(1))) for _ in range(3)]
+    await asyncio.to_thread(engine.started.wait, 5)
+    engine.gate.set()
+    done, pending = await asyncio.wait(tasks, timeout=2)
+    # Two rows reached the preferred size and ran at once; the third waits for more.
+    assert len(done) == 2 and len(pending) == 1
+    assert engine.batches == [2]
+    await batcher.stop()
+
+
+async def test_results_equal_unbatched_runs() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=16, max_queue_delay_ms=20, instances=2)
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.standard_normal((int(rng.integers(1, 4)), 3)).astype(np.float32)}
+                for _ in range(40)]
+    results = await asyncio.gather(*(batcher.infer(r) for r in requests))
+    await batcher.stop()
+    assert len(engine.batches) < len(requests)
+    for request, result in zip(requests, results, strict=True):
+        alone = FakeEngine()(request)
+        np.testing.assert_array_equal(result["y"], alone["y"])
+        np.testing.assert_array_equal(result["total"], alone["total"])
+
+
+async def test_disconnected_client_is_dropped_from_the_queue() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=1)
+    running = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    gone = asyncio.Event()
+
+    async def disconnected() -> None:
+        await gone.wait()
+
+    waiting = asyncio.create_task(batcher.infer(rows(1, start=9), disconnected=disconnected))
+    await asyncio.sleep(0)
+    assert batcher.queue_depth == 1
+    gone.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert batcher.queue_depth == 0
+    engine.gate.set()
+    await running
+    await batcher.stop()
+    assert engine.batches == [1]
+
+
+async def test_unbatchable_engine_runs_one_request_at_a_time() -> None:
+    engine = FakeEngine()
+    batcher = DynamicBatcher(engine, BatchingConfig(max_batch_size=1, max_queue_delay_ms=50),
+                             batchable=False, name="unbatched")
+    batcher.start()
+    await asyncio.gather(*(batcher.infer(rows(1)) for _ in range(3)))
+    await batcher.stop()
+    assert engine.batches == [1, 1, 1]
+
+
+async def test_stop_lets_queued_requests_finish_then_refuses_new_ones() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=2, max_queue_delay_ms=0)
+    tasks = [asyncio.create_task(batcher.infer(rows(1))) for _ in range(5)]
+    await asyncio.sleep(0)
+    await batcher.stop(drain_timeout_s=5)
+    results = await asyncio.gather(*tasks)
+    assert len(results) == 5 and sum(engine.batches) == 5
+    with pytest.raises(Unavailable):
+        await batcher.infer(rows(1))
