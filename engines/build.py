@@ -89,7 +89,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
             candidates = _transform(plan, model_path, workdir, progress)
         with phase_timer("build"):
             for index, candidate in enumerate(candidates):
-                candidate.report["backend"] = backend.build(
+                candidate.report.update(backend.build(
                     candidate.onnx_path,
                     signature,
                     options,
@@ -98,7 +98,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     progress=lambda phase, fraction, i=index: progress(
                         "build", (i + fraction) / len(candidates)
                     ),
-                )
+                ))
         with phase_timer("accuracy"), phase_timer("profile"):
             _check_and_profile(
                 candidates, backend, signature, options, model_path, plan, batch_sizes

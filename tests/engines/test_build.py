@@ -55,7 +55,7 @@ def test_engine_outputs_equal_onnxruntime_on_the_original(
 
 def test_build_report_has_fusion_and_latency(model_files: dict[str, Path], tmp_path: Path) -> None:
     meta = build(EngineStore(tmp_path), model_files["mlp"])
-    fusion = meta["report"]["backend"]["fusion"]
+    fusion = meta["report"]["fusion"]
     assert fusion["op_counts_before"] == {"Gemm": 2, "Relu": 1}
     # ONNX Runtime fuses Gemm + Relu into one FusedGemm node.
     assert fusion["nodes_after"] < fusion["nodes_before"]
