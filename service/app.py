@@ -24,7 +24,7 @@ from service.jobs import BuildRunner
 from service.manager import EngineManager
 from service.metrics import KilnMetrics
 from service.registry import Registry
-from service.routes import engines, health, predict
+from service.routes import engines, health, kserve, predict
 from service.settings import Settings
 from service.state import AppState
 
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(engines.router)
     app.include_router(predict.router)
+    app.include_router(kserve.router)
 
     @app.get("/metrics", tags=["metrics"], include_in_schema=True)
     async def metrics_endpoint(request: Request) -> Response:

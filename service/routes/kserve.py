@@ -1,0 +1,235 @@
+"""KServe v2 REST routes (the protocol Triton speaks), on the same registry and
+batchers as ``POST /predict``.
+
+Tensor coding lives in ``service.kserve_codec``; these handlers resolve the
+model, apply Triton's status rules and call the one inference path. Errors
+answer ``{"error": "..."}`` (``service.errors`` does that for every /v2 path):
+unknown model or version 404, a model that is not ready 503, malformed requests
+400. Health and readiness answer 200 with an empty body, 400 otherwise, as
+Triton does.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from service.auth import require_predict_key
+from service.errors import BadRequest, NotReady, ServiceError, Unavailable
+from service.inference import check_intake, counted, infer, read_body
+from service.kserve_codec import (
+    INFERENCE_HEADER,
+    config_type_of,
+    datatype_of,
+    decompress_body,
+    encode_infer_response,
+    parse_infer_request,
+)
+from service.registry import EngineVersion, Registry, State
+from service.responses import JSONResponse
+from service.state import AppState, get_state
+
+router = APIRouter(prefix="/v2", tags=["kserve v2"])
+model_router = APIRouter(prefix="/models/{name}", dependencies=[Depends(require_predict_key)])
+
+# Advertise only what is implemented: perf_analyzer changes behaviour on this list
+# (with "statistics" it calls the stats endpoints around every run).
+EXTENSIONS = ("binary_tensor_data", "model_configuration")
+
+_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("kiln")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _empty(ok: bool) -> Response:
+    return Response(status_code=200 if ok else 400)
+
+
+def _version_number(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise BadRequest(f"model versions are positive integers; got '{text}'")
+    return int(text)
+
+
+def _ready_version(registry: Registry, name: str, version: str | None) -> EngineVersion:
+    """The named version (or the newest ready one) if it can serve now.
+
+    ``NotFound`` (404) for an unknown model or version; ``Unavailable`` (503) for
+    one that is building, loading or failed: Triton's UNAVAILABLE."""
+    try:
+        found = registry.servable(name, _version_number(version))
+    except NotReady as exc:
+        raise Unavailable(exc.message) from None
+    return found
+
+
+def _ready_versions(registry: Registry, name: str) -> list[str]:
+    return [
+        str(v.version)
+        for v in registry.versions(name)
+        if v.state == State.READY and v.batcher is not None
+    ]
+
+
+def _backend(found: EngineVersion) -> str:
+    return str((found.meta or {}).get("backend", "onnxruntime"))
+
+
+# -- server -------------------------------------------------------------------
+
+
+@router.get("")
+async def server_metadata() -> Response:
+    """``{"name", "version", "extensions"}``."""
+    return JSONResponse(
+        {"name": "kiln", "version": _server_version(), "extensions": list(EXTENSIONS)}
+    )
+
+
+@router.get("/health/live")
+async def server_live() -> Response:
+    """200 while the process answers."""
+    return _empty(True)
+
+
+@router.get("/health/ready")
+async def server_ready(request: Request) -> Response:
+    """200 once stored engines are restored and while not draining; 400 otherwise."""
+    state = get_state(request)
+    return _empty(state.ready and not state.draining)
+
+
+# -- models -------------------------------------------------------------------
+
+
+@model_router.get("")
+@model_router.get("/versions/{version}")
+async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+    """Name, ready versions, platform, and the inputs and outputs with v2 datatypes
+    and shapes (-1 for dynamic dimensions, the batch dimension included)."""
+    registry = get_state(request).registry
+    found = _ready_version(registry, name, version)
+    assert found.signature is not None
+    versions = [str(found.version)] if version is not None else _ready_versions(registry, name)
+
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
+            for s in specs
+        ]
+
+    return JSONResponse(
+        {
+            "name": name,
+            "versions": versions,
+            "platform": _PLATFORMS.get(_backend(found), _backend(found)),
+            "inputs": tensors(found.signature.inputs),
+            "outputs": tensors(found.signature.outputs),
+        }
+    )
+
+
+@model_router.get("/ready")
+@model_router.get("/versions/{version}/ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    """200 when the model (or that version) can serve now; 400 otherwise, unknown
+    models included, as Triton answers."""
+    registry = get_state(request).registry
+    try:
+        _ready_version(registry, name, version)
+    except ServiceError:  # unknown, not ready, or a malformed version: all "not ready"
+        return _empty(False)
+    return _empty(True)
+
+
+@model_router.get("/config")
+@model_router.get("/versions/{version}/config")
+async def model_config(request: Request, name: str, version: str | None = None) -> Response:
+    """The Triton model configuration fields that tritonclient and perf_analyzer
+    read. For batching models ``dims`` leave out the batch dimension and
+    ``max_batch_size`` is positive; unbatched models report 0."""
+    found = _ready_version(get_state(request).registry, name, version)
+    return JSONResponse(triton_config(found))
+
+
+def triton_config(found: EngineVersion) -> dict[str, Any]:
+    """A ready version's configuration as Triton's protobuf-JSON (int64 as numbers)."""
+    signature = found.signature
+    assert signature is not None and found.batcher is not None
+    batching = found.batcher.config
+    skip = 1 if signature.batchable else 0
+
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": s.name, "data_type": config_type_of(s.dtype), "dims": list(s.shape[skip:])}
+            for s in specs
+        ]
+
+    backend = _backend(found)
+    config: dict[str, Any] = {
+        "name": found.name,
+        "platform": _PLATFORMS.get(backend, backend),
+        "backend": backend,
+        "max_batch_size": batching.max_batch_size if signature.batchable else 0,
+        "input": tensors(signature.inputs),
+        "output": tensors(signature.outputs),
+    }
+    if signature.batchable:
+        config["dynamic_batching"] = {
+            "preferred_batch_size": list(batching.preferred_batch_sizes),
+            "max_queue_delay_microseconds": round(batching.max_queue_delay_ms * 1000),
+        }
+    config["instance_group"] = [
+        {"count": batching.instances, "kind": "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"}
+    ]
+    return config
+
+
+# -- inference ----------------------------------------------------------------
+
+
+@model_router.post("/infer")
+@model_router.post("/versions/{version}/infer")
+async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
+    """Run one inference request: JSON tensors or the binary tensor data extension,
+    in and out. ``parameters.timeout`` (µs) bounds the time in the queue."""
+    state: AppState = get_state(request)
+    settings = state.settings
+    with counted(state, "v2") as record:
+        check_intake(state)
+        found = _ready_version(state.registry, name, version)
+        record.bind(found)
+        assert found.signature is not None
+        body = await read_body(request, settings.max_request_bytes)
+        body = decompress_body(
+            body, request.headers.get("content-encoding"), settings.max_request_bytes
+        )
+        parsed = parse_infer_request(
+            body,
+            request.headers.get(INFERENCE_HEADER),
+            found.signature,
+            max_json_depth=settings.max_json_depth,
+            max_tensor_elements=settings.max_tensor_elements,
+        )
+        outputs = await infer(found, parsed.feeds, request=request, timeout_ms=parsed.timeout_ms)
+        content, headers = encode_infer_response(
+            outputs,
+            parsed.outputs,
+            model_name=name,
+            model_version=str(found.version),
+            request_id=parsed.request_id,
+        )
+        return Response(content, headers=headers)
+
+
+router.include_router(model_router)
