@@ -57,6 +57,12 @@ TRT_QDQ_OPTIONS: dict[str, Any] = {
     "QuantizeBias": False,
 }
 
+QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Ops whose inputs (and output) get Q/DQ: the weighted ops, where int8 pays. TensorRT's
+guidance is to quantize the inputs of weighted ops and let it fuse the rest; on the CPU,
+quantizing everything ORT can (pooling, Flatten, Relu...) made the model slower: int8
+NCHW MaxPool and extra layout Transposes cost more than the convolutions gained."""
+
 _ORT_METHODS = {
     CalibrationMethod.MINMAX: "MinMax",
     CalibrationMethod.ENTROPY: "Entropy",
@@ -192,6 +198,7 @@ def quantize_int8(
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=_ort_method(method),
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                 extra_options=dict(TRT_QDQ_OPTIONS),
             )
         except Exception as exc:  # ORT's quantizer raises whatever its helpers raise
@@ -201,8 +208,8 @@ def quantize_int8(
         report.update(_qdq_summary(quantized))
         if report["quantize_nodes"] == 0 and report["dequantize_nodes"] == 0:
             raise UnsupportedModel(
-                "int8: no operator in this model can be quantized (ONNX Runtime's quantizer "
-                "covers Conv, Gemm, MatMul, pooling and data-movement ops); build fp16 or fp32"
+                "int8: the model has no operator that kiln quantizes "
+                f"({', '.join(QUANTIZED_OP_TYPES)}); build it as fp16 or fp32"
             )
         _check_zero_points(quantized)
         report["opset_after"] = _opset(quantized)
@@ -303,14 +310,11 @@ def _calibrate(
     and the histograms (or min/max) merge across passes.
     """
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    # The same op types quantize_static calibrates when given none.
-    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     try:
         calibrator = create_calibrator(
             prepared,
-            op_types,
+            list(QUANTIZED_OP_TYPES),
             augmented_model_path=str(workdir / "augmented.onnx"),
             calibrate_method=_ort_method(method),
             providers=["CPUExecutionProvider"],
