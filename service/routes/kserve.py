@@ -207,10 +207,13 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
     settings = state.settings
     with counted(state, "v2") as record:
         check_intake(state)
+        # Read the body before any refusal: answering while a client still sends
+        # makes the server close the connection, and the client may see a reset
+        # instead of the error.
+        body = await read_body(request, settings.max_request_bytes)
         found = _ready_version(state.registry, name, version)
         record.bind(found)
         assert found.signature is not None
-        body = await read_body(request, settings.max_request_bytes)
         body = decompress_body(
             body, request.headers.get("content-encoding"), settings.max_request_bytes
         )
