@@ -1,9 +1,11 @@
 """INT8 vs FP32 latency of the same conv model in ONNX Runtime on this CPU, side by side.
 
-Builds ``conv_net`` (benchmarks/int8_models.py), quantizes it with kiln's
-``quantize_int8`` (calibrated on random images), then times both models in one process
-with the same session settings: warm-up, then runs interleaved FP32/INT8 so that
-machine noise hits both alike, and the median per batch size.
+Builds ``conv_net`` (benchmarks/int8_models.py) and quantizes it with kiln's
+``quantize_int8`` twice, calibrated on random images: the TensorRT recipe (symmetric
+activations, kiln's default) and the ONNX-Runtime-only recipe (calibrated activation
+zero points). Then times the three models in one process with the same session
+settings: warm-up, then runs interleaved so that machine noise hits all alike; prints
+the median and the minimum per batch size, and the speed-up over FP32.
 
     .venv/bin/python -m benchmarks.int8_vs_fp32 [--threads 2] [--runs 50]
 """
@@ -26,9 +28,14 @@ from benchmarks.int8_models import CONV_NET_INPUT, CONV_NET_OUTPUT, conv_net
 from engines.precision import quantize_int8
 from engines.types import CalibrationMethod
 
+RECIPES = {
+    "int8 trt": True,  # symmetric activations: what TensorRT accepts (the default)
+    "int8 ort": False,  # calibrated activation zero points: ONNX Runtime only
+}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch")
     parser.add_argument("--warmup", type=int, default=10)
@@ -50,44 +57,50 @@ def main(argv: list[str] | None = None) -> int:
                 np.float32
             )
         }
-        int8_path = workdir / "conv_net.int8.onnx"
-        started = time.perf_counter()
-        report = quantize_int8(
-            fp32_path, int8_path, calibration, method=CalibrationMethod(args.method)
-        )
-        quantize_seconds = time.perf_counter() - started
-
-        fp32 = _session(fp32_path, args.threads)
-        int8 = _session(int8_path, args.threads)
         print(
             f"conv_net 3x{args.image_size}x{args.image_size}, Conv 64-64-128-128; "
-            f"{args.runs} interleaved runs after {args.warmup} warm-up; "
-            f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "
-            f"CPU: {_cpu_summary()}"
+            f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s); "
+            f"{args.runs} interleaved runs after {args.warmup} warm-up; CPU: {_cpu_summary()}"
         )
-        print(
-            f"int8: {args.method} calibration on {args.calibration_samples} random images, "
-            f"quantized in {quantize_seconds:.1f} s; {report['quantize_nodes']} Q / "
-            f"{report['dequantize_nodes']} DQ nodes; "
-            f"{report['size_before_bytes'] / 1e6:.2f} MB -> "
-            f"{report['size_after_bytes'] / 1e6:.2f} MB"
-        )
-        print(
-            f"{'batch':>5} | {'fp32 median ms':>14} | {'int8 median ms':>14} | {'speed-up':>8} | "
-            f"{'fp32 min ms':>11} | {'int8 min ms':>11} | {'speed-up':>8} | {'cosine':>8}"
-        )
+        sessions = {"fp32": _session(fp32_path, args.threads)}
+        for name, symmetric in RECIPES.items():
+            path = workdir / f"conv_net.{name.replace(' ', '_')}.onnx"
+            started = time.perf_counter()
+            report = quantize_int8(
+                fp32_path,
+                path,
+                calibration,
+                method=CalibrationMethod(args.method),
+                symmetric_activations=symmetric,
+            )
+            print(
+                f"{name}: {args.method} calibration on {args.calibration_samples} random "
+                f"images, symmetric activations {symmetric}, quantized in "
+                f"{time.perf_counter() - started:.1f} s, {report['quantize_nodes']} Q / "
+                f"{report['dequantize_nodes']} DQ nodes, {report['size_before_bytes'] / 1e6:.2f}"
+                f" MB -> {report['size_after_bytes'] / 1e6:.2f} MB"
+            )
+            sessions[name] = _session(path, args.threads)
+
+        header = f"{'batch':>5} | {'statistic':>9} | {'fp32 ms':>8}"
+        for name in RECIPES:
+            header += f" | {name + ' ms':>11} | {'speed-up':>8}"
+        print(header + " | cosine vs fp32")
         for batch in batch_sizes:
             feeds = {CONV_NET_INPUT: rng.standard_normal((batch, *shape)).astype(np.float32)}
-            fp32_ms, int8_ms = _interleaved_times(fp32, int8, feeds, args.warmup, args.runs)
-            cosine = _cosine(
-                fp32.run([CONV_NET_OUTPUT], feeds)[0], int8.run([CONV_NET_OUTPUT], feeds)[0]
+            times = _interleaved_times(sessions, feeds, args.warmup, args.runs)
+            reference = sessions["fp32"].run([CONV_NET_OUTPUT], feeds)[0]
+            cosines = ", ".join(
+                f"{_cosine(reference, sessions[name].run([CONV_NET_OUTPUT], feeds)[0]):.5f}"
+                for name in RECIPES
             )
-            fp32_median, int8_median = statistics.median(fp32_ms), statistics.median(int8_ms)
-            print(
-                f"{batch:>5} | {fp32_median:>14.2f} | {int8_median:>14.2f} | "
-                f"{fp32_median / int8_median:>7.2f}x | {min(fp32_ms):>11.2f} | "
-                f"{min(int8_ms):>11.2f} | {min(fp32_ms) / min(int8_ms):>7.2f}x | {cosine:>8.5f}"
-            )
+            for statistic, summarise in (("median", statistics.median), ("min", min)):
+                fp32_ms = summarise(times["fp32"])
+                row = f"{batch:>5} | {statistic:>9} | {fp32_ms:>8.2f}"
+                for name in RECIPES:
+                    int8_ms = summarise(times[name])
+                    row += f" | {int8_ms:>11.2f} | {fp32_ms / int8_ms:>7.2f}x"
+                print(row + (f" | {cosines}" if statistic == "median" else " |"))
     return 0
 
 
@@ -100,25 +113,24 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def _interleaved_times(
-    first: ort.InferenceSession,
-    second: ort.InferenceSession,
+    sessions: dict[str, ort.InferenceSession],
     feeds: dict[str, np.ndarray],
     warmup: int,
     runs: int,
-) -> tuple[list[float], list[float]]:
-    """Milliseconds of every timed run of each session, timing them alternately.
+) -> dict[str, list[float]]:
+    """Milliseconds of every timed run of each session, timing them in turn.
 
     The minimum is shown beside the median: on a shared machine other processes only
     ever add time, so the minimum is the steadier estimate of the model's own cost."""
     for _ in range(warmup):
-        first.run(None, feeds)
-        second.run(None, feeds)
-    times: tuple[list[float], list[float]] = ([], [])
+        for session in sessions.values():
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(runs):
-        for session, bucket in ((first, times[0]), (second, times[1])):
+        for name, session in sessions.items():
             started = time.perf_counter()
             session.run(None, feeds)
-            bucket.append((time.perf_counter() - started) * 1000)
+            times[name].append((time.perf_counter() - started) * 1000)
     return times
 
 
@@ -129,31 +141,17 @@ def _cosine(reference: Any, candidate: Any) -> float:
 
 def _cpu_summary() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown"
     model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in text.splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?"
     )
     flags = set(
-        next(
-            (
-                line.split(":", 1)[1].split()
-                for line in text.splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
+        next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     )
-    isa = [
-        flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags
-    ]
-    return f"{model} ({', '.join(isa) or 'no AVX2'})"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return f"{model} ({', '.join(flag for flag in wanted if flag in flags) or 'no AVX2'})"
 
 
 if __name__ == "__main__":

@@ -138,16 +138,22 @@ def quantize_int8(
     *,
     method: CalibrationMethod,
     per_channel: bool = True,
+    symmetric_activations: bool = True,
 ) -> dict[str, Any]:
     """Insert int8 Q/DQ nodes calibrated on ``samples``, in TensorRT's explicit form.
 
     Steps: upgrade the opset to 13 when per-channel needs it; ``quant_pre_process``
     (symbolic shape inference, retried without it when it fails on the graph);
-    calibrate on the samples with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one
-    batch when the model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ
-    with ``quantize_static`` (QDQ, QInt8/QInt8, symmetric, biases in float32); check
-    every zero point is 0, run ``onnx.checker``, and run the model in ONNX Runtime on
-    the first samples.
+    calibrate on the samples with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each
+    one batch when the model's first axis is a dynamic batch, else one sample at a time);
+    insert Q/DQ on QUANTIZED_OP_TYPES with ``quantize_static`` (QDQ, QInt8/QInt8,
+    symmetric, biases in float32); check every zero point is 0, run ``onnx.checker``,
+    and run the model in ONNX Runtime on the first samples.
+
+    ``symmetric_activations=False`` is for models only ONNX Runtime will run (TensorRT
+    refuses them): activations get calibrated zero points, which lets ONNX Runtime fold
+    a Relu or Clip into the preceding int8 convolution instead of dequantizing around
+    it; weights stay symmetric. On a conv net that is about 1.5x faster again.
 
     ``samples`` are keyed by input name with samples on axis 0, as ``load_samples``
     returns them. Returns a report (method, sample count, opsets, Q/DQ node counts,
@@ -168,6 +174,7 @@ def quantize_int8(
         "samples": count,
         "calibration_batch_size": batch_size,
         "per_channel": per_channel,
+        "symmetric_activations": symmetric_activations,
         "opset_before": opset_before,
     }
 
@@ -199,7 +206,10 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 calibrate_method=_ort_method(method),
                 op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-                extra_options=dict(TRT_QDQ_OPTIONS),
+                extra_options={
+                    **TRT_QDQ_OPTIONS,
+                    "ActivationSymmetric": symmetric_activations,
+                },
             )
         except Exception as exc:  # ORT's quantizer raises whatever its helpers raise
             raise BuildFailed(f"int8: inserting Q/DQ nodes failed: {_short(exc)}") from exc
@@ -211,7 +221,7 @@ def quantize_int8(
                 "int8: the model has no operator that kiln quantizes "
                 f"({', '.join(QUANTIZED_OP_TYPES)}); build it as fp16 or fp32"
             )
-        _check_zero_points(quantized)
+        _check_zero_points(quantized, activations_too=symmetric_activations)
         report["opset_after"] = _opset(quantized)
         del quantized
         _check(temp_path, "int8")
@@ -376,13 +386,19 @@ def _qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
-def _check_zero_points(model: onnx.ModelProto) -> None:
-    """TensorRT refuses any Q/DQ zero point other than 0 ("symmetric only")."""
+def _check_zero_points(model: onnx.ModelProto, *, activations_too: bool) -> None:
+    """TensorRT refuses any Q/DQ zero point other than 0 ("symmetric only").
+
+    Weights (a DequantizeLinear of an initializer) are always checked; activations
+    only when ``activations_too``."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type not in _QDQ_OPS or len(node.input) < 3 or not node.input[2]:
+            continue
+        is_weight = node.op_type == "DequantizeLinear" and node.input[0] in initializers
+        if not (is_weight or activations_too):
             continue
         zero_point = initializers.get(node.input[2])
         if zero_point is None:

@@ -273,3 +273,26 @@ def test_fp16_sorts_an_unsorted_graph(tmp_path: Path) -> None:
     onnx.checker.check_model(onnx.load(output))
     result = OrtRunner(output).infer({"x": np.array([[1, -2, 3, -4]], np.float32)})
     np.testing.assert_array_equal(result["y"], [[0, 2, 0, 4]])
+
+
+def test_asymmetric_activations_for_onnx_runtime_only(cnn: Path, tmp_path: Path) -> None:
+    output = tmp_path / "cnn.int8-ort.onnx"
+
+    report = quantize_int8(
+        cnn, output, image_samples(40), method=CalibrationMethod.MINMAX, symmetric_activations=False
+    )
+
+    values = initializers(output)
+    weight_zero_points, activation_zero_points = [], []
+    for node in quantization_nodes(output):
+        is_weight = node.op_type == "DequantizeLinear" and node.input[0] in values
+        bucket = weight_zero_points if is_weight else activation_zero_points
+        bucket.append(values[node.input[2]])
+    assert weight_zero_points and not any(zp.any() for zp in weight_zero_points)
+    assert any(zp.any() for zp in activation_zero_points)
+    assert report["symmetric_activations"] is False
+    samples = image_samples(4, seed=2)
+    expected = OrtRunner(cnn).infer(samples)["logits"]
+    got = OrtRunner(output).infer(samples)["logits"]
+    cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
+    assert cosine > 0.99
