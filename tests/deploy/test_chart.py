@@ -420,3 +420,15 @@ def test_values_schema_rejects_bad_values(tools: Tools, setting: str, message: s
 
 def test_cpu_values_file_is_cpu_mode() -> None:
     assert yaml.safe_load(CPU_VALUES.read_text())["gpu"]["enabled"] is False
+
+
+def test_server_settings_come_from_values(cpu_docs: Docs, tools: Tools) -> None:
+    env = env_of(kiln_container(cpu_docs))
+    assert env["KILN_MAX_UPLOAD_BYTES"] == "2147483648"
+    assert env["KILN_PROTECT_PREDICT"] == "true"
+    assert env["KILN_LOG_JSON"] == "true"
+
+    docs = tools.render(set_values=["store.persistence.storageClassName=-", "server.backend=auto"])
+    assert one(docs, "PersistentVolumeClaim")["spec"]["storageClassName"] == ""
+    assert env_of(kiln_container(docs))["KILN_BACKEND"] == "auto"
+    assert "KILN_MAX_UPLOAD_BYTES" not in env_of(kiln_container(docs))

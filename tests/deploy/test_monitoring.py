@@ -65,6 +65,27 @@ def dashboard_expressions() -> list[str]:
     return exprs
 
 
+def test_server_exports_the_metrics_deploy_relies_on() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import KilnMetrics
+
+    registry = CollectorRegistry()
+    KilnMetrics(registry)
+    exported = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in registry.collect()
+    }
+    kiln_names = {name for name in KILN_METRICS if name.startswith("kiln_")}
+    assert kiln_names <= exported, (
+        f"not exported by service.metrics: {sorted(kiln_names - exported)}"
+    )
+
+    sources = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
+    for name in KILN_METRICS - kiln_names:
+        assert f'"{name}"' in sources, f"{name} is not exported by the server"
+
+
 def test_canonical_copies_are_identical() -> None:
     pairs = [
         (CHART / "dashboards" / "kiln.json", DASHBOARD),

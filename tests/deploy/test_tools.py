@@ -134,3 +134,10 @@ def test_promtool_check_config(tools: Tools) -> None:
         [_promtool(tools), "check", "config", ROOT / "deploy/prometheus/prometheus.yml"]
     )
     assert proc.returncode == 0, output_of(proc)
+
+
+def test_install_script_skips_what_is_installed(tools: Tools) -> None:
+    proc = tools.run(["bash", ROOT / "deploy" / "tools" / "install.sh"], timeout=120)
+    assert proc.returncode == 0, output_of(proc)
+    for step in ("helm", "venv-lint", "venv-checkov"):
+        assert f"install.sh: {step}" not in proc.stderr, output_of(proc)
