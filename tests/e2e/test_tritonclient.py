@@ -181,3 +181,29 @@ def test_errors_raise_inference_server_exception(client: triton.InferenceServerC
         client.infer("mlp", inputs_of({"x": np.zeros((1, 15), np.float32)}))
     with pytest.raises(InferenceServerException, match="unknown output 'z'"):
         client.infer("mlp", inputs_of({"x": x}), outputs=[triton.InferRequestedOutput("z")])
+
+
+def test_timeout_parameter_bounds_the_time_in_the_queue(
+    client: triton.InferenceServerClient,
+) -> None:
+    # "batched" holds a lone request for 20 ms hoping for company; 1 µs expires it first.
+    x = np.zeros((1, 16), np.float32)
+    with pytest.raises(InferenceServerException, match="deadline passed") as expired:
+        client.infer("batched", inputs_of({"x": x}), timeout=1)
+    assert expired.value.status() == "504"
+    assert client.infer("batched", inputs_of({"x": x}), timeout=5_000_000).as_numpy("y") is not None
+
+
+def test_compressed_requests(
+    client: triton.InferenceServerClient, model_files: dict[str, Path]
+) -> None:
+    x = np.random.default_rng(5).standard_normal((2, 16)).astype(np.float32)
+    want = reference_outputs(model_files["mlp"], {"x": x})["y"]
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer(
+            "mlp",
+            inputs_of({"x": x}),
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        np.testing.assert_allclose(result.as_numpy("y"), want, atol=1e-5)
