@@ -131,7 +131,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdecimal()):  # "²" is a digit to isdigit()
         raise BadRequest(f"{INFERENCE_HEADER} must be a non-negative integer; got '{value}'")
     length = int(text)
     if length > body_length:

@@ -56,7 +56,7 @@ def _empty(ok: bool) -> Response:
 def _version_number(text: str | None) -> int | None:
     if text is None:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdecimal()) or int(text) < 1:
         raise BadRequest(f"model versions are positive integers; got '{text}'")
     return int(text)
 

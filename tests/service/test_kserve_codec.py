@@ -338,6 +338,7 @@ def binary_x(size: int = 12, **changes: Any) -> dict[str, Any]:
         ),
         (b"{}", "-1", "must be a non-negative integer; got '-1'"),
         (b"{}", "ten", "must be a non-negative integer; got 'ten'"),
+        (b"{}", "\u00b2", "must be a non-negative integer"),
         (b"{not json", None, "the inference header is not valid JSON"),
         (b"[1, 2]", None, "must be a JSON object"),
         (b"{}", None, "'inputs' must be a non-empty list"),

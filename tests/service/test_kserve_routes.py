@@ -185,6 +185,7 @@ def test_model_readiness_is_200_or_400_with_an_empty_body(
         ("/v2/models/nope", 404, "no engine named 'nope'"),
         ("/v2/models/mlp/versions/7", 404, "engine 'mlp' has no version 7"),
         ("/v2/models/mlp/versions/0/config", 400, "model versions are positive integers"),
+        ("/v2/models/mlp/versions/%C2%B2", 400, "model versions are positive integers"),
         ("/v2/models/nope/config", 404, "no engine named 'nope'"),
     ],
 )
