@@ -20,6 +20,7 @@ from engines.backends import select_backend
 from engines.backends.base import Backend
 from engines.store import EngineStore
 from service.errors import install_error_handlers
+from service.fastpath import PredictFastPath
 from service.jobs import BuildRunner
 from service.manager import EngineManager
 from service.metrics import KilnMetrics
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(PredictFastPath)
     app.include_router(health.router)
     app.include_router(engines.router)
     app.include_router(predict.router)

@@ -4,6 +4,7 @@ only when ``KILN_PROTECT_PREDICT`` is on. Keys are compared in constant time."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from fastapi import Request
 
@@ -11,20 +12,25 @@ from service.errors import Forbidden, Unauthorized
 from service.state import get_state
 
 
-def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+HeaderLookup = Callable[[str], str | None]
+"""Looks up a request header by lower-case name (``request.headers.get``)."""
+
+
+def presented_key(headers: HeaderLookup) -> str | None:
+    header = headers("authorization")
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    key = request.headers.get("x-api-key")
+    key = headers("x-api-key")
     return key.strip() if key else None
 
 
-def check_key(request: Request, keys: list[str]) -> None:
+def check_key(headers: HeaderLookup, keys: list[str]) -> None:
+    """Raises ``Unauthorized`` without a key and ``Forbidden`` with a wrong one."""
     if not keys:
         return
-    key = presented_key(request)
+    key = presented_key(headers)
     if key is None:
         raise Unauthorized(
             "this endpoint needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
@@ -38,10 +44,10 @@ def check_key(request: Request, keys: list[str]) -> None:
 
 
 async def require_management_key(request: Request) -> None:
-    check_key(request, get_state(request).api_keys)
+    check_key(request.headers.get, get_state(request).api_keys)
 
 
 async def require_predict_key(request: Request) -> None:
     state = get_state(request)
     if state.settings.protect_predict:
-        check_key(request, state.api_keys)
+        check_key(request.headers.get, state.api_keys)

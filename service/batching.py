@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -78,6 +79,8 @@ class BatchError(RuntimeError):
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
+DISCONNECT_CHECK_AFTER_S = 0.05
+
 
 class _Pending:
     __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer")
@@ -92,6 +95,51 @@ class _Pending:
         self.enqueued = time.monotonic()
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class InferenceThread:
+    """One instance's worker thread. Lighter than a ThreadPoolExecutor on the hot
+    path: one C-level queue put to hand a batch over, one ``call_soon_threadsafe``
+    to hand the outputs back."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, run: RunBatch, feeds: Mapping[str, np.ndarray]) -> asyncio.Future[dict[str, np.ndarray]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        self._jobs.put((loop, future, run, feeds))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, future, run, feeds = job
+            try:
+                result, error = run(feeds), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting requests
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:
+                pass  # the loop closed while this batch ran: nobody waits for it
+
+    def stop(self) -> None:
+        """Let the thread finish its current batch and exit (does not wait)."""
+        self._jobs.put(None)
 
 
 class DynamicBatcher:
@@ -121,7 +169,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: list[InferenceThread] = []
         self._running = 0
         self._accepting = False
         self._preferred = sorted(set(config.preferred_batch_sizes))
@@ -130,13 +178,13 @@ class DynamicBatcher:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.config.instances, thread_name_prefix=f"kiln-infer-{self.name}"
-        )
         self._accepting = True
+        self._threads = [
+            InferenceThread(f"kiln-infer-{self.name}-{i}") for i in range(self.config.instances)
+        ]
         self._workers = [
-            asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
-            for i in range(self.config.instances)
+            asyncio.create_task(self._worker(thread), name=f"batcher-{self.name}-{i}")
+            for i, thread in enumerate(self._threads)
         ]
 
     @property
@@ -165,9 +213,9 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers = []
-        if self._executor is not None:
-            # Running batches hold their own references; don't block the loop on them.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for thread in self._threads:
+            thread.stop()  # a batch still running finishes on its own; nobody waits for it
+        self._threads = []
 
     # -- intake ----------------------------------------------------------------
 
@@ -183,8 +231,9 @@ class DynamicBatcher:
         Raises ``Unavailable`` (queue full or stopping), ``DeadlineExceeded`` (the
         deadline passed before it ran), ``BadRequest`` (more rows than one batch
         holds), or whatever the engine raised for its batch. ``disconnected``,
-        when given, is awaited alongside: if it returns first, the request is
-        dropped from the queue and ``asyncio.CancelledError`` is raised.
+        when given, is awaited once the request has waited a little: if it
+        returns first, the request is dropped from the queue and
+        ``asyncio.CancelledError`` is raised.
         """
         if not self._accepting:
             self._reject("stopping")
@@ -207,27 +256,30 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._report_depth()
         self._wakeup.set()
-        if disconnected is None:
-            return await self._await(pending)
-        watcher = asyncio.ensure_future(disconnected())
+        watch: asyncio.TimerHandle | None = None
+        watcher: asyncio.Future[Any] | None = None
+        if disconnected is not None:
+            # Most requests finish within milliseconds: only those still waiting
+            # after DISCONNECT_CHECK_AFTER_S get a task that watches their client.
+            def start_watching() -> None:
+                nonlocal watcher
+                if not future.done():
+                    watcher = asyncio.ensure_future(disconnected())
+                    watcher.add_done_callback(
+                        lambda w: None if w.cancelled() else self._abandon(pending)
+                    )
+
+            watch = loop.call_later(DISCONNECT_CHECK_AFTER_S, start_watching)
         try:
-            done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            return await future
         except asyncio.CancelledError:
             self._abandon(pending)
             raise
         finally:
-            watcher.cancel()
-        if future not in done:
-            self._abandon(pending)
-            raise asyncio.CancelledError("client disconnected")
-        return future.result()
-
-    async def _await(self, pending: _Pending) -> dict[str, np.ndarray]:
-        try:
-            return await pending.future
-        except asyncio.CancelledError:
-            self._abandon(pending)
-            raise
+            if watch is not None:
+                watch.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     def _rows_and_key(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, tuple[Any, ...]]:
         if not self.batchable:
@@ -289,12 +341,12 @@ class DynamicBatcher:
 
     # -- batch formation -------------------------------------------------------
 
-    async def _worker(self) -> None:
+    async def _worker(self, thread: InferenceThread) -> None:
         while True:
             batch = await self._next_batch()
             if batch is None:
                 return
-            await self._execute(batch)
+            await self._execute(batch, thread)
 
     async def _next_batch(self) -> list[_Pending] | None:
         while True:
@@ -357,7 +409,7 @@ class DynamicBatcher:
 
     # -- execution ---------------------------------------------------------------
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending], thread: InferenceThread) -> None:
         started = time.monotonic()
         waits = [started - p.enqueued for p in batch]
         rows = sum(p.rows for p in batch)
@@ -370,8 +422,7 @@ class DynamicBatcher:
             }
         self._running += 1
         try:
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self.run_batch, feeds)
+            outputs = await thread.submit(self.run_batch, feeds)
             results = self._split(batch, rows, outputs)
         except Exception as exc:  # noqa: BLE001 - the batch's own failure goes to its requests
             for pending in batch:

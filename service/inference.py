@@ -79,9 +79,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
-    """A coroutine factory that returns when the client closes the connection."""
-    receive = request.receive
+def disconnect_waiter(receive: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+    """A coroutine factory that returns when the client closes the connection
+    (``receive`` is the ASGI receive callable, after the body was read)."""
 
     async def wait() -> None:
         while True:
@@ -96,13 +96,15 @@ async def infer(
     version: EngineVersion,
     feeds: Mapping[str, np.ndarray],
     *,
-    request: Request,
     timeout_ms: float | None = None,
+    disconnected: Callable[[], Awaitable[None]] | None = None,
+    request: Request | None = None,
 ) -> dict[str, Any]:
     """Run ``feeds`` on a ready version's batcher. Raises ``InvalidInput`` for feeds
-    that don't fit, and the batcher's errors (503, 504, the engine's own)."""
+    that don't fit, and the batcher's errors (503, 504, the engine's own).
+    ``disconnected`` (or a ``request`` to watch) lets a gone client leave the queue."""
+    if disconnected is None and request is not None:
+        disconnected = disconnect_waiter(request.receive)
     assert version.runner is not None and version.batcher is not None
     version.runner.check_feeds(feeds)
-    return await version.batcher.infer(
-        feeds, timeout_ms=timeout_ms, disconnected=disconnect_waiter(request)
-    )
+    return await version.batcher.infer(feeds, timeout_ms=timeout_ms, disconnected=disconnected)

@@ -24,7 +24,10 @@ from engines.types import BuildOptions, DeviceSignature, Signature
 
 
 def default_intra_op_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """All cores but one: the server's event loop needs a core of its own, and on a
+    small machine an extra intra-op thread costs more in wake-ups than it saves."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class OnnxRuntimeBackend(Backend):

@@ -1,33 +1,45 @@
 """POST /predict: kiln's native JSON inference endpoint (the hot path).
 
-The body is read raw and parsed with orjson; pydantic stays out of the hot path.
+The body is parsed with orjson; pydantic stays out of the hot path. The same
+``predict_native`` serves the FastAPI route (which documents the endpoint in
+the OpenAPI schema) and the ASGI fast path in ``service/fastpath.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.auth import require_predict_key
+from service.auth import check_key
 from service.codecs import decode_native_inputs
 from service.errors import BadRequest
-from service.inference import check_intake, counted, infer, read_body
+from service.inference import check_intake, counted, disconnect_waiter, infer, read_body
 from service.limits import check_json_shape
 from service.responses import dumps
-from service.state import get_state
+from service.state import AppState, get_state
 
 router = APIRouter(tags=["inference"])
 
 
-@router.post("/predict", dependencies=[Depends(require_predict_key)])
-async def predict(request: Request) -> Response:
-    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``."""
-    state = get_state(request)
+async def predict_native(
+    state: AppState,
+    body: bytes,
+    *,
+    headers: Callable[[str], str | None],
+    disconnected: Callable[[], Awaitable[None]] | None,
+) -> bytes:
+    """Run one native request body; returns the response body.
+
+    Raises ``ServiceError``/``EngineError`` for every refusal (the caller maps them
+    to a status and an error body)."""
     settings = state.settings
     with counted(state, "native") as record:
+        if settings.protect_predict:
+            check_key(headers, state.api_keys)
         check_intake(state)
-        body = await read_body(request, settings.max_request_bytes)
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -54,8 +66,16 @@ async def predict(request: Request) -> Response:
         feeds = decode_native_inputs(
             payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
         )
-        outputs = await infer(found, feeds, request=request, timeout_ms=timeout_ms)
-        return Response(
-            dumps({"engine": engine, "version": found.version, "outputs": outputs}),
-            media_type="application/json",
-        )
+        outputs = await infer(found, feeds, timeout_ms=timeout_ms, disconnected=disconnected)
+        return dumps({"engine": engine, "version": found.version, "outputs": outputs})
+
+
+@router.post("/predict")
+async def predict(request: Request) -> Response:
+    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``."""
+    state = get_state(request)
+    body = await read_body(request, state.settings.max_request_bytes)
+    content = await predict_native(
+        state, body, headers=request.headers.get, disconnected=disconnect_waiter(request.receive)
+    )
+    return Response(content, media_type="application/json")

@@ -1,0 +1,117 @@
+"""Helpers shared by the serving benchmarks: start servers, drive hey, parse its output."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout_s} s")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process and its threads so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_kiln(store: Path, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(VENV_BIN / "kiln"), "serve", "--port", str(port), "--store", str(store)],
+        env={**os.environ, "KILN_BACKEND": "onnxruntime", "KILN_LOG_LEVEL": "warning", **(env or {})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = Server(process, f"http://127.0.0.1:{port}")
+    wait_http(f"{server.url}/health/ready")
+    return server
+
+
+def upload(server: Server, model: Path, name: str, **fields: Any) -> dict[str, Any]:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        response = client.post(
+            "/engines", files={"model": (model.name, model.read_bytes())},
+            data={"name": name, **{k: str(v) for k, v in fields.items()}},
+        )
+        response.raise_for_status()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = client.get(f"/engines/{name}").json()
+            if status["state"] in ("ready", "failed"):
+                if status["state"] == "failed":
+                    raise RuntimeError(f"build of {name} failed: {status['error']}")
+                return dict(status)
+            time.sleep(0.2)
+    raise RuntimeError(f"{name} was not ready in time")
+
+
+def start_python_app(script: Path, *args: str) -> Server:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(script), *args, str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return Server(process, f"http://127.0.0.1:{port}")
+
+
+def hey(url: str, body_file: Path, *, seconds: float, concurrency: int,
+        headers: dict[str, str] | None = None, content_type: str = "application/json") -> dict[str, float]:
+    """Run hey against ``url``; returns req/s, p50/p90/p99 in ms and non-200 count."""
+    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST",
+               "-T", content_type, "-D", str(body_file)]
+    for key, value in (headers or {}).items():
+        command += ["-H", f"{key}: {value}"]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "90", "99"):
+        match = re.search(rf"{pct}% in ([\d.]+) secs", output)
+        result[f"p{pct}_ms"] = float(match.group(1)) * 1000 if match else float("nan")
+    codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", output))
+    result["ok"] = float(codes.get("200", 0))
+    result["errors"] = float(sum(int(v) for k, v in codes.items() if k != "200"))
+    return result
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

@@ -1,0 +1,94 @@
+"""An ASGI fast path for ``POST /predict``.
+
+Small models are bound by the HTTP path, not the engine: every layer of routing,
+dependency solving and response classes costs more than the inference itself.
+This middleware answers ``POST /predict`` directly from the ASGI messages with
+the same ``predict_native`` the FastAPI route uses, and the same error bodies;
+every other request goes down the normal stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engines.errors import EngineError
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, native_body, status_of
+from service.inference import disconnect_waiter
+from service.routes.predict import predict_native
+from service.state import AppState
+
+log = logging.getLogger("kiln.errors")
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class PredictFastPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.state: AppState | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        state: AppState | None = getattr(scope["app"].state, "kiln", None)
+        if state is None:
+            await self.app(scope, receive, send)
+            return
+        headers = _HeaderLookup(scope["headers"])
+        try:
+            body = await _read_body(receive, state.settings.max_request_bytes, headers("content-length"))
+            content = await predict_native(
+                state, body, headers=headers, disconnected=disconnect_waiter(receive)
+            )
+            status, extra = 200, []
+        except (ServiceError, EngineError) as exc:
+            status, kind, message, error_headers = status_of(exc)
+            content = native_body(kind, message)
+            extra = [(k.lower().encode(), v.encode()) for k, v in error_headers.items()]
+        except Exception:  # noqa: BLE001 - one request's bug must not look like a dead server
+            log.exception("unhandled error on POST /predict")
+            status, content, extra = 500, native_body("internal", "internal error; see the server log"), []
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*_JSON_HEADERS, (b"content-length", str(len(content)).encode()), *extra],
+        })
+        await send({"type": "http.response.body", "body": content})
+
+
+class _HeaderLookup:
+    """``headers("name")`` over raw ASGI headers, decoded lazily."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __call__(self, name: str) -> str | None:
+        key = name.encode()
+        for header, value in self._raw:
+            if header.lower() == key:
+                return value.decode("latin-1")
+        return None
+
+
+async def _read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks: list[Any] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client went away while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
