@@ -59,7 +59,8 @@ def start_kiln(store: Path, env: dict[str, str] | None = None) -> Server:
     process = subprocess.Popen(
         [str(VENV_BIN / "kiln"), "serve", "--port", str(port), "--store", str(store)],
         env={**os.environ, "KILN_BACKEND": "onnxruntime", "KILN_LOG_LEVEL": "warning", **(env or {})},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     server = Server(process, f"http://127.0.0.1:{port}")
     wait_http(f"{server.url}/health/ready")
@@ -69,7 +70,8 @@ def start_kiln(store: Path, env: dict[str, str] | None = None) -> Server:
 def upload(server: Server, model: Path, name: str, **fields: Any) -> dict[str, Any]:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         response = client.post(
-            "/engines", files={"model": (model.name, model.read_bytes())},
+            "/engines",
+            files={"model": (model.name, model.read_bytes())},
             data={"name": name, **{k: str(v) for k, v in fields.items()}},
         )
         response.raise_for_status()
@@ -88,16 +90,35 @@ def start_python_app(script: Path, *args: str) -> Server:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(script), *args, str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return Server(process, f"http://127.0.0.1:{port}")
 
 
-def hey(url: str, body_file: Path, *, seconds: float, concurrency: int,
-        headers: dict[str, str] | None = None, content_type: str = "application/json") -> dict[str, float]:
+def hey(
+    url: str,
+    body_file: Path,
+    *,
+    seconds: float,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
+) -> dict[str, float]:
     """Run hey against ``url``; returns req/s, p50/p90/p99 in ms and non-200 count."""
-    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST",
-               "-T", content_type, "-D", str(body_file)]
+    command = [
+        "hey",
+        "-z",
+        f"{seconds}s",
+        "-c",
+        str(concurrency),
+        "-m",
+        "POST",
+        "-T",
+        content_type,
+        "-D",
+        str(body_file),
+    ]
     for key, value in (headers or {}).items():
         command += ["-H", f"{key}: {value}"]
     output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout

@@ -49,14 +49,20 @@ def main() -> None:
     finally:
         kiln.stop()
         baseline.stop()
-    print(f"tiny MLP 16->32->4, hey -z {args.seconds}s -c {args.concurrency}, {args.runs} runs each (medians)")
+    print(
+        f"tiny MLP 16->32->4, hey -z {args.seconds}s -c {args.concurrency}, {args.runs} runs each (medians)"
+    )
     print(f"{'server':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'errors':>6}")
     for name, runs in results.items():
-        print(f"{name:<18} {median([r['rps'] for r in runs]):>8.0f} "
-              f"{median([r['p50_ms'] for r in runs]):>7.2f} {median([r['p99_ms'] for r in runs]):>7.2f} "
-              f"{median([r['cpu_us_per_request'] for r in runs]):>10.0f} "
-              f"{sum(r['errors'] for r in runs):>6.0f}")
-    ratio = median([r["rps"] for r in results["kiln"]]) / median([r["rps"] for r in results["hand-written app"]])
+        print(
+            f"{name:<18} {median([r['rps'] for r in runs]):>8.0f} "
+            f"{median([r['p50_ms'] for r in runs]):>7.2f} {median([r['p99_ms'] for r in runs]):>7.2f} "
+            f"{median([r['cpu_us_per_request'] for r in runs]):>10.0f} "
+            f"{sum(r['errors'] for r in runs):>6.0f}"
+        )
+    ratio = median([r["rps"] for r in results["kiln"]]) / median(
+        [r["rps"] for r in results["hand-written app"]]
+    )
     print(f"kiln / hand-written throughput: {ratio:.2f}x")
 
 

@@ -88,24 +88,36 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
             plan = _precision_plan(options, signature, store)
             candidates = _transform(plan, model_path, workdir, progress)
         with phase_timer("build"):
+            timing_cache = store.timing_cache_path(backend.device_signature().key())
             for index, candidate in enumerate(candidates):
-                candidate.report.update(backend.build(
-                    candidate.onnx_path,
-                    signature,
-                    options,
-                    candidate.artifact_path,
-                    timing_cache_path=store.timing_cache_path(backend.device_signature().key()),
-                    progress=lambda phase, fraction, i=index: progress(
-                        "build", (i + fraction) / len(candidates)
-                    ),
-                ))
-        with phase_timer("accuracy"), phase_timer("profile"):
-            _check_and_profile(
-                candidates, backend, signature, options, model_path, plan, batch_sizes
-            )
+
+                def build_progress(phase: str, fraction: float, done: int = index) -> None:
+                    progress("build", (done + fraction) / len(candidates))
+
+                candidate.report.update(
+                    backend.build(
+                        candidate.onnx_path,
+                        signature,
+                        options,
+                        candidate.artifact_path,
+                        timing_cache_path=timing_cache,
+                        progress=build_progress,
+                    )
+                )
+        with phase_timer("accuracy"):
+            _check_accuracy(candidates, backend, signature, options, model_path, plan, batch_sizes)
+        with phase_timer("profile"):
+            for candidate in candidates:
+                if not candidate.accepted:
+                    continue  # it will not be served, so its speed does not matter
+                runner = backend.load(candidate.artifact_path, signature, options)
+                try:
+                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes)
+                finally:
+                    runner.close()
         chosen, choice_reason = _choose(candidates, options.precision)
         with phase_timer("commit"):
-            meta = {
+            meta: dict[str, Any] = {
                 "backend": backend.name,
                 "device": backend.device_signature().to_dict(),
                 "precision": str(chosen.precision),
@@ -238,9 +250,7 @@ def _transform(
                 report["transform"] = transforms.quantize_int8(
                     model_path, onnx_path, plan.calibration, method=_method(plan)
                 )
-        candidates.append(
-            _Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report)
-        )
+        candidates.append(_Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report))
         progress("precision", (index + 1) / len(plan.precisions))
     return candidates
 
@@ -251,7 +261,7 @@ def _method(plan: _PrecisionPlan) -> Any:
     return CalibrationMethod(plan.calibration_report.get("method", "minmax"))
 
 
-def _check_and_profile(
+def _check_accuracy(
     candidates: list[_Candidate],
     backend: Backend,
     signature: Signature,
@@ -263,26 +273,24 @@ def _check_and_profile(
     reference: Runner | None = None
     try:
         for candidate in candidates:
+            if candidate.precision == Precision.FP32:
+                continue  # the reference itself
+            from engines import accuracy
+
+            if reference is None:
+                from engines.backends.onnxruntime import OnnxRuntimeBackend
+
+                reference = OnnxRuntimeBackend().load(model_path, signature, options)
             runner = backend.load(candidate.artifact_path, signature, options)
             try:
-                if candidate.precision != Precision.FP32:
-                    from engines import accuracy
-
-                    if reference is None:
-                        from engines.backends.onnxruntime import OnnxRuntimeBackend
-
-                        reference = OnnxRuntimeBackend().load(model_path, signature, options)
-                    assert plan.validation is not None
-                    tolerance = accuracy.parse_tolerance(None, candidate.precision)
-                    tolerance.update(dict(options.tolerance))
-                    comparison = accuracy.compare(
-                        reference, runner, plan.validation, list(batch_sizes)
-                    )
-                    candidate.report["accuracy"] = comparison
-                    candidate.report["tolerance"] = tolerance
-                    candidate.rejection = accuracy.check(comparison, tolerance)
-                    candidate.accepted = not candidate.rejection
-                candidate.latency_ms = profile_latency(runner, signature, batch_sizes)
+                assert plan.validation is not None
+                tolerance = accuracy.parse_tolerance(None, candidate.precision)
+                tolerance.update(dict(options.tolerance))
+                comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
+                candidate.report["accuracy"] = comparison
+                candidate.report["tolerance"] = tolerance
+                candidate.rejection = accuracy.check(comparison, tolerance)
+                candidate.accepted = not candidate.rejection
             finally:
                 runner.close()
     finally:
@@ -297,7 +305,7 @@ def profile_latency(runner: Runner, signature: Signature, batch_sizes: tuple[int
         feeds = synthetic_feeds(signature, batch)
         for _ in range(2):
             runner.infer(feeds)
-        samples = []
+        samples: list[float] = []
         deadline = time.perf_counter() + PROFILE_MIN_SECONDS
         while len(samples) < PROFILE_MAX_RUNS and (len(samples) < 5 or time.perf_counter() < deadline):
             start = time.perf_counter()
@@ -307,7 +315,9 @@ def profile_latency(runner: Runner, signature: Signature, batch_sizes: tuple[int
     return result
 
 
-def synthetic_feeds(signature: Signature, batch: int, *, dynamic_dim: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_feeds(
+    signature: Signature, batch: int, *, dynamic_dim: int = 1, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random inputs of ``batch`` rows (zeros for integer inputs, which are often indices)."""
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -329,8 +339,7 @@ def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candid
         candidate = candidates[0]
         if not candidate.accepted:
             raise AccuracyRejected(
-                f"the {candidate.precision} engine is outside tolerance: "
-                + "; ".join(candidate.rejection),
+                f"the {candidate.precision} engine is outside tolerance: " + "; ".join(candidate.rejection),
                 details={
                     "accuracy": candidate.report.get("accuracy"),
                     "tolerance": candidate.report.get("tolerance"),
@@ -346,7 +355,9 @@ def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candid
         return float(np.exp(np.mean(np.log(ratios)))) if ratios else 1.0
 
     best = min(accepted, key=relative_cost)
-    rejected = [f"{c.precision} (outside tolerance: {'; '.join(c.rejection)})" for c in candidates if not c.accepted]
+    rejected = [
+        f"{c.precision} (outside tolerance: {'; '.join(c.rejection)})" for c in candidates if not c.accepted
+    ]
     reason = (
         f"{best.precision} is the fastest candidate within tolerance "
         f"({relative_cost(best):.2f}x FP32's latency, geometric mean over batch sizes "
@@ -362,7 +373,9 @@ def _candidate_summary(candidate: _Candidate) -> dict[str, Any]:
         "precision": str(candidate.precision),
         "accepted": candidate.accepted,
         "latency_ms": {str(k): v for k, v in candidate.latency_ms.items()},
-        "artifact_bytes": candidate.artifact_path.stat().st_size if candidate.artifact_path.exists() else None,
+        "artifact_bytes": candidate.artifact_path.stat().st_size
+        if candidate.artifact_path.exists()
+        else None,
     }
     if candidate.rejection:
         summary["rejection"] = candidate.rejection

@@ -178,7 +178,9 @@ class EngineStore:
             )
         return meta
 
-    def commit_engine(self, cache_key: str, artifact_temp: Path, suffix: str, meta: dict[str, Any]) -> dict[str, Any]:
+    def commit_engine(
+        self, cache_key: str, artifact_temp: Path, suffix: str, meta: dict[str, Any]
+    ) -> dict[str, Any]:
         """Publish an artifact, then its metadata (the commit point). Returns the metadata."""
         directory = self.engine_dir(cache_key)
         directory.mkdir(parents=True, exist_ok=True)

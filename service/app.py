@@ -58,8 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         builds = BuildRunner(workers=settings.build_workers, timeout_s=settings.build_timeout_s)
         manager = EngineManager(settings, store, registry, backend, metrics, builds)
         state = AppState(
-            settings=settings, store=store, registry=registry, backend=backend,
-            backend_reason=reason, metrics=metrics, manager=manager,
+            settings=settings,
+            store=store,
+            registry=registry,
+            backend=backend,
+            backend_reason=reason,
+            metrics=metrics,
+            manager=manager,
             api_keys=settings.all_api_keys(),
         )
         app.state.kiln = state

@@ -11,7 +11,6 @@ from fastapi import Request
 from service.errors import Forbidden, Unauthorized
 from service.state import get_state
 
-
 HeaderLookup = Callable[[str], str | None]
 """Looks up a request header by lower-case name (``request.headers.get``)."""
 

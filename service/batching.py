@@ -85,8 +85,14 @@ DISCONNECT_CHECK_AFTER_S = 0.05
 class _Pending:
     __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer")
 
-    def __init__(self, feeds: Mapping[str, np.ndarray], rows: int, key: tuple[Any, ...],
-                 future: asyncio.Future[dict[str, np.ndarray]], deadline: float) -> None:
+    def __init__(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        rows: int,
+        key: tuple[Any, ...],
+        future: asyncio.Future[dict[str, np.ndarray]],
+        deadline: float,
+    ) -> None:
         self.feeds = feeds
         self.rows = rows
         self.key = key
@@ -130,12 +136,11 @@ class InferenceThread:
             loop, future, run, feeds = job
             try:
                 result, error = run(feeds), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting requests
+            except BaseException as exc:
                 result, error = None, exc
-            try:
+            # RuntimeError: the loop closed while this batch ran, and nobody waits for it.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                pass  # the loop closed while this batch ran: nobody waits for it
 
     def stop(self) -> None:
         """Let the thread finish its current batch and exit (does not wait)."""
@@ -179,9 +184,7 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._accepting = True
-        self._threads = [
-            InferenceThread(f"kiln-infer-{self.name}-{i}") for i in range(self.config.instances)
-        ]
+        self._threads = [InferenceThread(f"kiln-infer-{self.name}-{i}") for i in range(self.config.instances)]
         self._workers = [
             asyncio.create_task(self._worker(thread), name=f"batcher-{self.name}-{i}")
             for i, thread in enumerate(self._threads)
@@ -237,8 +240,9 @@ class DynamicBatcher:
         """
         if not self._accepting:
             self._reject("stopping")
-            raise Unavailable("the server is not accepting requests for this engine",
-                              headers={"Retry-After": "1"})
+            raise Unavailable(
+                "the server is not accepting requests for this engine", headers={"Retry-After": "1"}
+            )
         if len(self._queue) >= self.config.max_queue_size:
             self._reject("queue_full")
             raise Unavailable(
@@ -265,9 +269,7 @@ class DynamicBatcher:
                 nonlocal watcher
                 if not future.done():
                     watcher = asyncio.ensure_future(disconnected())
-                    watcher.add_done_callback(
-                        lambda w: None if w.cancelled() else self._abandon(pending)
-                    )
+                    watcher.add_done_callback(lambda w: None if w.cancelled() else self._abandon(pending))
 
             watch = loop.call_later(DISCONNECT_CHECK_AFTER_S, start_watching)
         try:
@@ -311,13 +313,22 @@ class DynamicBatcher:
             self._queue.remove(pending)
         self._report_depth()
         self._reject("deadline")
-        self._finish(pending, exc=DeadlineExceeded(
-            f"the request waited {1000 * (time.monotonic() - pending.enqueued):.0f} ms in the "
-            "queue and its deadline passed before it could run"
-        ))
+        self._finish(
+            pending,
+            exc=DeadlineExceeded(
+                f"the request waited {1000 * (time.monotonic() - pending.enqueued):.0f} ms in the "
+                "queue and its deadline passed before it could run"
+            ),
+        )
 
-    def _finish(self, pending: _Pending, *, result: dict[str, np.ndarray] | None = None,
-                exc: BaseException | None = None, cancel: bool = False) -> None:
+    def _finish(
+        self,
+        pending: _Pending,
+        *,
+        result: dict[str, np.ndarray] | None = None,
+        exc: BaseException | None = None,
+        cancel: bool = False,
+    ) -> None:
         pending.state = _DONE
         if pending.timer is not None:
             pending.timer.cancel()
@@ -363,8 +374,12 @@ class DynamicBatcher:
                 return [oldest]
             selected, rows, cut = self._gather(oldest.key)
             waited = time.monotonic() - oldest.enqueued
-            if cut is not None or rows >= self.config.max_batch_size or waited >= self._delay_s \
-                    or not self._accepting:
+            if (
+                cut is not None
+                or rows >= self.config.max_batch_size
+                or waited >= self._delay_s
+                or not self._accepting
+            ):
                 chosen = selected if cut is None else selected[:cut]
                 self._take(chosen)
                 return chosen
@@ -416,15 +431,12 @@ class DynamicBatcher:
         if len(batch) == 1:
             feeds = batch[0].feeds
         else:
-            feeds = {
-                name: np.concatenate([p.feeds[name] for p in batch], axis=0)
-                for name in batch[0].feeds
-            }
+            feeds = {name: np.concatenate([p.feeds[name] for p in batch], axis=0) for name in batch[0].feeds}
         self._running += 1
         try:
             outputs = await thread.submit(self.run_batch, feeds)
             results = self._split(batch, rows, outputs)
-        except Exception as exc:  # noqa: BLE001 - the batch's own failure goes to its requests
+        except Exception as exc:
             for pending in batch:
                 self._finish(pending, exc=exc)
             log.debug("batch of %d requests on %s failed: %s", len(batch), self.name, exc)
@@ -439,7 +451,9 @@ class DynamicBatcher:
         if self.observer is not None:
             self.observer.batch_done(rows, len(batch), compute_s, waits)
 
-    def _split(self, batch: list[_Pending], rows: int, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _split(
+        self, batch: list[_Pending], rows: int, outputs: dict[str, np.ndarray]
+    ) -> list[dict[str, np.ndarray]]:
         if len(batch) == 1:
             return [outputs]
         for name, array in outputs.items():

@@ -48,13 +48,23 @@ def _random_inputs(signature: dict[str, Any], rows: int, seed: int = 0) -> dict[
 
 
 def _v2_datatype(dtype: np.dtype) -> str:
-    names = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64",
-             "int32": "INT32", "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+    names = {
+        "float32": "FP32",
+        "float16": "FP16",
+        "float64": "FP64",
+        "int64": "INT64",
+        "int32": "INT32",
+        "int16": "INT16",
+        "int8": "INT8",
+        "uint8": "UINT8",
+        "bool": "BOOL",
+    }
     return names[str(dtype)]
 
 
-def build_request(protocol: str, engine: str, version: int | None,
-                  feeds: dict[str, np.ndarray]) -> tuple[str, bytes, dict[str, str]]:
+def build_request(
+    protocol: str, engine: str, version: int | None, feeds: dict[str, np.ndarray]
+) -> tuple[str, bytes, dict[str, str]]:
     """(path, body, headers) of one inference request."""
     if protocol == "native":
         body: dict[str, Any] = {"engine": engine, "inputs": {k: v.tolist() for k, v in feeds.items()}}
@@ -62,12 +72,27 @@ def build_request(protocol: str, engine: str, version: int | None,
             body["version"] = version
         return "/predict", json.dumps(body).encode(), {"content-type": "application/json"}
     path = f"/v2/models/{engine}" + (f"/versions/{version}" if version else "") + "/infer"
+    inputs: list[dict[str, Any]]
     if protocol == "v2-json":
-        inputs = [{"name": k, "shape": list(v.shape), "datatype": _v2_datatype(v.dtype),
-                   "data": v.flatten().tolist()} for k, v in feeds.items()]
+        inputs = [
+            {
+                "name": k,
+                "shape": list(v.shape),
+                "datatype": _v2_datatype(v.dtype),
+                "data": v.flatten().tolist(),
+            }
+            for k, v in feeds.items()
+        ]
         return path, json.dumps({"inputs": inputs}).encode(), {"content-type": "application/json"}
-    inputs = [{"name": k, "shape": list(v.shape), "datatype": _v2_datatype(v.dtype),
-               "parameters": {"binary_data_size": v.nbytes}} for k, v in feeds.items()]
+    inputs = [
+        {
+            "name": k,
+            "shape": list(v.shape),
+            "datatype": _v2_datatype(v.dtype),
+            "parameters": {"binary_data_size": v.nbytes},
+        }
+        for k, v in feeds.items()
+    ]
     header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
     body_bytes = header + b"".join(np.ascontiguousarray(v).tobytes() for v in feeds.values())
     return path, body_bytes, {"inference-header-content-length": str(len(header))}
@@ -90,7 +115,9 @@ def parse_histogram(metrics_text: str, name: str, engine: str) -> dict[str, floa
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    limits = httpx.Limits(
+        max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8
+    )
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=60) as client:
         status = (await client.get(f"/engines/{args.engine}")).raise_for_status().json()
         signature = status["report"]["signature"]
@@ -122,6 +149,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 next_at += interval
             await asyncio.gather(*tasks)
         else:
+
             async def client_loop() -> None:
                 while time.perf_counter() < stop_at:
                     await one()
@@ -136,8 +164,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "requests_per_second": round(len(latencies) / elapsed, 1),
         "rows_per_second": round(len(latencies) * args.rows / elapsed, 1),
-        "latency_ms": {q: round(float(np.percentile(lat, p)), 3)
-                       for q, p in (("p50", 50), ("p90", 90), ("p99", 99))},
+        "latency_ms": {
+            q: round(float(np.percentile(lat, p)), 3) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))
+        },
         "status_codes": {str(k): v for k, v in sorted(codes.items())},
         "batch_size_cumulative_runs": runs,
     }
@@ -148,10 +177,14 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['requests']} requests in {result['seconds']} s: "
-              f"{result['requests_per_second']} req/s, {result['rows_per_second']} rows/s")
+        print(
+            f"{result['requests']} requests in {result['seconds']} s: "
+            f"{result['requests_per_second']} req/s, {result['rows_per_second']} rows/s"
+        )
         print("latency ms: " + ", ".join(f"{k} {v}" for k, v in result["latency_ms"].items()))
         print("status codes: " + ", ".join(f"{k}: {v}" for k, v in result["status_codes"].items()))
-        print("batch sizes (runs with size <= le): " + ", ".join(
-            f"{k}: {v:.0f}" for k, v in result["batch_size_cumulative_runs"].items()))
+        print(
+            "batch sizes (runs with size <= le): "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in result["batch_size_cumulative_runs"].items())
+        )
     return 0 if all(code == "200" for code in result["status_codes"]) else 1

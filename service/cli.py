@@ -89,22 +89,35 @@ def cmd_build(args: argparse.Namespace) -> int:
         temp = store.temp_path(".onnx")
         shutil.copyfile(model_path, temp)
         store.add_model(temp, sha)
-        options = BuildOptions(precision=Precision(args.precision), max_batch_size=args.max_batch_size,
-                               synthetic_calibration=args.precision == "int8")
+        options = BuildOptions(
+            precision=Precision(args.precision),
+            max_batch_size=args.max_batch_size,
+            synthetic_calibration=args.precision == "int8",
+        )
         if args.calibration:
             data_sha = sha256_file(Path(args.calibration))
             temp = store.temp_path(".npz")
             shutil.copyfile(args.calibration, temp)
             store.add_data(temp, data_sha)
-            options = BuildOptions(precision=options.precision, max_batch_size=options.max_batch_size,
-                                   calibration_sha256=data_sha)
+            options = BuildOptions(
+                precision=options.precision,
+                max_batch_size=options.max_batch_size,
+                calibration_sha256=data_sha,
+            )
         batching = BatchingConfig(max_batch_size=args.max_batch_size)
         from engines.types import engine_cache_key
 
         key = engine_cache_key(sha, options, backend.device_signature())
-        job = BuildJob(str(store.root), sha, options.to_dict(), backend.name, key,
-                       EngineManager.batch_sizes(options, batching))
+        job = BuildJob(
+            str(store.root),
+            sha,
+            options.to_dict(),
+            backend.name,
+            key,
+            EngineManager.batch_sizes(options, batching),
+        )
         with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {desc}") as bar:
+
             def progress(phase: str, fraction: float) -> None:
                 bar.set_description_str(phase)
                 bar.n = min(100, bar.n + 1) if fraction < 1 else bar.n
@@ -118,14 +131,25 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 1
     records, _ = store.load_records()
     version_number = 1 + max((r["version"] for r in records if r["name"] == name), default=0)
-    version = EngineVersion(name=name, version=version_number, model_sha256=sha,
-                            model_filename=model_path.name, options=options, batching=batching,
-                            cache_key=key, state=State.READY)
+    version = EngineVersion(
+        name=name,
+        version=version_number,
+        model_sha256=sha,
+        model_filename=model_path.name,
+        options=options,
+        batching=batching,
+        cache_key=key,
+        state=State.READY,
+    )
     store.save_record(version.record())
     summary = {
-        "name": name, "version": version_number, "backend": meta["backend"],
-        "precision": meta["precision"], "batchable": signature.batchable,
-        "latency_ms": meta["report"].get("latency_ms"), "artifact_bytes": meta["artifact_bytes"],
+        "name": name,
+        "version": version_number,
+        "backend": meta["backend"],
+        "precision": meta["precision"],
+        "batchable": signature.batchable,
+        "latency_ms": meta["report"].get("latency_ms"),
+        "artifact_bytes": meta["artifact_bytes"],
     }
     print(json.dumps(summary, indent=2))
     return 0

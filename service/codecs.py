@@ -24,13 +24,9 @@ def to_array(value: Any, spec: TensorSpec, *, max_elements: int) -> np.ndarray:
     except ValueError as exc:
         raise InvalidInput(f"input '{spec.name}' is not a rectangular nested list: {exc}") from exc
     if raw.dtype.kind in "OUSV" or raw.dtype.kind == "M":
-        raise InvalidInput(
-            f"input '{spec.name}' must hold only numbers in a rectangular nested list"
-        )
+        raise InvalidInput(f"input '{spec.name}' must hold only numbers in a rectangular nested list")
     if raw.size > max_elements:
-        raise InvalidInput(
-            f"input '{spec.name}' has {raw.size} elements; the limit is {max_elements}"
-        )
+        raise InvalidInput(f"input '{spec.name}' has {raw.size} elements; the limit is {max_elements}")
     return cast_checked(raw, dtype, spec.name)
 
 

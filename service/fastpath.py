@@ -49,14 +49,16 @@ class PredictFastPath:
             status, kind, message, error_headers = status_of(exc)
             content = native_body(kind, message)
             extra = [(k.lower().encode(), v.encode()) for k, v in error_headers.items()]
-        except Exception:  # noqa: BLE001 - one request's bug must not look like a dead server
+        except Exception:
             log.exception("unhandled error on POST /predict")
             status, content, extra = 500, native_body("internal", "internal error; see the server log"), []
-        await send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON_HEADERS, (b"content-length", str(len(content)).encode()), *extra],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*_JSON_HEADERS, (b"content-length", str(len(content)).encode()), *extra],
+            }
+        )
         await send({"type": "http.response.body", "body": content})
 
 

@@ -59,11 +59,15 @@ def _child_main(job: BuildJob, conn: Connection) -> None:
         conn.send(("error", exc.kind, exc.message, exc.details))
     except MemoryError:
         conn.send(("error", "build_failed", "the build ran out of memory", {}))
-    except Exception as exc:  # noqa: BLE001 - report any crash of the build as its failure
-        conn.send((
-            "error", "build_failed", f"the build crashed: {type(exc).__name__}: {exc}",
-            {"traceback": traceback.format_exc(limit=8)},
-        ))
+    except Exception as exc:
+        conn.send(
+            (
+                "error",
+                "build_failed",
+                f"the build crashed: {type(exc).__name__}: {exc}",
+                {"traceback": traceback.format_exc(limit=8)},
+            )
+        )
     finally:
         conn.close()
 

@@ -30,8 +30,13 @@ log = logging.getLogger("kiln.engines")
 
 # How much of the whole build each phase accounts for, for the progress figure.
 PHASE_WEIGHTS = {
-    "validate": 0.05, "precision": 0.2, "build": 0.45, "accuracy": 0.1, "profile": 0.1,
-    "commit": 0.05, "load": 0.05,
+    "validate": 0.05,
+    "precision": 0.2,
+    "build": 0.45,
+    "accuracy": 0.1,
+    "profile": 0.1,
+    "commit": 0.05,
+    "load": 0.05,
 }
 _PHASE_START = {}
 _total = 0.0
@@ -84,7 +89,9 @@ class EngineManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _set_state(self, version: EngineVersion, state: State, *, error: dict[str, Any] | None = None) -> None:
+    def _set_state(
+        self, version: EngineVersion, state: State, *, error: dict[str, Any] | None = None
+    ) -> None:
         version.state = state
         version.error = error
         if state in (State.READY, State.FAILED):
@@ -109,7 +116,11 @@ class EngineManager:
             )
 
     def create(
-        self, name: str, model_sha256: str, model_filename: str, options: BuildOptions,
+        self,
+        name: str,
+        model_sha256: str,
+        model_filename: str,
+        options: BuildOptions,
         batching: BatchingConfig,
     ) -> EngineVersion:
         """Register the next version of ``name`` and start its build in the background."""
@@ -191,9 +202,14 @@ class EngineManager:
         except Exception as exc:
             log.exception("unexpected error while building %s v%d", version.name, version.version)
             if version.state != State.UNLOADING:
-                self._set_state(version, State.FAILED, error={
-                    "type": "internal", "message": f"{type(exc).__name__}: {exc}",
-                })
+                self._set_state(
+                    version,
+                    State.FAILED,
+                    error={
+                        "type": "internal",
+                        "message": f"{type(exc).__name__}: {exc}",
+                    },
+                )
 
     def _committed_meta(self, cache_key: str) -> dict[str, Any] | None:
         """The stored engine for this key if its checksum holds; a corrupt one is
@@ -262,9 +278,13 @@ class EngineManager:
             return
         batching = version.batching
         if batching.max_batch_size != max_batch:
-            batching = replace(batching, max_batch_size=max_batch, preferred_batch_sizes=tuple(
-                size for size in batching.preferred_batch_sizes if size <= max_batch
-            ))
+            batching = replace(
+                batching,
+                max_batch_size=max_batch,
+                preferred_batch_sizes=tuple(
+                    size for size in batching.preferred_batch_sizes if size <= max_batch
+                ),
+            )
         batcher = DynamicBatcher(
             runner.infer,
             batching,
@@ -276,8 +296,13 @@ class EngineManager:
         version.runner = runner
         version.batcher = batcher
         self._set_state(version, State.READY)
-        log.info("engine %s v%d is ready (%s, %s)", version.name, version.version,
-                 meta.get("backend"), meta.get("precision"))
+        log.info(
+            "engine %s v%d is ready (%s, %s)",
+            version.name,
+            version.version,
+            meta.get("backend"),
+            meta.get("precision"),
+        )
 
     # -- restore, delete, shutdown -----------------------------------------------
 
@@ -299,10 +324,14 @@ class EngineManager:
                 continue
             self.registry._engines.setdefault(version.name, {})[version.version] = version
             if version.state in (State.BUILDING, State.LOADING):
-                self._set_state(version, State.FAILED, error={
-                    "type": "interrupted",
-                    "message": "the server stopped while this version was being built; upload it again",
-                })
+                self._set_state(
+                    version,
+                    State.FAILED,
+                    error={
+                        "type": "interrupted",
+                        "message": "the server stopped while this version was being built; upload it again",
+                    },
+                )
             elif version.state == State.READY:
                 version.cache_key = self.cache_key(version.model_sha256, version.options)
                 version.state = State.BUILDING
@@ -338,7 +367,10 @@ class EngineManager:
 
     def _collect_garbage(self, version: EngineVersion) -> None:
         records = [v for v in self.registry.all_versions()]
-        if version.cache_key not in {v.cache_key for v in records} and version.cache_key not in self._inflight:
+        if (
+            version.cache_key not in {v.cache_key for v in records}
+            and version.cache_key not in self._inflight
+        ):
             self.store.discard_engine(version.cache_key)
         if version.model_sha256 not in {v.model_sha256 for v in records}:
             self.store.model_path(version.model_sha256).unlink(missing_ok=True)

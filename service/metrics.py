@@ -8,12 +8,30 @@ Labels stay low-cardinality: engine name, version, protocol, status code.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Millisecond-scale inference on CPUs and GPUs: 100 µs up to 10 s.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
-    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -28,48 +46,80 @@ class KilnMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "kiln_requests", "Inference requests answered, by status code",
-            ["engine", "version", "protocol", "code"], registry=r,
+            "kiln_requests",
+            "Inference requests answered, by status code",
+            ["engine", "version", "protocol", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "kiln_request_duration_seconds", "Time in server per inference request",
-            ["engine", "version", "protocol"], buckets=LATENCY_BUCKETS, registry=r,
+            "kiln_request_duration_seconds",
+            "Time in server per inference request",
+            ["engine", "version", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_duration = Histogram(
-            "kiln_queue_duration_seconds", "Time a request waited in the batch queue",
-            ["engine", "version"], buckets=LATENCY_BUCKETS, registry=r,
+            "kiln_queue_duration_seconds",
+            "Time a request waited in the batch queue",
+            ["engine", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_duration = Histogram(
-            "kiln_compute_duration_seconds", "Time of one batch run on the engine",
-            ["engine", "version"], buckets=LATENCY_BUCKETS, registry=r,
+            "kiln_compute_duration_seconds",
+            "Time of one batch run on the engine",
+            ["engine", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "kiln_batch_size", "Rows per batch run", ["engine", "version"],
-            buckets=BATCH_SIZE_BUCKETS, registry=r,
+            "kiln_batch_size",
+            "Rows per batch run",
+            ["engine", "version"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "kiln_queue_depth", "Requests waiting in the batch queue", ["engine", "version"],
+            "kiln_queue_depth",
+            "Requests waiting in the batch queue",
+            ["engine", "version"],
             registry=r,
         )
         self.inferences = Counter(
-            "kiln_inferences", "Rows inferred (batch items)", ["engine", "version"], registry=r,
+            "kiln_inferences",
+            "Rows inferred (batch items)",
+            ["engine", "version"],
+            registry=r,
         )
         self.batches = Counter(
-            "kiln_batches", "Batch runs (executions)", ["engine", "version"], registry=r,
+            "kiln_batches",
+            "Batch runs (executions)",
+            ["engine", "version"],
+            registry=r,
         )
         self.rejections = Counter(
-            "kiln_rejected_requests", "Requests refused by the batcher before running",
-            ["engine", "version", "reason"], registry=r,
+            "kiln_rejected_requests",
+            "Requests refused by the batcher before running",
+            ["engine", "version", "reason"],
+            registry=r,
         )
         self.builds = Counter(
-            "kiln_engine_builds", "Engine builds by result", ["result"], registry=r,
+            "kiln_engine_builds",
+            "Engine builds by result",
+            ["result"],
+            registry=r,
         )
         self.build_duration = Histogram(
-            "kiln_engine_build_duration_seconds", "Wall time of engine builds",
-            buckets=BUILD_BUCKETS, registry=r,
+            "kiln_engine_build_duration_seconds",
+            "Wall time of engine builds",
+            buckets=BUILD_BUCKETS,
+            registry=r,
         )
         self.engines = Gauge(
-            "kiln_engines", "Engine versions by state", ["state"], registry=r,
+            "kiln_engines",
+            "Engine versions by state",
+            ["state"],
+            registry=r,
         )
         for result in BUILD_RESULTS:
             self.builds.labels(result)
@@ -82,12 +132,16 @@ class KilnMetrics:
     def forget_engine(self, engine: str, version: int) -> None:
         """Drop an unloaded version's series so label sets don't pile up."""
         labels = (engine, str(version))
-        for metric in (self.queue_duration, self.compute_duration, self.batch_size,
-                       self.queue_depth, self.inferences, self.batches):
-            try:
+        for metric in (
+            self.queue_duration,
+            self.compute_duration,
+            self.batch_size,
+            self.queue_depth,
+            self.inferences,
+            self.batches,
+        ):
+            with contextlib.suppress(KeyError):
                 metric.remove(*labels)
-            except KeyError:
-                pass
 
 
 class EngineObserver:

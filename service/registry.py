@@ -24,9 +24,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise BadRequest(
-            "engine names are 1-64 characters of letters, digits, '_', '-' and '.'"
-        )
+        raise BadRequest("engine names are 1-64 characters of letters, digits, '_', '-' and '.'")
     return name
 
 

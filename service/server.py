@@ -44,9 +44,7 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self, state: AppState, sig: int, frame: FrameType | None) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while time.monotonic() < deadline:
-            busy = any(
-                v.batcher is not None and v.batcher.busy for v in state.registry.all_versions()
-            )
+            busy = any(v.batcher is not None and v.batcher.busy for v in state.registry.all_versions())
             if not busy:
                 break
             await asyncio.sleep(0.02)

@@ -73,9 +73,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
-            raise ValueError(
-                "KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE"
-            )
+            raise ValueError("KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE")
         return self
 
     def all_api_keys(self) -> list[str]:

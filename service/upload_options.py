@@ -90,13 +90,18 @@ def to_options(
         from engines.accuracy import parse_tolerance
 
         try:
-            parse_tolerance(json.dumps(fields.tolerance), fields.precision if fields.precision != Precision.AUTO else Precision.INT8)
+            parse_tolerance(
+                json.dumps(fields.tolerance),
+                fields.precision if fields.precision != Precision.AUTO else Precision.INT8,
+            )
         except ValueError as exc:
             raise BadRequest(f"tolerance: {exc}") from None
     shapes = []
     for input_name, ranges in (fields.shapes or {}).items():
         try:
-            shapes.append(ShapeRange(input_name, tuple(ranges["min"]), tuple(ranges["opt"]), tuple(ranges["max"])))
+            shapes.append(
+                ShapeRange(input_name, tuple(ranges["min"]), tuple(ranges["opt"]), tuple(ranges["max"]))
+            )
         except KeyError as exc:
             raise BadRequest(f"shapes.{input_name} needs 'min', 'opt' and 'max' shapes") from exc
     options = BuildOptions(
@@ -115,7 +120,9 @@ def to_options(
     batching = BatchingConfig(
         max_batch_size=max_batch,
         max_queue_delay_ms=(
-            fields.max_queue_delay_ms if fields.max_queue_delay_ms is not None else settings.max_queue_delay_ms
+            fields.max_queue_delay_ms
+            if fields.max_queue_delay_ms is not None
+            else settings.max_queue_delay_ms
         ),
         preferred_batch_sizes=preferred,
         max_queue_size=fields.max_queue_size or settings.max_queue_size,

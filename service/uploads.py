@@ -123,9 +123,7 @@ class _FormBuilder:
             return
         part.upload.size += len(chunk)
         if part.upload.size > part.limit:
-            raise PayloadTooLarge(
-                f"'{part.name}' is larger than its limit of {part.limit} bytes"
-            )
+            raise PayloadTooLarge(f"'{part.name}' is larger than its limit of {part.limit} bytes")
         part.hasher.update(chunk)
         assert part.handle is not None
         part.handle.write(chunk)

@@ -36,8 +36,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_state(client: Any, name: str, version: int | None = None, *, timeout_s: float = 90.0,
-                   states: tuple[str, ...] = ("ready", "failed")) -> dict[str, Any]:
+def wait_for_state(
+    client: Any,
+    name: str,
+    version: int | None = None,
+    *,
+    timeout_s: float = 90.0,
+    states: tuple[str, ...] = ("ready", "failed"),
+) -> dict[str, Any]:
     """Poll an engine version's status until it reaches one of ``states``."""
     url = f"/engines/{name}" + (f"/versions/{version}" if version else "")
     deadline = time.monotonic() + timeout_s

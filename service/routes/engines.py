@@ -6,13 +6,13 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from service.responses import JSONResponse
 
 from engines.onnx_model import load_model, read_signature
 from engines.types import Precision, Signature
 from service.auth import require_management_key
 from service.errors import BadRequest, Unavailable
 from service.registry import check_name
+from service.responses import JSONResponse
 from service.state import AppState, get_state
 from service.upload_options import parse_upload_fields, to_options
 from service.uploads import ParsedForm, parse_multipart
@@ -61,7 +61,11 @@ async def upload_engine(request: Request) -> JSONResponse:
         for purpose in ("calibration", "validation"):
             if purpose in form.files:
                 await asyncio.to_thread(_validate_data, form.files[purpose].path, signature, purpose)
-        if fields.precision == Precision.INT8 and "calibration" not in form.files and fields.calibration is None:
+        if (
+            fields.precision == Precision.INT8
+            and "calibration" not in form.files
+            and fields.calibration is None
+        ):
             raise BadRequest(
                 "precision=int8 needs calibration data: attach a 'calibration' .npz file "
                 "(arrays keyed by input name, samples on axis 0), or send calibration=synthetic "
@@ -97,12 +101,14 @@ async def list_engines(state: AppState = Depends(get_state)) -> JSONResponse:
     for name in state.registry.names():
         versions = state.registry.versions(name)
         latest = versions[-1]
-        engines.append({
-            **latest.summary(),
-            "versions": [v.version for v in versions],
-            "phase": latest.phase,
-            "progress": round(latest.progress, 4),
-        })
+        engines.append(
+            {
+                **latest.summary(),
+                "versions": [v.version for v in versions],
+                "phase": latest.phase,
+                "progress": round(latest.progress, 4),
+            }
+        )
     return JSONResponse({"engines": engines})
 
 
@@ -128,7 +134,9 @@ async def delete_engine(name: str, state: AppState = Depends(get_state)) -> JSON
 
 
 @router.delete("/engines/{name}/versions/{version}", dependencies=[Depends(require_management_key)])
-async def delete_engine_version(name: str, version: int, state: AppState = Depends(get_state)) -> JSONResponse:
+async def delete_engine_version(
+    name: str, version: int, state: AppState = Depends(get_state)
+) -> JSONResponse:
     found = state.registry.get(name, version)
     await state.manager.delete(found)
     return JSONResponse({"name": name, "deleted_versions": [version]})

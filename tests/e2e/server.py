@@ -28,8 +28,19 @@ class ServerProcess:
         kiln = Path(sys.executable).with_name("kiln")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(kiln), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--store", str(self.store)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    str(kiln),
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--store",
+                    str(self.store),
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

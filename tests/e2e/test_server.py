@@ -36,13 +36,17 @@ def test_upload_predict_restart_and_serve_again(tmp_path: Path, model_files: dic
         upload(client, model_files["mlp"], "mlp")
         assert wait_for_state(client, "pair")["state"] == "ready"
         assert wait_for_state(client, "mlp")["state"] == "ready"
-        first = client.post("/predict", json={"engine": "pair", "inputs": {k: v.tolist() for k, v in feeds.items()}})
+        first = client.post(
+            "/predict", json={"engine": "pair", "inputs": {k: v.tolist() for k, v in feeds.items()}}
+        )
         assert first.status_code == 200
     # Same store, new process: ready engines come back without a rebuild.
     with ServerProcess(store) as server, server.client() as client:
         status = wait_for_state(client, "pair")
         assert status["state"] == "ready"
-        again = client.post("/predict", json={"engine": "pair", "inputs": {k: v.tolist() for k, v in feeds.items()}})
+        again = client.post(
+            "/predict", json={"engine": "pair", "inputs": {k: v.tolist() for k, v in feeds.items()}}
+        )
         assert again.json() == first.json()
         want = reference_outputs(model_files["two_in_two_out"], feeds)
         for key, value in want.items():
@@ -64,7 +68,9 @@ def test_killed_build_child_fails_only_that_version(tmp_path: Path, model_files:
         killed = False
         while time.monotonic() < deadline and not killed:
             for child in parent.children(recursive=True):
-                if "multiprocessing" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline()):
+                if "multiprocessing" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(
+                    child.cmdline()
+                ):
                     child.kill()
                     killed = True
                     break

@@ -24,8 +24,10 @@ def build(store: EngineStore, model: Path, options: BuildOptions | None = None) 
     backend = OnnxRuntimeBackend()
     key = engine_cache_key(sha, options, backend.device_signature())
     phases: list[str] = []
-    meta = run_build(BuildJob(str(store.root), sha, options.to_dict(), "onnxruntime", key, (1, 8)),
-                     lambda phase, fraction: phases.append(phase))
+    meta = run_build(
+        BuildJob(str(store.root), sha, options.to_dict(), "onnxruntime", key, (1, 8)),
+        lambda phase, fraction: phases.append(phase),
+    )
     assert {"validate", "precision", "build", "commit"} <= set(phases)
     return meta
 
@@ -37,8 +39,9 @@ def test_engine_outputs_equal_onnxruntime_on_the_original(
     store = EngineStore(tmp_path)
     meta = build(store, model_files[name])
     signature = Signature.from_dict(meta["signature"])
-    runner = OnnxRuntimeBackend().load(store.artifact_path(meta["cache_key"], meta), signature,
-                                       BuildOptions(max_batch_size=8))
+    runner = OnnxRuntimeBackend().load(
+        store.artifact_path(meta["cache_key"], meta), signature, BuildOptions(max_batch_size=8)
+    )
     try:
         for batch in (1, 3) if signature.batchable else (1,):
             feeds = synthetic_feeds(signature, batch, seed=batch)

@@ -48,7 +48,7 @@ def test_differently_named_first_dims_are_not_one_batch_axis(tmp_path: Path) -> 
 def test_garbage_bytes_are_an_invalid_model(tmp_path: Path) -> None:
     path = tmp_path / "garbage.onnx"
     path.write_bytes(b"\x08\x07this is not a protobuf\xff\xff")
-    with pytest.raises(InvalidModel, match="not an ONNX model|checker"):
+    with pytest.raises(InvalidModel, match=r"not an ONNX model|checker"):
         load_model(path)
 
 
@@ -81,8 +81,14 @@ def test_checker_failure_names_the_problem(tmp_path: Path) -> None:
 def test_external_data_is_refused(tmp_path: Path) -> None:
     path = models.mlp(tmp_path / "mlp.onnx")
     model = onnx.load_model(path)
-    onnx.save_model(model, tmp_path / "external.onnx", save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        model,
+        tmp_path / "external.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     # Point the reference outside the upload, as a hostile file would.
     hostile = onnx.load_model(tmp_path / "external.onnx", load_external_data=False)
     for tensor in hostile.graph.initializer:
@@ -114,8 +120,10 @@ def test_initializers_are_not_inputs(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "with_initializer_input",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 2])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
         initializer=[weight],
     )

@@ -74,7 +74,9 @@ def test_single_input_engine_takes_the_nested_list_itself(client: TestClient) ->
 def test_status_report(client: TestClient) -> None:
     status = client.get("/engines/mlp").json()
     assert status["state"] == "ready" and status["phase"] is None and status["progress"] == 1.0
-    assert status["versions"] == [{"name": "mlp", "version": 1, "state": "ready", "url": "/engines/mlp/versions/1"}]
+    assert status["versions"] == [
+        {"name": "mlp", "version": 1, "state": "ready", "url": "/engines/mlp/versions/1"}
+    ]
     report = status["report"]
     assert report["backend"] == "onnxruntime"
     assert report["signature"]["batchable"] is True
@@ -140,7 +142,12 @@ def test_non_json_body(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("data", "files", "status", "message"),
     [
-        ({"name": "x"}, {"model": ("m.onnx", b"garbage", "application/octet-stream")}, 400, "not an ONNX model"),
+        (
+            {"name": "x"},
+            {"model": ("m.onnx", b"garbage", "application/octet-stream")},
+            400,
+            "not an ONNX model",
+        ),
         ({}, "mlp", 400, "'name'"),
         ({"name": "bad/name"}, "mlp", 400, "engine names"),
         ({"name": "x" * 65}, "mlp", 400, "engine names"),
@@ -171,7 +178,12 @@ def test_upload_must_be_multipart(client: TestClient) -> None:
 
 def test_versions_cache_not_ready_and_delete(client: TestClient, model_files: dict[str, Path]) -> None:
     first = upload(client, model_files["mlp"], "versions")
-    assert first == {"name": "versions", "version": 1, "state": "building", "url": "/engines/versions/versions/1"}
+    assert first == {
+        "name": "versions",
+        "version": 1,
+        "state": "building",
+        "url": "/engines/versions/versions/1",
+    }
     # Still building: asking for that version by number is a conflict that names the state.
     early = predict(client, "versions", [[0.0] * 16], version=1)
     if early.status_code != 200:
@@ -183,7 +195,10 @@ def test_versions_cache_not_ready_and_delete(client: TestClient, model_files: di
     assert second["version"] == 2
     status = wait_for_state(client, "versions", 2)
     assert status["state"] == "ready"
-    assert status["report"]["cache_key"] == client.get("/engines/versions/versions/1").json()["report"]["cache_key"]
+    assert (
+        status["report"]["cache_key"]
+        == client.get("/engines/versions/versions/1").json()["report"]["cache_key"]
+    )
     metrics = client.get("/metrics").text
     assert 'kiln_engine_builds_total{result="cached"}' in metrics
     # Without a version, the newest ready version answers.

@@ -199,8 +199,9 @@ async def test_results_equal_unbatched_runs() -> None:
     engine = FakeEngine()
     batcher = make(engine, max_batch_size=16, max_queue_delay_ms=20, instances=2)
     rng = np.random.default_rng(0)
-    requests = [{"x": rng.standard_normal((int(rng.integers(1, 4)), 3)).astype(np.float32)}
-                for _ in range(40)]
+    requests = [
+        {"x": rng.standard_normal((int(rng.integers(1, 4)), 3)).astype(np.float32)} for _ in range(40)
+    ]
     results = await asyncio.gather(*(batcher.infer(r) for r in requests))
     await batcher.stop()
     assert len(engine.batches) < len(requests)
@@ -236,8 +237,9 @@ async def test_disconnected_client_is_dropped_from_the_queue() -> None:
 
 async def test_unbatchable_engine_runs_one_request_at_a_time() -> None:
     engine = FakeEngine()
-    batcher = DynamicBatcher(engine, BatchingConfig(max_batch_size=1, max_queue_delay_ms=50),
-                             batchable=False, name="unbatched")
+    batcher = DynamicBatcher(
+        engine, BatchingConfig(max_batch_size=1, max_queue_delay_ms=50), batchable=False, name="unbatched"
+    )
     batcher.start()
     await asyncio.gather(*(batcher.infer(rows(1)) for _ in range(3)))
     await batcher.stop()
