@@ -211,14 +211,12 @@ def _parse_failure(parser: Any, logger: Any) -> EngineError:
 
 
 def _missing_range_message(name: str, shape: tuple[int, ...], axis: int, batch: bool) -> str:
-    example = [
-        (1 if batch and i == 0 else (dim if dim != DYNAMIC else 1)) for i, dim in enumerate(shape)
-    ]
+    example = [(1 if batch and i == 0 else (dim if dim != DYNAMIC else 1)) for i, dim in enumerate(shape)]
     return (
         f"input '{name}' (shape {list(shape)}) has dynamic dimension {axis}, which is not the "
-        "batch dimension, and TensorRT needs its range to build. Pass it in the build option "
-        f"`shapes` as full min/opt/max shapes for this input, e.g. "
-        f'{{"input": "{name}", "min": {example}, "opt": [...], "max": [...]}}'
+        "batch dimension, and TensorRT needs its range to build. Pass it in the `shapes` "
+        "build option as full min/opt/max shapes of this input, e.g. "
+        f'shapes={{"{name}": {{"min": {example}, "opt": [...], "max": [...]}}}}'
     )
 
 
@@ -248,8 +246,7 @@ def optimization_profile(
     unknown = sorted(ranges.keys() - set(input_names))
     if unknown:
         raise BuildFailed(
-            f"`shapes` names input(s) {unknown} that the model does not have; "
-            f"its inputs are {input_names}"
+            f"`shapes` names input(s) {unknown} that the model does not have; its inputs are {input_names}"
         )
     profile: dict[str, ShapeTriple] = {}
     for name, shape in network_inputs:
@@ -275,9 +272,7 @@ def optimization_profile(
                     )
                 bounds = (1, opt_batch, max_batch)
             elif dim != DYNAMIC:
-                if given is not None and any(
-                    b[axis] != dim for b in (given.min, given.opt, given.max)
-                ):
+                if given is not None and any(b[axis] != dim for b in (given.min, given.opt, given.max)):
                     raise BuildFailed(
                         f"`shapes` for input '{name}' sets dimension {axis}, which the model fixes "
                         f"at {dim}; min/opt/max must all be {dim} there"
@@ -285,9 +280,7 @@ def optimization_profile(
                 bounds = (dim, dim, dim)
             else:
                 if given is None:
-                    raise BuildFailed(
-                        _missing_range_message(name, shape, axis, signature.batchable)
-                    )
+                    raise BuildFailed(_missing_range_message(name, shape, axis, signature.batchable))
                 bounds = (given.min[axis], given.opt[axis], given.max[axis])
                 if not 0 <= bounds[0] <= bounds[1] <= bounds[2]:
                     raise BuildFailed(
@@ -312,16 +305,13 @@ def _numpy_dtype(trt: Any, tensor_dtype: Any, what: str) -> np.dtype[Any]:
         ) from exc
 
 
-def _check_io_types(
-    io: Sequence[tuple[str, np.dtype[Any]]], expected: Sequence[Any], kind: str
-) -> None:
+def _check_io_types(io: Sequence[tuple[str, np.dtype[Any]]], expected: Sequence[Any], kind: str) -> None:
     """Names and dtypes of engine inputs or outputs must equal the signature's."""
     names = [name for name, _ in io]
     want = {spec.name: np.dtype(spec.dtype) for spec in expected}
     if sorted(names) != sorted(want):
         raise UnsupportedModel(
-            f"the TensorRT network's {kind}s {sorted(names)} differ from the model signature's "
-            f"{sorted(want)}"
+            f"the TensorRT network's {kind}s {sorted(names)} differ from the model signature's {sorted(want)}"
         )
     for name, dtype in io:
         if dtype != want[name]:
@@ -343,11 +333,7 @@ def fusion_report(
     Metadata names more than one ONNX node, or it is a Myelin ``{ForeignNode[...]}``
     region. Reads both the 10.x (``Bindings``) and 11.x (``I/O Tensors``) layouts.
     """
-    info = (
-        json.loads(engine_information)
-        if isinstance(engine_information, str)
-        else engine_information
-    )
+    info = json.loads(engine_information) if isinstance(engine_information, str) else engine_information
     raw_layers = info.get("Layers", [])
     fused: list[dict[str, Any]] = []
     reformats = 0
@@ -373,14 +359,11 @@ def fusion_report(
     if "I/O Tensors" in info:
         layout = "I/O Tensors"
         io_tensors = [
-            str(t.get("Name", "")) if isinstance(t, Mapping) else str(t)
-            for t in info["I/O Tensors"]
+            str(t.get("Name", "")) if isinstance(t, Mapping) else str(t) for t in info["I/O Tensors"]
         ]
     elif "Bindings" in info:
         layout = "Bindings"
-        io_tensors = [
-            str(t.get("Name", "")) if isinstance(t, Mapping) else str(t) for t in info["Bindings"]
-        ]
+        io_tensors = [str(t.get("Name", "")) if isinstance(t, Mapping) else str(t) for t in info["Bindings"]]
     else:
         layout, io_tensors = "unknown", []
     return {
@@ -504,9 +487,7 @@ class _TimingCacheFile:
         try:
             cache = config.create_timing_cache(saved)
         except (RuntimeError, TypeError, ValueError) as exc:
-            self.warnings.append(
-                f"the timing cache could not be read, starting empty: {_first_line(exc)}"
-            )
+            self.warnings.append(f"the timing cache could not be read, starting empty: {_first_line(exc)}")
             cache = None
         if cache is None and saved:
             cache = config.create_timing_cache(b"")
@@ -520,9 +501,7 @@ class _TimingCacheFile:
             self.warnings.append("TensorRT could not create a timing cache; building without one")
             return
         if not config.set_timing_cache(cache, False):
-            self.warnings.append(
-                "the saved timing cache does not match this device; starting empty"
-            )
+            self.warnings.append("the saved timing cache does not match this device; starting empty")
             cache = config.create_timing_cache(b"")
             if cache is None or not config.set_timing_cache(cache, False):
                 self.warnings.append("TensorRT refused an empty timing cache; building without one")
@@ -540,9 +519,7 @@ class _TimingCacheFile:
                 if latest:
                     disk_cache = self._create(config, latest)
                     if disk_cache is not None and not cache.combine(disk_cache, False):
-                        self.warnings.append(
-                            "could not merge with the timing cache on disk; replacing it"
-                        )
+                        self.warnings.append("could not merge with the timing cache on disk; replacing it")
                 serialized = cache.serialize()
                 self.written_bytes = _write_atomically(self.path, [memoryview(serialized)])
         except (OSError, RuntimeError, TypeError, ValueError) as exc:
@@ -648,15 +625,11 @@ class TensorRTBackend(Backend):
         for index in range(network.num_inputs):
             tensor = network.get_input(index)
             network_inputs.append((tensor.name, _dims(tensor.shape)))
-            input_types.append(
-                (tensor.name, _numpy_dtype(trt, tensor.dtype, f"input '{tensor.name}'"))
-            )
+            input_types.append((tensor.name, _numpy_dtype(trt, tensor.dtype, f"input '{tensor.name}'")))
         output_types = []
         for index in range(network.num_outputs):
             tensor = network.get_output(index)
-            output_types.append(
-                (tensor.name, _numpy_dtype(trt, tensor.dtype, f"output '{tensor.name}'"))
-            )
+            output_types.append((tensor.name, _numpy_dtype(trt, tensor.dtype, f"output '{tensor.name}'")))
         _check_io_types(input_types, signature.inputs, "input")
         _check_io_types(output_types, signature.outputs, "output")
         progress("parse", 1.0)
@@ -679,9 +652,7 @@ class TensorRTBackend(Backend):
                         f"opt {list(optimal)}, max {list(high)}): {_first_line(exc)}"
                     ) from exc
             config.add_optimization_profile(profile)
-        timing_cache = (
-            _TimingCacheFile(timing_cache_path) if timing_cache_path is not None else None
-        )
+        timing_cache = _TimingCacheFile(timing_cache_path) if timing_cache_path is not None else None
         if timing_cache is not None:
             timing_cache.attach(config)
 
@@ -991,16 +962,11 @@ class TensorRTRunner(Runner):
         for name in [*input_names, *output_names]:
             if engine.is_shape_inference_io(name):
                 raise UnsupportedModel(
-                    f"'{name}' is a shape tensor; kiln serves engines whose inputs and "
-                    "outputs are data"
+                    f"'{name}' is a shape tensor; kiln serves engines whose inputs and outputs are data"
                 )
             dtypes[name] = _numpy_dtype(trt, engine.get_tensor_dtype(name), f"'{name}'")
-        _check_io_types(
-            [(name, dtypes[name]) for name in input_names], self.signature.inputs, "input"
-        )
-        _check_io_types(
-            [(name, dtypes[name]) for name in output_names], self.signature.outputs, "output"
-        )
+        _check_io_types([(name, dtypes[name]) for name in input_names], self.signature.inputs, "input")
+        _check_io_types([(name, dtypes[name]) for name in output_names], self.signature.outputs, "output")
         bindings = []
         for name in input_names:
             shape = _dims(engine.get_tensor_shape(name))
@@ -1097,9 +1063,7 @@ class TensorRTRunner(Runner):
                 )
         unresolved = context.infer_shapes()
         if unresolved:
-            raise TensorRTExecutionError(
-                f"TensorRT could not infer the shapes of {sorted(unresolved)}"
-            )
+            raise TensorRTExecutionError(f"TensorRT could not infer the shapes of {sorted(unresolved)}")
         for binding in [*self._inputs, *self._outputs]:
             context.set_tensor_address(binding.name, slot.device[binding.name].ptr)
         try:
@@ -1112,8 +1076,7 @@ class TensorRTRunner(Runner):
                 )
             if not context.execute_async_v3(stream.handle):
                 raise TensorRTExecutionError(
-                    "TensorRT failed to enqueue the batch: "
-                    + _errors_or(self._logger, "no reason logged")
+                    "TensorRT failed to enqueue the batch: " + _errors_or(self._logger, "no reason logged")
                 )
             shapes = {}
             for binding in self._outputs:
@@ -1134,9 +1097,7 @@ class TensorRTRunner(Runner):
             try:
                 stream.synchronize()
             except cuda.CudaError as exc:
-                _log.error(
-                    "could not drain a TensorRT stream after a failed batch: %s", exc.message
-                )
+                _log.error("could not drain a TensorRT stream after a failed batch: %s", exc.message)
             raise
         return {
             binding.name: slot.host[binding.name].view(binding.dtype, shapes[binding.name]).copy()
