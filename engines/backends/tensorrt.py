@@ -744,7 +744,7 @@ class TensorRTBackend(Backend):
         """Deserialize the plan and set up ``instances`` slots.
 
         Raises ``StoreCorrupted`` for an unreadable plan or one recorded for another
-        device signature (so the store rebuilds it), ``UnsupportedModel`` for engine
+        device signature (naming both), ``UnsupportedModel`` for engine
         I/O kiln cannot serve, ``BackendUnavailable`` without TensorRT or a device.
         """
         if instances < 1:

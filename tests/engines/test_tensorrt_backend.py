@@ -556,7 +556,8 @@ def test_concurrent_calls_never_share_a_context(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
     runner.close()
     assert failures == []
     assert gpu.trt.executions == 80
