@@ -41,14 +41,12 @@ def conv_net(
         fan_in = in_channels * 9
         initializers += [
             numpy_helper.from_array(
-                (
-                    rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2 / fan_in)
-                ).astype(np.float32),
+                (rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2 / fan_in)).astype(
+                    np.float32
+                ),
                 weight,
             ),
-            numpy_helper.from_array(
-                (rng.standard_normal(out_channels) * 0.05).astype(np.float32), bias
-            ),
+            numpy_helper.from_array((rng.standard_normal(out_channels) * 0.05).astype(np.float32), bias),
         ]
         nodes += [
             helper.make_node("Conv", [current, weight, bias], [f"conv{index}"], pads=[1, 1, 1, 1]),
@@ -57,16 +55,12 @@ def conv_net(
         current, in_channels = f"relu{index}", out_channels
         if index % 2 == 1:
             nodes.append(
-                helper.make_node(
-                    "MaxPool", [current], [f"pool{index}"], kernel_shape=[2, 2], strides=[2, 2]
-                )
+                helper.make_node("MaxPool", [current], [f"pool{index}"], kernel_shape=[2, 2], strides=[2, 2])
             )
             current = f"pool{index}"
     initializers += [
         numpy_helper.from_array(
-            (rng.standard_normal((num_classes, in_channels)) * np.sqrt(1 / in_channels)).astype(
-                np.float32
-            ),
+            (rng.standard_normal((num_classes, in_channels)) * np.sqrt(1 / in_channels)).astype(np.float32),
             "fc_w",
         ),
         numpy_helper.from_array(np.zeros(num_classes, dtype=np.float32), "fc_b"),

@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         shape = (3, args.image_size, args.image_size)
         calibration = {
-            CONV_NET_INPUT: rng.standard_normal((args.calibration_samples, *shape)).astype(
-                np.float32
-            )
+            CONV_NET_INPUT: rng.standard_normal((args.calibration_samples, *shape)).astype(np.float32)
         }
         print(
             f"conv_net 3x{args.image_size}x{args.image_size}, Conv 64-64-128-128; "
@@ -144,12 +142,8 @@ def _cpu_summary() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown"
-    model = next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?"
-    )
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    )
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
     return f"{model} ({', '.join(flag for flag in wanted if flag in flags) or 'no AVX2'})"
 

@@ -100,17 +100,13 @@ def parse_tolerance_overrides(text: str | None) -> dict[str, float]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"tolerance is not valid JSON ({exc.msg}); expected e.g. {example}"
-        ) from exc
+        raise ValueError(f"tolerance is not valid JSON ({exc.msg}); expected e.g. {example}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"tolerance must be a JSON object of metric to number, e.g. {example}")
     overrides: dict[str, float] = {}
     for name, value in data.items():
         if name not in METRICS:
-            raise ValueError(
-                f"unknown tolerance metric '{name}'; known metrics: {', '.join(METRICS)}"
-            )
+            raise ValueError(f"unknown tolerance metric '{name}'; known metrics: {', '.join(METRICS)}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"tolerance '{name}' must be a number, got {json.dumps(value)}")
         threshold = float(value)
@@ -194,8 +190,7 @@ def check(comparison: Mapping[str, Any], tolerance: Mapping[str, float]) -> list
                 continue
             if metrics.get("nonfinite", 0):
                 violations.append(
-                    f"{where}: {metrics['nonfinite']} NaN or inf value(s) where the reference "
-                    "is finite"
+                    f"{where}: {metrics['nonfinite']} NaN or inf value(s) where the reference is finite"
                 )
             for metric, threshold in tolerance.items():
                 if metric not in metrics:
@@ -235,9 +230,7 @@ class _OutputStats:
             return
         expected, got = np.asarray(expected), np.asarray(got)
         if expected.shape != got.shape:
-            self.error = (
-                f"shape {list(got.shape)} differs from the reference's {list(expected.shape)}"
-            )
+            self.error = f"shape {list(got.shape)} differs from the reference's {list(expected.shape)}"
             return
         # One row per sample: along the batch axis, or the whole output when unbatched.
         rows = expected.shape[0] if batched and expected.ndim else 1

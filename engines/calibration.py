@@ -68,9 +68,7 @@ def load_samples(
     return samples
 
 
-def synthetic_samples(
-    signature: Signature, count: int, *, seed: int = 0, dynamic_dim: int = 1
-) -> Samples:
+def synthetic_samples(signature: Signature, count: int, *, seed: int = 0, dynamic_dim: int = 1) -> Samples:
     """Random samples shaped for the signature: ``count`` samples on axis 0.
 
     Floats are standard normal, integers are drawn from [0, SYNTHETIC_INT_HIGH), bools
@@ -175,8 +173,7 @@ def _check_size(path: Path, prefix: str, max_bytes: int | None) -> None:
 
 def _read_npz(path: Path, prefix: str) -> dict[str, np.ndarray]:
     not_npz = (
-        f"{prefix}: not a readable .npz file; save the samples with "
-        "numpy.savez(path, input_name=array, ...)"
+        f"{prefix}: not a readable .npz file; save the samples with numpy.savez(path, input_name=array, ...)"
     )
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -192,8 +189,7 @@ def _read_npz(path: Path, prefix: str) -> dict[str, np.ndarray]:
             except ValueError as exc:
                 # allow_pickle=False refuses object arrays here, on access.
                 raise CalibrationError(
-                    f"{prefix}: array '{name}' cannot be read without unpickling; "
-                    "store plain numeric arrays"
+                    f"{prefix}: array '{name}' cannot be read without unpickling; store plain numeric arrays"
                 ) from exc
             except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise CalibrationError(f"{prefix}: array '{name}' is corrupt ({exc})") from exc
@@ -232,9 +228,7 @@ def _check_shape(array: np.ndarray, spec: TensorSpec, prefix: str) -> None:
         raise CalibrationError(f"{where} (rank {array.ndim}), {wanted} (rank {spec.rank})")
     for axis in range(1, spec.rank):
         if spec.shape[axis] != DYNAMIC and array.shape[axis] != spec.shape[axis]:
-            raise CalibrationError(
-                f"{where}: dimension {axis} must be {spec.shape[axis]}; {wanted}"
-            )
+            raise CalibrationError(f"{where}: dimension {axis} must be {spec.shape[axis]}; {wanted}")
     if array.shape[0] == 0 or array.size == 0:
         raise CalibrationError(f"{where}: it is empty; {wanted}, N at least 1")
 
@@ -277,9 +271,7 @@ def _check_finite(array: np.ndarray, where: str) -> None:
     nan = int(np.count_nonzero(np.isnan(array)))
     inf = int(np.count_nonzero(np.isinf(array)))
     if nan or inf:
-        raise CalibrationError(
-            f"{where} has non-finite values: {nan} NaN and {inf} inf out of {array.size}"
-        )
+        raise CalibrationError(f"{where} has non-finite values: {nan} NaN and {inf} inf out of {array.size}")
 
 
 def _kind_name(dtype: np.dtype) -> str:

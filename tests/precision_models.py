@@ -36,9 +36,7 @@ def digits_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=0, stratify=y
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
     return x_train, x_test, y_train, y_test
 
 
@@ -124,11 +122,7 @@ def small_cnn(
             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [CNN_OUTPUT], transB=1),
         ],
         "small_cnn",
-        [
-            helper.make_tensor_value_info(
-                CNN_INPUT, TensorProto.FLOAT, [batch_dim, 1, image_size, image_size]
-            )
-        ],
+        [helper.make_tensor_value_info(CNN_INPUT, TensorProto.FLOAT, [batch_dim, 1, image_size, image_size])],
         [helper.make_tensor_value_info(CNN_OUTPUT, TensorProto.FLOAT, [batch_dim, num_classes])],
         initializer=[
             weight("conv1_w", c1, 1, 3, 3),
@@ -162,9 +156,7 @@ def signature_of(path: Path) -> Signature:
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         tensor_type = value.type.tensor_type
-        dims = tuple(
-            dim.dim_value if dim.HasField("dim_value") else DYNAMIC for dim in tensor_type.shape.dim
-        )
+        dims = tuple(dim.dim_value if dim.HasField("dim_value") else DYNAMIC for dim in tensor_type.shape.dim)
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
         return TensorSpec(value.name, dtype, dims)
 

@@ -93,9 +93,7 @@ def test_integer_data_for_a_float_input_is_refused(tmp_path: Path) -> None:
     arrays = good_arrays()
     arrays["image"] = arrays["image"].astype(np.int64)
 
-    with pytest.raises(
-        CalibrationError, match=r"input 'image' has dtype int64, the model takes float32"
-    ):
+    with pytest.raises(CalibrationError, match=r"input 'image' has dtype int64, the model takes float32"):
         load_samples(write_npz(tmp_path / "c.npz", **arrays), BATCHABLE)
 
 
@@ -134,12 +132,8 @@ def test_empty_arrays_are_refused(tmp_path: Path) -> None:
         load_samples(path, BATCHABLE)
 
 
-@pytest.mark.parametrize(
-    ("bad", "message"), [(np.nan, "1 NaN and 0 inf"), (np.inf, "0 NaN and 1 inf")]
-)
-def test_non_finite_values_are_refused_with_a_count(
-    tmp_path: Path, bad: float, message: str
-) -> None:
+@pytest.mark.parametrize(("bad", "message"), [(np.nan, "1 NaN and 0 inf"), (np.inf, "0 NaN and 1 inf")])
+def test_non_finite_values_are_refused_with_a_count(tmp_path: Path, bad: float, message: str) -> None:
     arrays = good_arrays()
     arrays["image"][2, 0, 3, 3] = bad
 
@@ -159,9 +153,7 @@ def test_mismatched_sample_counts_are_refused(tmp_path: Path) -> None:
     arrays = good_arrays()
     arrays["tokens"] = arrays["tokens"][:4]
 
-    with pytest.raises(
-        CalibrationError, match=r"different sample counts \('image': 6, 'tokens': 4\)"
-    ):
+    with pytest.raises(CalibrationError, match=r"different sample counts \('image': 6, 'tokens': 4\)"):
         load_samples(write_npz(tmp_path / "c.npz", **arrays), BATCHABLE)
 
 
@@ -232,9 +224,7 @@ def test_input_without_a_sample_axis_is_refused(tmp_path: Path) -> None:
     signature = Signature((TensorSpec("table", "float32", (3, 4)),), (LOGITS,), False, "fixed")
     path = write_npz(tmp_path / "c.npz", table=np.zeros((3, 4), dtype=np.float32))
 
-    with pytest.raises(
-        CalibrationError, match=r"input 'table' \(shape \[3, 4\]\) has no first axis"
-    ):
+    with pytest.raises(CalibrationError, match=r"input 'table' \(shape \[3, 4\]\) has no first axis"):
         load_samples(path, signature)
 
 

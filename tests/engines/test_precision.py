@@ -104,9 +104,7 @@ def test_opset_11_model_is_upgraded_for_per_channel(tmp_path: Path) -> None:
 def test_per_tensor_weights_when_per_channel_is_off(cnn: Path, tmp_path: Path) -> None:
     output = tmp_path / "cnn.int8.onnx"
 
-    report = quantize_int8(
-        cnn, output, image_samples(20), method=CalibrationMethod.MINMAX, per_channel=False
-    )
+    report = quantize_int8(cnn, output, image_samples(20), method=CalibrationMethod.MINMAX, per_channel=False)
 
     values = initializers(output)
     assert report["per_channel_weights"] == 0
@@ -114,9 +112,7 @@ def test_per_tensor_weights_when_per_channel_is_off(cnn: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("method", list(CalibrationMethod))
-def test_every_calibration_method_quantizes(
-    cnn: Path, tmp_path: Path, method: CalibrationMethod
-) -> None:
+def test_every_calibration_method_quantizes(cnn: Path, tmp_path: Path, method: CalibrationMethod) -> None:
     output = tmp_path / f"cnn.{method}.onnx"
 
     # 70 samples: more than one calibration pass, the last one partial.
@@ -143,9 +139,7 @@ def test_samples_that_do_not_match_the_inputs_are_refused(cnn: Path, tmp_path: P
     output = tmp_path / "cnn.int8.onnx"
 
     with pytest.raises(CalibrationError, match=r"missing \['image'\], unknown \['pixels'\]"):
-        quantize_int8(
-            cnn, output, {"pixels": np.zeros((4, 64), np.float32)}, method=CalibrationMethod.MINMAX
-        )
+        quantize_int8(cnn, output, {"pixels": np.zeros((4, 64), np.float32)}, method=CalibrationMethod.MINMAX)
     assert not output.exists()
 
 
@@ -163,9 +157,7 @@ def test_unreadable_model_fails_the_build(tmp_path: Path) -> None:
     broken.write_bytes(b"\x08\x07not a model")
 
     with pytest.raises(BuildFailed, match=r"^int8: cannot read the model broken\.onnx"):
-        quantize_int8(
-            broken, tmp_path / "x.onnx", image_samples(2), method=CalibrationMethod.MINMAX
-        )
+        quantize_int8(broken, tmp_path / "x.onnx", image_samples(2), method=CalibrationMethod.MINMAX)
     with pytest.raises(BuildFailed, match=r"^fp16: cannot read the model broken\.onnx"):
         convert_fp16(broken, tmp_path / "y.onnx")
     assert leftovers(tmp_path, {"broken.onnx"}) == []
@@ -188,9 +180,7 @@ def test_model_with_nothing_to_quantize_is_unsupported(tmp_path: Path) -> None:
         UnsupportedModel,
         match=r"no operator that kiln quantizes \(Conv, ConvTranspose, Gemm, MatMul\)",
     ):
-        quantize_int8(
-            path, output, {"x": np.ones((3, 4), np.float32)}, method=CalibrationMethod.MINMAX
-        )
+        quantize_int8(path, output, {"x": np.ones((3, 4), np.float32)}, method=CalibrationMethod.MINMAX)
     assert not output.exists()
 
 
