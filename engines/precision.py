@@ -158,8 +158,10 @@ def quantize_int8(
     it; every op type ORT can quantize is then quantized; weights stay symmetric.
 
     ``samples`` are keyed by input name with samples on axis 0, as ``load_samples``
-    returns them. Returns a report (method, sample count, opsets, Q/DQ node counts,
-    quantized op types, sizes, pre-processing mode). Raises ``CalibrationError`` when
+    returns them. Returns a report: method, sample count, opsets, Q/DQ node counts,
+    ``quantized_op_types`` (op types reading at least one int8 tensor through a
+    DequantizeLinear, with counts), per-channel weight count, sizes, pre-processing
+    mode. Raises ``CalibrationError`` when
     the samples do not fit the model's inputs, ``UnsupportedModel`` when nothing in the
     model can be quantized, ``BuildFailed`` for any other failed step.
     """
