@@ -122,16 +122,12 @@ def _format_cuda_version(encoded: int) -> str:
 
 def driver_version() -> str:
     """The CUDA version the installed driver supports, e.g. ``"13.0"`` (``"0.0"`` without one)."""
-    return _format_cuda_version(
-        int(check(runtime().cudaDriverGetVersion(), "cudaDriverGetVersion"))
-    )
+    return _format_cuda_version(int(check(runtime().cudaDriverGetVersion(), "cudaDriverGetVersion")))
 
 
 def runtime_version() -> str:
     """The CUDA runtime version cuda-python was built against, e.g. ``"13.0"``."""
-    return _format_cuda_version(
-        int(check(runtime().cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
-    )
+    return _format_cuda_version(int(check(runtime().cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")))
 
 
 class DeviceBuffer:
@@ -189,8 +185,7 @@ class PinnedBuffer:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes > self.nbytes:
             raise ValueError(
-                f"a {dtype} array of shape {list(shape)} needs {nbytes} bytes; "
-                f"the buffer has {self.nbytes}"
+                f"a {dtype} array of shape {list(shape)} needs {nbytes} bytes; the buffer has {self.nbytes}"
             )
         return self.bytes_view[:nbytes].view(dtype).reshape(shape)
 
