@@ -32,19 +32,18 @@ _CPU_FLAGS_OF_INTEREST = (
 @cache
 def cpu_device_info() -> dict[str, Any]:
     """CPU model name, architecture and the ISA flags that matter for kernels."""
-    model = platform.processor() or ""
+    model = ""
     flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "model name" and not model.strip():
-                model = value.strip()
-            elif key in ("model name",) and model == platform.processor():
+            if key == "model name" and not model:
                 model = value.strip()
             elif key in ("flags", "Features") and not flags:
                 flags = set(value.split())
+    model = model or platform.processor()
     return {
         "kind": "cpu",
         "arch": platform.machine(),

@@ -186,7 +186,19 @@ class EngineManager:
                 self.metrics.build_duration.observe(time.monotonic() - started)
             if version.state != State.BUILDING:
                 return  # deleted while building
-            await self._load(version, meta)
+            try:
+                await self._load(version, meta)
+            except StoreCorrupted as exc:
+                # The artifact passed its checksum but the backend cannot load it
+                # (for example a plan recorded for another device): rebuild it once.
+                log.warning("%s; rebuilding it from the stored model", exc.message)
+                self.store.discard_engine(version.cache_key)
+                version.state = State.BUILDING
+                meta = await self._build_once(version)
+                self.metrics.builds.labels("succeeded").inc()
+                if version.state != State.BUILDING:
+                    return
+                await self._load(version, meta)
         except BuildFailure as failure:
             if version.state == State.UNLOADING or self._shutting_down:
                 return  # a shutdown is not the version's fault: its record stays as it was
