@@ -21,7 +21,7 @@ import numpy as np
 
 from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
-from engines.errors import AccuracyRejected, CalibrationError
+from engines.errors import AccuracyRejected, CalibrationError, EngineError
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore
 from engines.types import BuildOptions, Precision, Signature
@@ -86,7 +86,16 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
     try:
         with phase_timer("precision"):
             plan = _precision_plan(options, signature, store)
-            candidates = _transform(plan, model_path, workdir, progress)
+            candidates, dropped = _transform(
+                plan,
+                model_path,
+                workdir,
+                progress,
+                auto=options.precision == Precision.AUTO,
+                # Asymmetric activations let ONNX Runtime keep Conv+Relu chains in int8;
+                # TensorRT only takes symmetric (zero-point 0) quantization.
+                symmetric_activations=backend.name == "tensorrt",
+            )
         with phase_timer("build"):
             timing_cache = store.timing_cache_path(backend.device_signature().key())
             for index, candidate in enumerate(candidates):
@@ -130,7 +139,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     "choice": choice_reason,
                     "calibration": plan.calibration_report,
                     "validation": plan.validation_report,
-                    "candidates": [_candidate_summary(c) for c in candidates],
+                    "candidates": [_candidate_summary(c) for c in candidates] + dropped,
                     **chosen.report,
                     "latency_ms": {str(k): v for k, v in chosen.latency_ms.items()},
                     "artifact_bytes": chosen.artifact_path.stat().st_size,
@@ -223,7 +232,25 @@ def _precision_plan(options: BuildOptions, signature: Signature, store: EngineSt
         samples, validation = calib.split_holdout(samples)
         validation_report = {"source": "held out from the calibration data"}
     else:
-        validation = calib.synthetic_samples(signature, SYNTHETIC_VALIDATION_SAMPLES, seed=1)
+        try:
+            validation = calib.synthetic_samples(signature, SYNTHETIC_VALIDATION_SAMPLES, seed=1)
+        except CalibrationError as exc:
+            if requested != Precision.AUTO:
+                raise CalibrationError(
+                    f"cannot make validation inputs for this model ({exc.message}); "
+                    "upload a 'validation' .npz to check the reduced-precision engine"
+                ) from exc
+            # Nothing to check a candidate against: auto serves FP32.
+            return _PrecisionPlan(
+                [Precision.FP32],
+                None,
+                None,
+                calibration_report,
+                {
+                    "source": "none",
+                    "note": f"reduced precision skipped: {exc.message}",
+                },
+            )
         validation_report = {"source": "synthetic"}
     if samples is not None:
         calibration_report["samples"] = calib.sample_count(samples)
@@ -232,27 +259,46 @@ def _precision_plan(options: BuildOptions, signature: Signature, store: EngineSt
 
 
 def _transform(
-    plan: _PrecisionPlan, model_path: Path, workdir: Path, progress: ProgressCallback
-) -> list[_Candidate]:
+    plan: _PrecisionPlan,
+    model_path: Path,
+    workdir: Path,
+    progress: ProgressCallback,
+    *,
+    auto: bool,
+    symmetric_activations: bool,
+) -> tuple[list[_Candidate], list[dict[str, Any]]]:
+    """The candidates' ONNX files, and (for auto) the candidates whose transform
+    failed, with the reason: a model with nothing to quantize still serves FP32."""
     candidates = []
+    dropped: list[dict[str, Any]] = []
     for index, precision in enumerate(plan.precisions):
         onnx_path = workdir / f"{precision}.onnx"
         report: dict[str, Any] = {}
-        if precision == Precision.FP32:
-            shutil.copyfile(model_path, onnx_path)
-        else:
-            from engines import precision as transforms
-
-            if precision == Precision.FP16:
-                report["transform"] = transforms.convert_fp16(model_path, onnx_path)
+        try:
+            if precision == Precision.FP32:
+                shutil.copyfile(model_path, onnx_path)
             else:
-                assert plan.calibration is not None
-                report["transform"] = transforms.quantize_int8(
-                    model_path, onnx_path, plan.calibration, method=_method(plan)
-                )
+                from engines import precision as transforms
+
+                if precision == Precision.FP16:
+                    report["transform"] = transforms.convert_fp16(model_path, onnx_path)
+                else:
+                    assert plan.calibration is not None
+                    report["transform"] = transforms.quantize_int8(
+                        model_path,
+                        onnx_path,
+                        plan.calibration,
+                        method=_method(plan),
+                        symmetric_activations=symmetric_activations,
+                    )
+        except EngineError as exc:
+            if not auto or precision == Precision.FP32:
+                raise
+            dropped.append({"precision": str(precision), "accepted": False, "dropped": exc.message})
+            continue
         candidates.append(_Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report))
         progress("precision", (index + 1) / len(plan.precisions))
-    return candidates
+    return candidates, dropped
 
 
 def _method(plan: _PrecisionPlan) -> Any:

@@ -25,10 +25,10 @@ def _validate_model(path: Any, max_bytes: int) -> Signature:
     return read_signature(model)
 
 
-def _validate_data(path: Any, signature: Signature, purpose: str) -> None:
+def _validate_data(path: Any, signature: Signature, purpose: str, max_bytes: int) -> None:
     from engines.calibration import load_samples
 
-    load_samples(path, signature, purpose=purpose)
+    load_samples(path, signature, purpose=purpose, max_bytes=max_bytes)
 
 
 @router.post("/engines", status_code=202, dependencies=[Depends(require_management_key)])
@@ -60,7 +60,9 @@ async def upload_engine(request: Request) -> JSONResponse:
         signature = await asyncio.to_thread(_validate_model, model.path, settings.max_upload_bytes)
         for purpose in ("calibration", "validation"):
             if purpose in form.files:
-                await asyncio.to_thread(_validate_data, form.files[purpose].path, signature, purpose)
+                await asyncio.to_thread(
+                    _validate_data, form.files[purpose].path, signature, purpose, settings.max_data_bytes
+                )
         if (
             fields.precision == Precision.INT8
             and "calibration" not in form.files
