@@ -75,7 +75,12 @@ def upload(server: Server, model: Path, name: str, **fields: Any) -> dict[str, A
             data={"name": name, **{k: str(v) for k, v in fields.items()}},
         )
         response.raise_for_status()
-        deadline = time.monotonic() + 300
+    return wait_ready(server, name)
+
+
+def wait_ready(server: Server, name: str, timeout_s: float = 600) -> dict[str, Any]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = client.get(f"/engines/{name}").json()
             if status["state"] in ("ready", "failed"):
