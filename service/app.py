@@ -25,6 +25,7 @@ from service.jobs import BuildRunner
 from service.manager import EngineManager
 from service.metrics import KilnMetrics
 from service.registry import Registry
+from service.request_id import RequestIdMiddleware
 from service.routes import engines, health, kserve, predict
 from service.settings import Settings
 from service.state import AppState
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(PredictFastPath)
+    # Added last, so outermost: the fast path's answers carry X-Request-ID too.
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(engines.router)
     app.include_router(predict.router)

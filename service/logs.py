@@ -1,4 +1,8 @@
-"""Logging set-up: plain text or one JSON object per line."""
+"""Logging set-up: plain text or one JSON object per line.
+
+JSON lines carry the id of the request they were logged for (``request_id``),
+from the record itself or from ``service.request_id.REQUEST_ID``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from service.request_id import REQUEST_ID
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None)
+        request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
         if request_id:
             entry["request_id"] = request_id
         if record.exc_info:
