@@ -2,9 +2,12 @@
 
 ``load_model`` is the gate every upload passes before anything builds on it:
 size limit, protobuf decode, no external data (an upload is one file, so any
-external reference would point outside it), opset range, and ``onnx.checker``
-with full shape inference. ``read_signature`` turns the graph's inputs and outputs
-into ``TensorSpec`` values and decides whether requests can be batched.
+external reference would point outside it), opset range, ``onnx.checker``
+with full shape inference, and a static check that no node creates a tensor
+from constant shapes too large to allocate (a few bytes of ``ConstantOfShape``
+or ``Expand`` can ask for terabytes at load or at the first request).
+``read_signature`` turns the graph's inputs and outputs into ``TensorSpec``
+values and decides whether requests can be batched.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from engines.errors import InvalidModel, UnsupportedModel
 from engines.types import DYNAMIC, Signature, TensorSpec
@@ -25,13 +28,23 @@ MIN_OPSET = 7
 DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3 - 1
 """protobuf cannot parse a message of 2 GiB or more."""
 
+DEFAULT_MAX_STATIC_ELEMENTS = 1 << 28
+"""The most elements a node may create from constant shapes (1 GiB of float32).
+
+Initializers are not concerned: their data is in the file, whose size is limited."""
+
 
 def max_supported_opset() -> int:
     """The newest default-domain opset the installed onnx package knows."""
     return int(onnx.defs.onnx_opset_version())
 
 
-def load_model(path: Path, *, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> onnx.ModelProto:
+def load_model(
+    path: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    max_static_elements: int = DEFAULT_MAX_STATIC_ELEMENTS,
+) -> onnx.ModelProto:
     """Parse and check an ONNX file. Raises ``InvalidModel`` or ``UnsupportedModel``."""
     size = path.stat().st_size
     if size == 0:
@@ -52,6 +65,7 @@ def load_model(path: Path, *, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> onnx.
         raise InvalidModel(f"the ONNX checker rejected the model: {_short(exc)}") from exc
     except (ValueError, RuntimeError) as exc:
         raise InvalidModel(f"the ONNX checker rejected the model: {_short(exc)}") from exc
+    check_static_sizes(model, max_static_elements)
     return model
 
 
@@ -63,14 +77,22 @@ def _short(exc: BaseException, limit: int = 500) -> str:
 def _tensors_with_data(model: onnx.ModelProto) -> list[TensorProto]:
     tensors: list[TensorProto] = []
 
+    def sparse_parts(sparse: onnx.SparseTensorProto) -> list[TensorProto]:
+        return [sparse.values, sparse.indices]
+
     def visit(graph: onnx.GraphProto) -> None:
         tensors.extend(graph.initializer)
-        tensors.extend(sparse.values for sparse in graph.sparse_initializer)
+        for sparse in graph.sparse_initializer:
+            tensors.extend(sparse_parts(sparse))
         for node in graph.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     tensors.append(attr.t)
                 tensors.extend(attr.tensors)
+                if attr.HasField("sparse_tensor"):
+                    tensors.extend(sparse_parts(attr.sparse_tensor))
+                for sparse in attr.sparse_tensors:
+                    tensors.extend(sparse_parts(sparse))
                 if attr.HasField("g"):
                     visit(attr.g)
                 for sub in attr.graphs:
@@ -89,6 +111,131 @@ def _refuse_external_data(model: onnx.ModelProto) -> None:
                 "upload one self-contained .onnx file (onnx.save_model(..., "
                 "save_as_external_data=False))"
             )
+
+
+_CONSTANT_VALUE_LIMIT = 64
+"""Constant tensors longer than this are not shapes: they are not read."""
+
+
+def _int_values(tensor: TensorProto) -> list[int] | None:
+    if tensor.data_type not in (TensorProto.INT64, TensorProto.INT32):
+        return None
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None
+    if _product(list(tensor.dims)) > _CONSTANT_VALUE_LIMIT:
+        return None
+    try:
+        array = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError):
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+def _scope_constants(graph: onnx.GraphProto, outer: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Small integer constants a node of ``graph`` can read: those of the graphs
+    around it, then this graph's initializers and ``Constant`` outputs (a name
+    bound here hides the outer one)."""
+    values = dict(outer)
+    initializers = {init.name for init in graph.initializer}
+    for value in graph.input:  # a subgraph's inputs (a Loop body's) hide outer names
+        if value.name not in initializers:
+            values.pop(value.name, None)
+
+    def bind(name: str, ints: list[int] | None) -> None:
+        if ints is None:
+            values.pop(name, None)
+        else:
+            values[name] = ints
+
+    for init in graph.initializer:
+        bind(init.name, _int_values(init))
+    for node in graph.node:
+        for output in node.output:
+            values.pop(output, None)
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.HasField("t"):
+                bind(node.output[0], _int_values(attr.t))
+            elif attr.name == "value_ints":
+                ints = list(attr.ints)
+                bind(node.output[0], ints if len(ints) <= _CONSTANT_VALUE_LIMIT else None)
+            elif attr.name == "value_int":
+                bind(node.output[0], [int(attr.i)])
+    return values
+
+
+def _product(dims: list[int]) -> int:
+    result = 1
+    for dim in dims:
+        result *= max(int(dim), 0)
+    return result
+
+
+def _static_elements(node: onnx.NodeProto, constants: dict[str, list[int]]) -> int | None:
+    """A lower bound on the elements ``node`` creates, from its constant inputs and
+    attributes alone; None when nothing is known."""
+
+    def const(index: int) -> list[int] | None:
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        return constants.get(node.input[index])
+
+    op = node.op_type
+    if op in ("ConstantOfShape", "Expand"):  # the output has at least this shape
+        shape = const(0 if op == "ConstantOfShape" else 1)
+        return None if shape is None else _product(shape)
+    if op == "Tile":  # each input element repeats prod(repeats) times
+        repeats = const(1)
+        return None if repeats is None else _product(repeats)
+    if op in ("RandomNormal", "RandomUniform"):
+        shape = next((list(a.ints) for a in node.attribute if a.name == "shape"), None)
+        return None if shape is None else _product(shape)
+    if op == "Range":
+        start, limit, delta = const(0), const(1), const(2)
+        if not (start and limit and delta) or delta[0] == 0:
+            return None
+        return max(0, -(-(limit[0] - start[0]) // delta[0]))
+    if op == "Pad":  # every padded axis is at least pad_begin + pad_end + 1 long
+        pads = const(1) or next((list(a.ints) for a in node.attribute if a.name == "pads"), None)
+        if not pads or len(pads) % 2:
+            return None
+        rank = len(pads) // 2
+        return _product([1 + max(pads[i], 0) + max(pads[i + rank], 0) for i in range(rank)])
+    if op == "Resize":  # explicit output sizes
+        sizes = const(3)
+        return None if not sizes else _product(sizes)
+    return None
+
+
+def check_static_sizes(model: onnx.ModelProto, max_elements: int = DEFAULT_MAX_STATIC_ELEMENTS) -> None:
+    """Refuse graphs that would allocate a huge tensor from constant shapes.
+
+    A conservative static check: only shapes, repeats, pads and ranges that are
+    constants in the file are read, and the figure compared with ``max_elements``
+    is a lower bound of what the node creates. Subgraphs (If, Loop, Scan) are
+    checked with the constants they can see. Raises ``UnsupportedModel``."""
+
+    def visit(graph: onnx.GraphProto, outer: dict[str, list[int]]) -> None:
+        constants = _scope_constants(graph, outer)
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx"):
+                elements = _static_elements(node, constants)
+                if elements is not None and elements > max_elements:
+                    label = node.name or (node.output[0] if node.output else "?")
+                    raise UnsupportedModel(
+                        f"node '{label}' ({node.op_type}) would create a tensor of at least "
+                        f"{elements} elements from constant shapes; kiln refuses graphs that "
+                        f"need more than {max_elements} elements in one tensor (they would "
+                        "exhaust memory)"
+                    )
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    visit(attr.g, constants)
+                for sub in attr.graphs:
+                    visit(sub, constants)
+
+    visit(model.graph, {})
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
