@@ -107,7 +107,11 @@ class EngineStore:
         self.write_bytes(destination, json.dumps(value, indent=2, sort_keys=True).encode())
 
     def cleanup_tmp(self) -> int:
-        """Remove leftovers of interrupted writes; returns how many were removed."""
+        """Remove leftovers of interrupted writes: everything in ``tmp/``, and engine
+        directories that were never committed (a crash between publishing the
+        artifact and its ``meta.json``). Returns how many entries were removed.
+
+        Call it at start-up, before any build runs on this store."""
         removed = 0
         for entry in (self.root / "tmp").iterdir():
             if entry.is_dir():
@@ -115,6 +119,10 @@ class EngineStore:
             else:
                 entry.unlink(missing_ok=True)
             removed += 1
+        for entry in (self.root / "engines").iterdir():
+            if entry.is_dir() and not (entry / "meta.json").exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
         return removed
 
     # -- models and data sets -------------------------------------------------

@@ -43,7 +43,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings({"host": args.host, "port": args.port, "store": args.store, "backend": args.backend})
     configure_logging(settings.log_level, settings.log_json)
-    keys = settings.all_api_keys()
+    try:
+        keys = settings.all_api_keys()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"kiln: KILN_API_KEYS_FILE cannot be read: {exc}", file=sys.stderr)
+        return 2
     if not keys and not _is_loopback(settings.host):
         if not settings.allow_unauthenticated:
             print(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -45,9 +46,29 @@ class BuildFailure(Exception):
         return error
 
 
-def _child_main(job: BuildJob, conn: Connection) -> None:
+PARENT_CHECK_INTERVAL_S = 0.5
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Daemon thread of a build process: exit at once if the server is gone.
+
+    A server killed with SIGKILL cannot stop its builds; without this they would
+    run on, orphaned, and keep writing into a store that a restarted server is
+    cleaning up. ``os._exit`` skips cleanup on purpose: the build's temp files
+    are the next start-up's to remove."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(70)
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+
+
+def _child_main(job: BuildJob, conn: Connection, parent_pid: int | None = None) -> None:
     """Entry point of a build process: run the build, send one final message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server handles Ctrl-C, not its builds
+    if parent_pid is not None:
+        threading.Thread(
+            target=_exit_when_orphaned, args=(parent_pid,), name="parent-watch", daemon=True
+        ).start()
 
     def progress(phase: str, fraction: float) -> None:
         conn.send(("progress", phase, float(fraction)))
@@ -120,7 +141,10 @@ class BuildRunner:
         """Blocking: start the child, relay its messages, enforce the timeout."""
         parent_conn, child_conn = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_child_main, args=(job, child_conn), name=f"kiln-build-{job_id}", daemon=True
+            target=_child_main,
+            args=(job, child_conn, os.getpid()),
+            name=f"kiln-build-{job_id}",
+            daemon=True,
         )
         process.start()
         child_conn.close()

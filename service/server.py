@@ -3,6 +3,10 @@
 On the first SIGTERM/SIGINT, readiness turns false and new inference requests
 get 503 while queued and running ones finish (up to ``drain_timeout_s``); then
 uvicorn stops and the lifespan closes engines. A second signal stops at once.
+
+A drained shutdown is a normal exit (status 0): uvicorn would otherwise raise
+the captured signal again once it has stopped, and the process would end "killed
+by SIGTERM" after a clean drain.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.settings = settings
         self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:
@@ -35,13 +40,13 @@ class DrainingServer(uvicorn.Server):
         app = self.config.loaded_app
         state = _find_state(app)
         if state is None:
-            super().handle_exit(sig, frame)
+            self.should_exit = True
             return
         state.draining = True
         log.info("signal %d: draining for up to %.0f s", sig, self.settings.drain_timeout_s)
-        asyncio.get_event_loop().create_task(self._drain_then_exit(state, sig, frame))
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain_then_exit(state))
 
-    async def _drain_then_exit(self, state: AppState, sig: int, frame: FrameType | None) -> None:
+    async def _drain_then_exit(self, state: AppState) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while time.monotonic() < deadline:
             busy = any(v.batcher is not None and v.batcher.busy for v in state.registry.all_versions())
@@ -50,7 +55,7 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.02)
         # Responses of the last batches are still being written: give them a moment.
         await asyncio.sleep(0.1)
-        super().handle_exit(sig, frame)
+        self.should_exit = True  # not handle_exit: that would re-raise the signal at the end
 
 
 def _find_state(app: object) -> AppState | None:
@@ -74,5 +79,7 @@ def run_server(settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         server_header=False,
+        # With JSON logs, uvicorn's own lines go through the root handler as JSON too.
+        **({"log_config": None} if settings.log_json else {}),
     )
     DrainingServer(config, settings).run()
