@@ -49,7 +49,7 @@ class BuildFailure(Exception):
 PARENT_CHECK_INTERVAL_S = 0.5
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
+def exit_when_orphaned(parent_pid: int) -> None:
     """Daemon thread of a build process: exit at once if the server is gone.
 
     A server killed with SIGKILL cannot stop its builds; without this they would
@@ -67,7 +67,7 @@ def _child_main(job: BuildJob, conn: Connection, parent_pid: int | None = None) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server handles Ctrl-C, not its builds
     if parent_pid is not None:
         threading.Thread(
-            target=_exit_when_orphaned, args=(parent_pid,), name="parent-watch", daemon=True
+            target=exit_when_orphaned, args=(parent_pid,), name="parent-watch", daemon=True
         ).start()
 
     def progress(phase: str, fraction: float) -> None:
