@@ -12,36 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from benchmarks.common import hey, median, start_kiln, upload
-from engines.backends.onnxruntime import OnnxRuntimeBackend, default_intra_op_threads
-from engines.onnx_model import load_model, read_signature
-from engines.types import BuildOptions
-from service.bench import parse_histogram
+from benchmarks.common import hey, in_process_rows_per_second, median, start_kiln, upload
+from engines.backends.onnxruntime import default_intra_op_threads
 from tests.models import mlp
 
 WIDTH_IN, HIDDEN, WIDTH_OUT = 512, 2048, 512
-
-
-def in_process_rows_per_second(model: Path, batch: int, seconds: float = 3.0) -> float:
-    signature = read_signature(load_model(model))
-    runner = OnnxRuntimeBackend().load(model, signature, BuildOptions(max_batch_size=max(batch, 1)))
-    feeds = {"x": np.random.default_rng(0).standard_normal((batch, WIDTH_IN)).astype(np.float32)}
-    for _ in range(3):
-        runner.infer(feeds)
-    runs = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        runner.infer(feeds)
-        runs += 1
-    rate = runs * batch / (time.perf_counter() - started)
-    runner.close()
-    return rate
 
 
 def mean_batch_size(metrics_text: str, engine: str) -> float:
@@ -106,7 +86,7 @@ def main() -> None:
             )
         )
     threads = default_intra_op_threads()
-    limits = {b: in_process_rows_per_second(model, b) for b in (1, 8, 32)}
+    limits = {b: in_process_rows_per_second(model, "x", (WIDTH_IN,), b) for b in (1, 8, 32)}
     print(
         f"wide MLP {WIDTH_IN}->{HIDDEN}->{WIDTH_OUT} ({model.stat().st_size / 1e6:.0f} MB of weights), "
         f"hey -c {args.concurrency} -z {args.seconds}s, {args.runs} runs, medians"

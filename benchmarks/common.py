@@ -141,3 +141,29 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def in_process_rows_per_second(
+    model: Path, input_name: str, row_shape: tuple[int, ...], batch: int, seconds: float = 3.0
+) -> float:
+    """Rows per second of kiln's ONNX Runtime runner called directly at ``batch``
+    (the limit a server can approach), with the server's default thread settings."""
+    import numpy as np
+
+    from engines.backends.onnxruntime import OnnxRuntimeBackend
+    from engines.onnx_model import load_model, read_signature
+    from engines.types import BuildOptions
+
+    signature = read_signature(load_model(model))
+    runner = OnnxRuntimeBackend().load(model, signature, BuildOptions(max_batch_size=max(batch, 1)))
+    feeds = {input_name: np.random.default_rng(0).standard_normal((batch, *row_shape)).astype(np.float32)}
+    for _ in range(3):
+        runner.infer(feeds)
+    runs = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        runner.infer(feeds)
+        runs += 1
+    rate = runs * batch / (time.perf_counter() - started)
+    runner.close()
+    return rate

@@ -12,35 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from benchmarks.batching import mean_batch_size
-from benchmarks.common import hey, median, start_kiln, upload
+from benchmarks.common import hey, in_process_rows_per_second, median, start_kiln, upload
 from benchmarks.int8_models import conv_net
-from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.onnx_model import load_model, read_signature
-from engines.types import BuildOptions
 
 SHAPE = (1, 3, 224, 224)
-
-
-def in_process_rows_per_second(model: Path, batch: int, seconds: float = 5.0) -> float:
-    signature = read_signature(load_model(model))
-    runner = OnnxRuntimeBackend().load(model, signature, BuildOptions(max_batch_size=max(batch, 1)))
-    feeds = {"image": np.random.default_rng(0).standard_normal((batch, *SHAPE[1:])).astype(np.float32)}
-    runner.infer(feeds)
-    runs = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        runner.infer(feeds)
-        runs += 1
-    rate = runs * batch / (time.perf_counter() - started)
-    runner.close()
-    return rate
 
 
 def main() -> None:
@@ -55,13 +36,27 @@ def main() -> None:
     json_body = work / "json.body"
     json_body.write_text(
         json.dumps(
-            {"inputs": [{"name": "image", "shape": list(SHAPE), "datatype": "FP32", "data": image.ravel().tolist()}]}
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": list(SHAPE),
+                        "datatype": "FP32",
+                        "data": image.ravel().tolist(),
+                    }
+                ]
+            }
         )
     )
     header = json.dumps(
         {
             "inputs": [
-                {"name": "image", "shape": list(SHAPE), "datatype": "FP32", "parameters": {"binary_data_size": image.nbytes}}
+                {
+                    "name": "image",
+                    "shape": list(SHAPE),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": image.nbytes},
+                }
             ],
             "parameters": {"binary_data_output": True},
         }
@@ -90,7 +85,7 @@ def main() -> None:
     finally:
         server.stop()
     limit_batch = max(1, round(batch))
-    limit = in_process_rows_per_second(model, limit_batch)
+    limit = in_process_rows_per_second(model, "image", SHAPE[1:], limit_batch, seconds=5.0)
     print(
         f"conv net on float32 {SHAPE[1:]} ({json_body.stat().st_size / 1e6:.1f} MB as JSON, "
         f"{binary_body.stat().st_size / 1e6:.1f} MB binary), KServe v2 infer, "
@@ -99,8 +94,9 @@ def main() -> None:
     print(f"{'encoding':<10} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for name, runs in results.items():
         print(
-            f"{name:<10} {median([r['rps'] for r in runs]):>7.1f} {median([r['p50_ms'] for r in runs]):>8.1f} "
-            f"{median([r['p99_ms'] for r in runs]):>8.1f} {sum(r['errors'] for r in runs):>6.0f}"
+            f"{name:<10} {median([r['rps'] for r in runs]):>7.1f} "
+            f"{median([r['p50_ms'] for r in runs]):>8.1f} {median([r['p99_ms'] for r in runs]):>8.1f} "
+            f"{sum(r['errors'] for r in runs):>6.0f}"
         )
     binary_rps = median([r["rps"] for r in results["binary"]])
     json_rps = median([r["rps"] for r in results["JSON"]])

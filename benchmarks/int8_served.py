@@ -38,7 +38,12 @@ def main() -> None:
     header = json.dumps(
         {
             "inputs": [
-                {"name": "image", "shape": list(SHAPE), "datatype": "FP32", "parameters": {"binary_data_size": image.nbytes}}
+                {
+                    "name": "image",
+                    "shape": list(SHAPE),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": image.nbytes},
+                }
             ],
             "parameters": {"binary_data_output": True},
         }
@@ -56,7 +61,10 @@ def main() -> None:
         with httpx.Client(base_url=server.url, timeout=600) as client:
             response = client.post(
                 "/engines",
-                files={"model": (model.name, model.read_bytes()), "calibration": ("c.npz", calibration.read_bytes())},
+                files={
+                    "model": (model.name, model.read_bytes()),
+                    "calibration": ("c.npz", calibration.read_bytes()),
+                },
                 data={"name": "int8", "precision": "int8", "max_batch_size": "8"},
             )
             response.raise_for_status()
@@ -81,7 +89,10 @@ def main() -> None:
         f"conv net 3x64x64 (channels 64-64-128-128), INT8 vs FP32 in one kiln server, KServe v2 binary, "
         f"hey -c {args.concurrency} -z {args.seconds}s, {args.runs} alternating runs, medians"
     )
-    print(f"{'engine':<6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'build-report latency ms (batch 1 / 8)':>40}")
+    print(
+        f"{'engine':<6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'build-report latency ms (batch 1 / 8)':>40}"
+    )
     for name, runs in results.items():
         latency = reports[name]["latency_ms"]
         print(
