@@ -32,6 +32,30 @@ PROFILE_MIN_SECONDS = 0.2
 PROFILE_MAX_RUNS = 50
 
 
+# How much of a whole build each phase accounts for ("load" happens in the server).
+PHASE_WEIGHTS = {
+    "validate": 0.05,
+    "precision": 0.2,
+    "build": 0.45,
+    "accuracy": 0.1,
+    "profile": 0.1,
+    "commit": 0.05,
+    "load": 0.05,
+}
+
+
+def overall_progress(phase: str, fraction: float, default: float = 0.0) -> float:
+    """The whole build's progress in [0, 1] when ``phase`` is ``fraction`` done."""
+    if phase not in PHASE_WEIGHTS:
+        return default
+    start = 0.0
+    for name, weight in PHASE_WEIGHTS.items():
+        if name == phase:
+            return min(1.0, start + weight * max(0.0, min(1.0, fraction)))
+        start += weight
+    return default
+
+
 @dataclass(frozen=True)
 class BuildJob:
     """Everything a build child needs; plain values so it pickles across processes."""

@@ -69,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from engines.backends import select_backend
-    from engines.build import BuildJob, run_build
+    from engines.build import BuildJob, overall_progress, run_build
     from engines.errors import EngineError
     from engines.onnx_model import load_model, read_signature
     from engines.store import EngineStore, sha256_file
@@ -120,15 +120,16 @@ def cmd_build(args: argparse.Namespace) -> int:
             key,
             EngineManager.batch_sizes(options, batching),
         )
-        with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {desc}") as bar:
+        with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
 
             def progress(phase: str, fraction: float) -> None:
                 bar.set_description_str(phase)
-                bar.n = min(100, bar.n + 1) if fraction < 1 else bar.n
+                bar.n = max(bar.n, round(100 * overall_progress(phase, fraction, bar.n / 100), 1))
                 bar.refresh()
 
             meta = run_build(job, progress)
             bar.n = 100
+            bar.set_description_str("done")
             bar.refresh()
     except EngineError as exc:
         print(f"kiln: build failed ({exc.kind}): {exc.message}", file=sys.stderr)

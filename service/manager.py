@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.backends.base import Backend
-from engines.build import BuildJob, synthetic_feeds
+from engines.build import BuildJob, overall_progress, synthetic_feeds
 from engines.errors import EngineError, StoreCorrupted
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
@@ -27,22 +27,6 @@ from service.registry import EngineVersion, Registry, State
 from service.settings import Settings
 
 log = logging.getLogger("kiln.engines")
-
-# How much of the whole build each phase accounts for, for the progress figure.
-PHASE_WEIGHTS = {
-    "validate": 0.05,
-    "precision": 0.2,
-    "build": 0.45,
-    "accuracy": 0.1,
-    "profile": 0.1,
-    "commit": 0.05,
-    "load": 0.05,
-}
-_PHASE_START = {}
-_total = 0.0
-for _phase, _weight in PHASE_WEIGHTS.items():
-    _PHASE_START[_phase] = _total
-    _total += _weight
 
 
 class EngineManager:
@@ -168,9 +152,7 @@ class EngineManager:
             if version.state not in (State.BUILDING, State.LOADING):
                 return
             version.phase = phase
-            start = _PHASE_START.get(phase, version.progress)
-            weight = PHASE_WEIGHTS.get(phase, 0.0)
-            version.progress = max(version.progress, min(1.0, start + weight * fraction))
+            version.progress = max(version.progress, overall_progress(phase, fraction, version.progress))
 
         return on_progress
 
