@@ -106,18 +106,14 @@ def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
     # tritonclient sends).
     window_bits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(name)
     if window_bits is None:
-        raise BadRequest(
-            f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or identity"
-        )
+        raise BadRequest(f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or identity")
     decompressor = zlib.decompressobj(window_bits)
     try:
         data = decompressor.decompress(body, limit + 1)
     except zlib.error as exc:
         raise BadRequest(f"the {name} request body cannot be decompressed: {exc}") from None
     if len(data) > limit:
-        raise PayloadTooLarge(
-            f"the decompressed request body is larger than the limit of {limit} bytes"
-        )
+        raise PayloadTooLarge(f"the decompressed request body is larger than the limit of {limit} bytes")
     if not decompressor.eof:
         raise BadRequest(f"the {name} request body is truncated")
     if decompressor.unused_data:
@@ -135,9 +131,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
         raise BadRequest(f"{INFERENCE_HEADER} must be a non-negative integer; got '{value}'")
     length = int(text)
     if length > body_length:
-        raise BadRequest(
-            f"{INFERENCE_HEADER} is {length} but the request body has only {body_length} bytes"
-        )
+        raise BadRequest(f"{INFERENCE_HEADER} is {length} but the request body has only {body_length} bytes")
     return length
 
 
@@ -233,8 +227,7 @@ def _decode_inputs(
         total_elements += elements
         if elements > max_elements or total_elements > max_elements:
             raise BadRequest(
-                f"input '{name}' brings the request to {total_elements} elements; "
-                f"the limit is {max_elements}"
+                f"input '{name}' brings the request to {total_elements} elements; the limit is {max_elements}"
             )
         parameters = _parameters(tensor, f"input '{name}'")
         if "shared_memory_region" in parameters:
@@ -272,8 +265,7 @@ def _check_datatype(datatype: Any, spec: TensorSpec) -> np.dtype:
         return DATATYPES[expected]
     if datatype == "BYTES":
         raise BadRequest(
-            f"input '{spec.name}' is BYTES, but kiln engines take no strings; "
-            f"the model expects {expected}"
+            f"input '{spec.name}' is BYTES, but kiln engines take no strings; the model expects {expected}"
         )
     if not isinstance(datatype, str):
         raise BadRequest(f"input '{spec.name}' needs a string 'datatype' ({expected})")
@@ -296,9 +288,7 @@ def _json_tensor(
     try:
         raw = np.asarray(tensor["data"])
     except ValueError as exc:
-        raise BadRequest(
-            f"the data of input '{spec.name}' is not a rectangular list: {exc}"
-        ) from None
+        raise BadRequest(f"the data of input '{spec.name}' is not a rectangular list: {exc}") from None
     if raw.dtype.kind not in "biuf":
         raise BadRequest(f"the data of input '{spec.name}' must hold only numbers (or booleans)")
     if raw.size != math.prod(shape):
@@ -309,9 +299,7 @@ def _json_tensor(
     return cast_checked(raw.reshape(shape), dtype.newbyteorder("="), spec.name)
 
 
-def _binary_tensor(
-    data: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]
-) -> np.ndarray:
+def _binary_tensor(data: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise BadRequest(
@@ -335,8 +323,7 @@ def _parse_raw_binary(body: bytes, signature: Signature, max_elements: int) -> I
     if len(signature.inputs) != 1:
         names = ", ".join(spec.name for spec in signature.inputs)
         raise BadRequest(
-            f"a raw binary request ({INFERENCE_HEADER}: 0) needs a single-input model; "
-            f"this one takes {names}"
+            f"a raw binary request ({INFERENCE_HEADER}: 0) needs a single-input model; this one takes {names}"
         )
     spec = signature.inputs[0]
     dims = spec.shape[1:] if signature.batchable else spec.shape

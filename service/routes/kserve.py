@@ -75,9 +75,7 @@ def _ready_version(registry: Registry, name: str, version: str | None) -> Engine
 
 def _ready_versions(registry: Registry, name: str) -> list[str]:
     return [
-        str(v.version)
-        for v in registry.versions(name)
-        if v.state == State.READY and v.batcher is not None
+        str(v.version) for v in registry.versions(name) if v.state == State.READY and v.batcher is not None
     ]
 
 
@@ -91,9 +89,7 @@ def _backend(found: EngineVersion) -> str:
 @router.get("")
 async def server_metadata() -> Response:
     """``{"name", "version", "extensions"}``."""
-    return JSONResponse(
-        {"name": "kiln", "version": _server_version(), "extensions": list(EXTENSIONS)}
-    )
+    return JSONResponse({"name": "kiln", "version": _server_version(), "extensions": list(EXTENSIONS)})
 
 
 @router.get("/health/live")
@@ -123,10 +119,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     versions = [str(found.version)] if version is not None else _ready_versions(registry, name)
 
     def tensors(specs: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
-            for s in specs
-        ]
+        return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)} for s in specs]
 
     return JSONResponse(
         {
@@ -214,9 +207,7 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
         found = _ready_version(state.registry, name, version)
         record.bind(found)
         assert found.signature is not None
-        body = decompress_body(
-            body, request.headers.get("content-encoding"), settings.max_request_bytes
-        )
+        body = decompress_body(body, request.headers.get("content-encoding"), settings.max_request_bytes)
         parsed = parse_infer_request(
             body,
             request.headers.get(INFERENCE_HEADER),

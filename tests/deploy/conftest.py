@@ -31,9 +31,7 @@ CRD_APIS = (SERVICE_MONITOR_API, PROMETHEUS_RULE_API)
 
 def output_of(proc: subprocess.CompletedProcess[str]) -> str:
     """The command and everything it printed, for assertion messages."""
-    return (
-        f"$ {' '.join(map(str, proc.args))}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    )
+    return f"$ {' '.join(map(str, proc.args))}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
 @dataclass(frozen=True)
@@ -54,9 +52,7 @@ class Tools:
         env["HELM_DATA_HOME"] = str(TOOLS / "h" / "data")
         return env
 
-    def run(
-        self, args: Sequence[str | Path], timeout: float = 300
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, args: Sequence[str | Path], timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(a) for a in args],
             cwd=ROOT,

@@ -50,9 +50,9 @@ def test_gpu_limit_and_toleration_only_when_gpu_enabled(gpu_docs: Docs, cpu_docs
 
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in gpu_container["resources"].get("requests", {})
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(
-        gpu_docs
-    )["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(gpu_docs)[
+        "tolerations"
+    ]
     assert pod_spec(gpu_docs)["runtimeClassName"] == "nvidia"
     assert env_of(gpu_container)["KILN_BACKEND"] == "tensorrt"
     assert ":0.1.0-gpu@sha256:" in gpu_container["image"]
@@ -73,9 +73,7 @@ def test_gpu_resource_name_is_configurable_for_mig(tools: Tools) -> None:
 
 
 def test_time_sliced_gpu_allows_one_per_pod(tools: Tools) -> None:
-    proc = tools.template(
-        GPU_VALUES, set_values=["gpu.resourceName=nvidia.com/gpu.shared", "gpu.count=2"]
-    )
+    proc = tools.template(GPU_VALUES, set_values=["gpu.resourceName=nvidia.com/gpu.shared", "gpu.count=2"])
     assert proc.returncode != 0, output_of(proc)
     assert "gpu.count must be 1" in proc.stderr
 
@@ -202,9 +200,7 @@ def test_hpa_targets_the_metric_the_adapter_rule_exports(gpu_docs: Docs) -> None
 
 def test_adapter_rule_is_documented_identically() -> None:
     deployed = ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
-    assert deployed.read_text() == ADAPTER_RULES.read_text(), (
-        f"{deployed} differs from {ADAPTER_RULES}"
-    )
+    assert deployed.read_text() == ADAPTER_RULES.read_text(), f"{deployed} differs from {ADAPTER_RULES}"
 
     def squash(text: str) -> str:
         return re.sub(r"[\s#]+", " ", text)
@@ -214,9 +210,7 @@ def test_adapter_rule_is_documented_identically() -> None:
         assert query in squash(doc.read_text()), f"{doc} does not show the adapter rule's query"
 
 
-def render_notes(
-    tools: Tools, workdir: Path, *values_files: Path, set_values: Sequence[str] = ()
-) -> str:
+def render_notes(tools: Tools, workdir: Path, *values_files: Path, set_values: Sequence[str] = ()) -> str:
     """NOTES.txt as an install would print it.
 
     ``helm template`` skips NOTES.txt and ``helm install --dry-run`` needs a
@@ -242,9 +236,7 @@ def render_notes(
     proc = tools.run(args)
     assert proc.returncode == 0, output_of(proc)
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    notes_map = next(
-        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "notes"
-    )
+    notes_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "notes")
     text: str = notes_map["data"]["notes"]
     return text
 
@@ -290,9 +282,7 @@ def test_monitoring_crd_objects_only_when_the_crds_exist(tools: Tools) -> None:
     assert endpoint["port"] == "http"
     assert endpoint["path"] == "/metrics"
     service = one(only_sm, "Service")
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    )
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert "http" in {p["name"] for p in service["spec"]["ports"]}
 
     both = tools.render(GPU_VALUES, api_versions=(SERVICE_MONITOR_API, PROMETHEUS_RULE_API))
@@ -333,9 +323,7 @@ def test_drain_timeout_comes_from_values(tools: Tools) -> None:
         ["lifecycle.preStopSleepSeconds=45"],
     ],
 )
-def test_chart_refuses_a_grace_period_shorter_than_the_drain(
-    tools: Tools, settings: list[str]
-) -> None:
+def test_chart_refuses_a_grace_period_shorter_than_the_drain(tools: Tools, settings: list[str]) -> None:
     proc = tools.template(GPU_VALUES, set_values=settings)
     assert proc.returncode != 0, output_of(proc)
     assert "terminationGracePeriodSeconds" in proc.stderr, output_of(proc)
@@ -365,9 +353,7 @@ def test_existing_secret_is_used_instead_of_the_charts(cpu_docs: Docs) -> None:
 
 
 def test_given_api_keys_land_in_the_secret(tools: Tools) -> None:
-    docs = tools.render(
-        GPU_VALUES, set_values=["auth.apiKeys={first-key-0123456789,second-key-0123456789}"]
-    )
+    docs = tools.render(GPU_VALUES, set_values=["auth.apiKeys={first-key-0123456789,second-key-0123456789}"])
     data = base64.b64decode(one(docs, "Secret")["data"]["api-keys"]).decode()
     assert data.splitlines() == ["first-key-0123456789", "second-key-0123456789"]
 
@@ -395,9 +381,7 @@ def test_pdb_network_policy_and_service(gpu_docs: Docs, default_docs: Docs) -> N
 
 
 def test_dashboard_configmap_carries_the_dashboard(gpu_docs: Docs) -> None:
-    configmap = next(
-        c for c in find(gpu_docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
-    )
+    configmap = next(c for c in find(gpu_docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     canonical = (CHART / "dashboards" / "kiln.json").read_text()
     assert configmap["data"]["kiln.json"] == canonical.rstrip("\n")

@@ -59,9 +59,7 @@ def dashboard_panels() -> list[dict[str, Any]]:
 
 def dashboard_expressions() -> list[str]:
     exprs = [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
-    exprs += [
-        v["query"]["query"] for v in dashboard()["templating"]["list"] if v["type"] == "query"
-    ]
+    exprs += [v["query"]["query"] for v in dashboard()["templating"]["list"] if v["type"] == "query"]
     return exprs
 
 
@@ -73,13 +71,10 @@ def test_server_exports_the_metrics_deploy_relies_on() -> None:
     registry = CollectorRegistry()
     KilnMetrics(registry)
     exported = {
-        f"{family.name}_total" if family.type == "counter" else family.name
-        for family in registry.collect()
+        f"{family.name}_total" if family.type == "counter" else family.name for family in registry.collect()
     }
     kiln_names = {name for name in KILN_METRICS if name.startswith("kiln_")}
-    assert kiln_names <= exported, (
-        f"not exported by service.metrics: {sorted(kiln_names - exported)}"
-    )
+    assert kiln_names <= exported, f"not exported by service.metrics: {sorted(kiln_names - exported)}"
 
     sources = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
     for name in KILN_METRICS - kiln_names:
@@ -112,9 +107,7 @@ def test_dashboard_uses_only_metrics_kiln_exports() -> None:
     used = metric_names(dashboard_expressions())
     assert used <= KILN_METRICS, f"unknown metrics in the dashboard: {sorted(used - KILN_METRICS)}"
     # Every exported metric is on the dashboard.
-    assert used == KILN_METRICS, (
-        f"metrics missing from the dashboard: {sorted(KILN_METRICS - used)}"
-    )
+    assert used == KILN_METRICS, f"metrics missing from the dashboard: {sorted(KILN_METRICS - used)}"
 
 
 def test_alerts_cover_latency_queue_rejections_and_builds() -> None:
@@ -153,8 +146,7 @@ def test_dashboard_shows_what_operators_need() -> None:
     exprs = "\n".join(dashboard_expressions())
     for quantile in ("0.5", "0.9", "0.99"):
         assert (
-            f"histogram_quantile({quantile}, sum by (le) (rate(kiln_request_duration_seconds_bucket"
-            in exprs
+            f"histogram_quantile({quantile}, sum by (le) (rate(kiln_request_duration_seconds_bucket" in exprs
         )
     assert "rate(kiln_inferences_total" in exprs  # throughput
     assert "kiln_batch_size_bucket" in exprs  # batch size distribution
@@ -219,7 +211,5 @@ def test_compose_stack_wires_kiln_prometheus_and_grafana() -> None:
     assert Path(grafana_mounts["./grafana/dashboards"]) == Path("/var/lib/grafana/dashboards")
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/kiln.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
-    datasource = yaml.safe_load(
-        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
-    )
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"

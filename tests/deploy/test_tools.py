@@ -116,9 +116,7 @@ def _promtool(tools: Tools) -> Path:
 
 
 def test_promtool_check_rules(tools: Tools) -> None:
-    proc = tools.run(
-        [_promtool(tools), "check", "rules", ROOT / "deploy/prometheus/rules/kiln-alerts.yaml"]
-    )
+    proc = tools.run([_promtool(tools), "check", "rules", ROOT / "deploy/prometheus/rules/kiln-alerts.yaml"])
     assert proc.returncode == 0, output_of(proc)
 
 
@@ -130,9 +128,7 @@ def test_promtool_alert_unit_tests(tools: Tools) -> None:
 
 
 def test_promtool_check_config(tools: Tools) -> None:
-    proc = tools.run(
-        [_promtool(tools), "check", "config", ROOT / "deploy/prometheus/prometheus.yml"]
-    )
+    proc = tools.run([_promtool(tools), "check", "config", ROOT / "deploy/prometheus/prometheus.yml"])
     assert proc.returncode == 0, output_of(proc)
 
 

@@ -28,9 +28,7 @@ ENGINES = {
 
 
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
-) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]) -> Iterator[ServerProcess]:
     process = ServerProcess(tmp_path_factory.mktemp("triton") / "store").start()
     try:
         with process.client() as http:
@@ -111,9 +109,7 @@ def test_infer_equals_onnxruntime(
     }
     for engine, (model, feeds) in cases.items():
         want = reference_outputs(model_files[model], feeds)
-        outputs = (
-            None if binary else [triton.InferRequestedOutput(n, binary_data=False) for n in want]
-        )
+        outputs = None if binary else [triton.InferRequestedOutput(n, binary_data=False) for n in want]
         result = client.infer(
             engine, inputs_of(feeds, binary=binary), outputs=outputs, request_id=f"{engine}-1"
         )
@@ -171,9 +167,7 @@ def test_errors_raise_inference_server_exception(client: triton.InferenceServerC
 
     wrong_type = triton.InferInput("x", [1, 16], "FP64")
     wrong_type.set_data_from_numpy(x.astype(np.float64))
-    with pytest.raises(
-        InferenceServerException, match="datatype FP64; the model expects FP32"
-    ) as bad:
+    with pytest.raises(InferenceServerException, match="datatype FP64; the model expects FP32") as bad:
         client.infer("mlp", [wrong_type])
     assert bad.value.status() == "400"
 
@@ -194,9 +188,7 @@ def test_timeout_parameter_bounds_the_time_in_the_queue(
     assert client.infer("batched", inputs_of({"x": x}), timeout=5_000_000).as_numpy("y") is not None
 
 
-def test_compressed_requests(
-    client: triton.InferenceServerClient, model_files: dict[str, Path]
-) -> None:
+def test_compressed_requests(client: triton.InferenceServerClient, model_files: dict[str, Path]) -> None:
     x = np.random.default_rng(5).standard_normal((2, 16)).astype(np.float32)
     want = reference_outputs(model_files["mlp"], {"x": x})["y"]
     for algorithm in ("gzip", "deflate"):

@@ -29,9 +29,7 @@ MAX_ELEMENTS = 10_000
 MAX_DEPTH = 8
 
 
-def signature(
-    *inputs: TensorSpec, outputs: tuple[TensorSpec, ...] = (), batchable: bool = True
-) -> Signature:
+def signature(*inputs: TensorSpec, outputs: tuple[TensorSpec, ...] = (), batchable: bool = True) -> Signature:
     outputs = outputs or (TensorSpec("y", "float32", (-1, 4)),)
     return Signature(inputs=inputs, outputs=outputs, batchable=batchable)
 
@@ -52,9 +50,7 @@ def body_of(header: dict[str, Any], *binary: bytes) -> tuple[bytes, str | None]:
     return json_bytes + b"".join(binary), str(len(json_bytes))
 
 
-def parse(
-    body: bytes, header_length: str | None, sig: Signature = MLP, **limits: int
-) -> InferRequest:
+def parse(body: bytes, header_length: str | None, sig: Signature = MLP, **limits: int) -> InferRequest:
     return parse_infer_request(
         body,
         header_length,
@@ -224,9 +220,7 @@ def test_all_json_response_is_plain_json_without_the_header_length() -> None:
 def test_json_data_nested_and_flat_give_the_same_feed() -> None:
     values = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
     flat = [v for row in values for v in row]
-    nested = parse(
-        *body_of({"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": values}]})
-    )
+    nested = parse(*body_of({"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": values}]}))
     flat_request = parse(
         *body_of({"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": flat}]})
     )
@@ -448,25 +442,13 @@ def test_json_values_outside_the_input_dtype_are_refused() -> None:
     sig = signature(TensorSpec("ids", "uint8", (-1, 2)))
     with pytest.raises(InvalidInput, match="outside the range of uint8"):
         parse(
-            *body_of(
-                {
-                    "inputs": [
-                        {"name": "ids", "shape": [1, 2], "datatype": "UINT8", "data": [1, 300]}
-                    ]
-                }
-            ),
+            *body_of({"inputs": [{"name": "ids", "shape": [1, 2], "datatype": "UINT8", "data": [1, 300]}]}),
             sig,
         )
     sig = signature(TensorSpec("ids", "int64", (-1, 2)))
     with pytest.raises(InvalidInput, match="non-integral"):
         parse(
-            *body_of(
-                {
-                    "inputs": [
-                        {"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2.5]}
-                    ]
-                }
-            ),
+            *body_of({"inputs": [{"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2.5]}]}),
             sig,
         )
 
@@ -482,9 +464,7 @@ def test_missing_and_duplicated_inputs_are_refused() -> None:
 def test_too_many_elements_are_refused_before_any_array_is_built() -> None:
     header = binary_x(12, shape=[1000, 1000])
     json_bytes = orjson.dumps(header)
-    with pytest.raises(
-        BadRequest, match="brings the request to 1000000 elements; the limit is 100"
-    ):
+    with pytest.raises(BadRequest, match="brings the request to 1000000 elements; the limit is 100"):
         parse(json_bytes + b"\x00" * 12, str(len(json_bytes)), max_tensor_elements=100)
 
 
@@ -553,9 +533,7 @@ def test_request_bodies_are_decompressed(encoding: str | None, compress: Any) ->
 def test_decompression_stops_at_the_request_limit() -> None:
     bomb = gzip.compress(b"\x00" * 10_000_000)
     assert len(bomb) < 20_000
-    with pytest.raises(
-        PayloadTooLarge, match="decompressed request body is larger than the limit of 4096"
-    ):
+    with pytest.raises(PayloadTooLarge, match="decompressed request body is larger than the limit of 4096"):
         decompress_body(bomb, "gzip", 4096)
 
 

@@ -25,9 +25,7 @@ ENGINES = ("mlp", "two_in_two_out", "int64_embedding", "fixed_batch_one")
 
 
 @pytest.fixture(scope="module")
-def client(
-    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
-) -> Iterator[TestClient]:
+def client(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]) -> Iterator[TestClient]:
     settings = Settings(
         store=tmp_path_factory.mktemp("kserve-store"),
         backend="onnxruntime",
@@ -43,9 +41,7 @@ def client(
         yield test_client
 
 
-def binary_request(
-    inputs: dict[str, tuple[str, np.ndarray]], **extra: Any
-) -> tuple[bytes, dict[str, str]]:
+def binary_request(inputs: dict[str, tuple[str, np.ndarray]], **extra: Any) -> tuple[bytes, dict[str, str]]:
     """A body and headers as tritonclient sends them: binary inputs, no Content-Type."""
     header = {
         "inputs": [
@@ -73,9 +69,7 @@ def binary_outputs(response: Any) -> dict[str, np.ndarray]:
     for output in header["outputs"]:
         size = output["parameters"]["binary_data_size"]
         chunk = response.content[offset : offset + size]
-        arrays[output["name"]] = np.frombuffer(chunk, dtypes[output["datatype"]]).reshape(
-            output["shape"]
-        )
+        arrays[output["name"]] = np.frombuffer(chunk, dtypes[output["datatype"]]).reshape(output["shape"])
         offset += size
     assert offset == len(response.content)
     return arrays
@@ -171,9 +165,7 @@ def test_unbatched_model_reports_max_batch_size_0_and_full_dims(client: TestClie
         ("/v2/models/mlp/versions/x/ready", 400),
     ],
 )
-def test_model_readiness_is_200_or_400_with_an_empty_body(
-    client: TestClient, path: str, status: int
-) -> None:
+def test_model_readiness_is_200_or_400_with_an_empty_body(client: TestClient, path: str, status: int) -> None:
     response = client.get(path)
     assert response.status_code == status
     assert response.content == b""
@@ -238,18 +230,14 @@ def test_json_infer_equals_onnxruntime(client: TestClient, model_files: dict[str
     assert v2_requests(client, "mlp") == before + 1
 
 
-def test_binary_infer_with_an_output_subset(
-    client: TestClient, model_files: dict[str, Path]
-) -> None:
+def test_binary_infer_with_an_output_subset(client: TestClient, model_files: dict[str, Path]) -> None:
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((2, 4)).astype(np.float32) for _ in range(2))
     body, headers = binary_request(
         {"a": ("FP32", a), "b": ("FP32", b)},
         outputs=[{"name": "prod", "parameters": {"binary_data": True}}],
     )
-    response = client.post(
-        "/v2/models/two_in_two_out/versions/1/infer", content=body, headers=headers
-    )
+    response = client.post("/v2/models/two_in_two_out/versions/1/infer", content=body, headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
     outputs = binary_outputs(response)
@@ -267,9 +255,7 @@ def test_int64_inputs_binary_and_json(client: TestClient, model_files: dict[str,
     as_json = client.post(
         "/v2/models/int64_embedding/infer",
         json={
-            "inputs": [
-                {"name": "ids", "shape": [4, 5], "datatype": "INT64", "data": ids.ravel().tolist()}
-            ]
+            "inputs": [{"name": "ids", "shape": [4, 5], "datatype": "INT64", "data": ids.ravel().tolist()}]
         },
     )
     np.testing.assert_allclose(
@@ -300,9 +286,7 @@ def test_raw_binary_and_gzip_bodies(client: TestClient, model_files: dict[str, P
     )
 
 
-def test_unbatched_model_infers_its_fixed_shape(
-    client: TestClient, model_files: dict[str, Path]
-) -> None:
+def test_unbatched_model_infers_its_fixed_shape(client: TestClient, model_files: dict[str, Path]) -> None:
     x = np.arange(6, dtype=np.float32).reshape(1, 6) / 6
     body, headers = binary_request({"x": ("FP32", x)}, parameters={"binary_data_output": True})
     response = client.post("/v2/models/fixed_batch_one/infer", content=body, headers=headers)
@@ -368,9 +352,7 @@ def test_unknown_model_infer_is_404(client: TestClient) -> None:
 
 def test_decompression_bomb_is_413(client: TestClient) -> None:
     bomb = gzip.compress(b" " * (1024 * 1024))
-    response = client.post(
-        "/v2/models/mlp/infer", content=bomb, headers={"Content-Encoding": "gzip"}
-    )
+    response = client.post("/v2/models/mlp/infer", content=bomb, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 413
     assert "decompressed request body is larger than the limit" in response.json()["error"]
 
@@ -409,9 +391,7 @@ def test_draining_server_is_not_ready_and_refuses_inference(protected: TestClien
     try:
         assert protected.get("/v2/health/ready").status_code == 400
         assert protected.get("/v2/health/live").status_code == 200
-        response = protected.post(
-            "/v2/models/mlp/infer", json={"inputs": [X16]}, headers={"X-API-Key": "k1"}
-        )
+        response = protected.post("/v2/models/mlp/infer", json={"inputs": [X16]}, headers={"X-API-Key": "k1"})
         assert response.status_code == 503
         assert response.json() == {"error": "the server is shutting down"}
     finally:
