@@ -12,6 +12,11 @@ the ``preferred_batch_sizes``, or when its oldest request has waited
 ``max_queue_delay_ms``. With a delay of 0 a worker never waits for more requests:
 it runs what is queued, and batches grow on their own while a run is under way.
 
+With a ``latency_target_ms`` the batcher is adaptive: it fits the engine's
+measured latency per batch size as a line, tracks the arrival rate, and picks
+the delay and batch cap that keep fill time plus run time within the target
+(``adaptive_plan``); the chosen delay is exported as a metric.
+
 A full queue rejects at once (``Unavailable``, 503 with Retry-After); a request
 whose deadline passes while queued fails with ``DeadlineExceeded`` (504) and is
 never run; a request whose client went away is dropped from the queue. One
@@ -50,6 +55,7 @@ class BatchingConfig:
     max_queue_size: int = 256
     timeout_ms: float = 30_000.0
     instances: int = 1
+    latency_target_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,6 +69,44 @@ class BatchingConfig:
         return cls(**values)
 
 
+def fit_batch_cost(latency_ms: Mapping[int, float]) -> tuple[float, float]:
+    """Least-squares line ``cost(b) = fixed + per_row * b`` (ms) through a profile of
+    batch size → latency; one point gives a line through the origin."""
+    points = sorted((int(b), float(ms)) for b, ms in latency_ms.items())
+    if not points:
+        return 0.0, 0.0
+    if len(points) == 1:
+        b, ms = points[0]
+        return 0.0, ms / b
+    n = len(points)
+    mean_b = sum(b for b, _ in points) / n
+    mean_ms = sum(ms for _, ms in points) / n
+    spread = sum((b - mean_b) ** 2 for b, _ in points)
+    per_row = sum((b - mean_b) * (ms - mean_ms) for b, ms in points) / spread
+    per_row = max(per_row, 0.0)
+    return max(mean_ms - per_row * mean_b, 0.0), per_row
+
+
+def adaptive_plan(
+    fixed_ms: float, per_row_ms: float, arrivals_per_s: float, target_ms: float, max_batch: int
+) -> tuple[float, int]:
+    """The queue delay (seconds) and batch cap that keep a request's expected time in
+    server (waiting for the batch to fill, then running it) within ``target_ms``.
+
+    The largest batch whose fill time ``(b - 1) / rate`` plus its run time fits the
+    target wins; the delay is that fill time, so a lone request never waits longer
+    than the target leaves after its own run."""
+    best_cap, best_delay = 1, 0.0
+    if arrivals_per_s <= 0:
+        return 0.0, max_batch
+    for batch in range(1, max_batch + 1):
+        run_ms = fixed_ms + per_row_ms * batch
+        fill_ms = 1000.0 * (batch - 1) / arrivals_per_s
+        if run_ms + fill_ms <= target_ms:
+            best_cap, best_delay = batch, fill_ms / 1000.0
+    return best_delay, best_cap
+
+
 class BatchObserver(Protocol):
     """What the batcher reports (the service's metrics implement it)."""
 
@@ -72,6 +116,8 @@ class BatchObserver(Protocol):
 
     def rejected(self, reason: str) -> None: ...
 
+    def adapted(self, delay_s: float, batch_cap: int) -> None: ...
+
 
 class BatchError(RuntimeError):
     """The engine's outputs cannot be split back into the batch's requests."""
@@ -80,6 +126,8 @@ class BatchError(RuntimeError):
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 DISCONNECT_CHECK_AFTER_S = 0.05
+ADAPTIVE_SMOOTHING = 0.02
+ADAPTIVE_REPLAN_S = 0.1
 
 
 class _Pending:
@@ -163,6 +211,7 @@ class DynamicBatcher:
         batchable: bool,
         observer: BatchObserver | None = None,
         name: str = "engine",
+        latency_profile_ms: Mapping[int, float] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.config = config
@@ -179,6 +228,15 @@ class DynamicBatcher:
         self._accepting = False
         self._preferred = sorted(set(config.preferred_batch_sizes))
         self._delay_s = config.max_queue_delay_ms / 1000.0
+        self._cap = config.max_batch_size
+        # Adaptive mode: with a latency target, delay and cap follow the arrival rate.
+        self._adaptive = config.latency_target_ms is not None and batchable
+        self._cost = fit_batch_cost(latency_profile_ms or {})
+        self._arrival_rate = 0.0
+        self._last_arrival = 0.0
+        self._next_plan_at = 0.0
+        if self._adaptive:
+            self._delay_s = 0.0  # the target replaces max_queue_delay_ms
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -259,6 +317,8 @@ class DynamicBatcher:
         pending.timer = loop.call_later(timeout_s, self._expire, pending)
         self._queue.append(pending)
         self._report_depth()
+        if self._adaptive:
+            self._observe_arrival(pending.enqueued)
         self._wakeup.set()
         watch: asyncio.TimerHandle | None = None
         watcher: asyncio.Future[Any] | None = None
@@ -282,6 +342,28 @@ class DynamicBatcher:
                 watch.cancel()
             if watcher is not None:
                 watcher.cancel()
+
+    def _observe_arrival(self, now: float) -> None:
+        """Track the arrival rate (an exponential moving average over about 50
+        arrivals) and re-plan the delay and cap at most every 100 ms."""
+        if self._last_arrival:
+            gap = max(now - self._last_arrival, 1e-6)
+            self._arrival_rate += (1.0 / gap - self._arrival_rate) * ADAPTIVE_SMOOTHING
+        self._last_arrival = now
+        if now < self._next_plan_at:
+            return
+        self._next_plan_at = now + ADAPTIVE_REPLAN_S
+        assert self.config.latency_target_ms is not None
+        self._delay_s, self._cap = adaptive_plan(
+            *self._cost, self._arrival_rate, self.config.latency_target_ms, self.config.max_batch_size
+        )
+        if self.observer is not None:
+            self.observer.adapted(self._delay_s, self._cap)
+
+    @property
+    def plan(self) -> tuple[float, int]:
+        """The current queue delay (seconds) and batch cap."""
+        return self._delay_s, self._cap
 
     def _rows_and_key(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, tuple[Any, ...]]:
         if not self.batchable:
@@ -374,12 +456,7 @@ class DynamicBatcher:
                 return [oldest]
             selected, rows, cut = self._gather(oldest.key)
             waited = time.monotonic() - oldest.enqueued
-            if (
-                cut is not None
-                or rows >= self.config.max_batch_size
-                or waited >= self._delay_s
-                or not self._accepting
-            ):
+            if cut is not None or rows >= self._cap or waited >= self._delay_s or not self._accepting:
                 chosen = selected if cut is None else selected[:cut]
                 self._take(chosen)
                 return chosen
@@ -393,11 +470,11 @@ class DynamicBatcher:
         selected: list[_Pending] = []
         rows = 0
         cut = None
-        limit = self.config.max_batch_size
+        limit = self._cap
         for pending in self._queue:
             if pending.key != key:
                 continue
-            if rows + pending.rows > limit:
+            if selected and rows + pending.rows > limit:
                 break
             selected.append(pending)
             rows += pending.rows

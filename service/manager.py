@@ -285,6 +285,9 @@ class EngineManager:
             batchable=signature.batchable,
             observer=self.metrics.engine_observer(version.name, version.version),
             name=f"{version.name}-v{version.version}",
+            latency_profile_ms={
+                int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()
+            },
         )
         batcher.start()
         version.runner = runner

@@ -91,6 +91,12 @@ class KilnMetrics:
             ["engine", "version"],
             registry=r,
         )
+        self.batch_delay = Gauge(
+            "kiln_batch_delay_seconds",
+            "Queue delay the adaptive batcher chose (engines with a latency target)",
+            ["engine", "version"],
+            registry=r,
+        )
         self.batches = Counter(
             "kiln_batches",
             "Batch runs (executions)",
@@ -137,6 +143,7 @@ class KilnMetrics:
             self.compute_duration,
             self.batch_size,
             self.queue_depth,
+            self.batch_delay,
             self.inferences,
             self.batches,
         ):
@@ -154,6 +161,7 @@ class EngineObserver:
         self._batch_size = metrics.batch_size.labels(engine, version)
         self._inferences = metrics.inferences.labels(engine, version)
         self._batches = metrics.batches.labels(engine, version)
+        self._delay = metrics.batch_delay.labels(engine, version)
         self._rejections = {
             reason: metrics.rejections.labels(engine, version, reason)
             for reason in ("queue_full", "deadline", "stopping")
@@ -169,6 +177,9 @@ class EngineObserver:
         self._batches.inc()
         for wait in queue_waits_s:
             self._queue_duration.observe(wait)
+
+    def adapted(self, delay_s: float, batch_cap: int) -> None:
+        self._delay.set(delay_s)
 
     def rejected(self, reason: str) -> None:
         counter = self._rejections.get(reason)

@@ -96,6 +96,12 @@ class EngineVersion:
             created_at=float(record.get("created_at", time.time())),
         )
 
+    def _adaptive_status(self) -> dict[str, Any] | None:
+        if self.batcher is None or self.batching.latency_target_ms is None:
+            return None
+        delay_s, cap = self.batcher.plan
+        return {"delay_ms": round(delay_s * 1000, 3), "batch_cap": cap}
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "state": str(self.state), "url": self.url}
 
@@ -124,6 +130,7 @@ class EngineVersion:
             "created_at": self.created_at,
             "build_options": self.options.to_dict(),
             "batching": self.batching.to_dict(),
+            "adaptive": self._adaptive_status(),
             "report": report,
         }
 

@@ -30,6 +30,7 @@ class UploadFields(BaseModel):
     max_queue_size: int | None = Field(None, ge=1, le=1_000_000)
     timeout_ms: float | None = Field(None, gt=0, le=3_600_000)
     instances: int | None = Field(None, ge=1, le=64)
+    latency_target_ms: float | None = Field(None, gt=0, le=600_000)
     shapes: dict[str, dict[str, list[int]]] | None = None
     workspace_bytes: int | None = Field(None, ge=1)
     optimization_level: int | None = Field(None, ge=0, le=5)
@@ -128,5 +129,6 @@ def to_options(
         max_queue_size=fields.max_queue_size or settings.max_queue_size,
         timeout_ms=fields.timeout_ms or settings.timeout_ms,
         instances=fields.instances or settings.instances,
+        latency_target_ms=fields.latency_target_ms,
     )
     return options, batching

@@ -219,3 +219,13 @@ def test_unknown_route_is_a_json_404(client: TestClient) -> None:
     response = client.get("/nowhere")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found"
+
+
+def test_latency_target_makes_the_batcher_adaptive(client: TestClient, model_files: dict[str, Path]) -> None:
+    upload(client, model_files["mlp"], "adaptive", latency_target_ms="20")
+    status = wait_for_state(client, "adaptive")
+    assert status["batching"]["latency_target_ms"] == 20
+    assert status["adaptive"] == {"delay_ms": 0.0, "batch_cap": 8}
+    assert predict(client, "adaptive", [[0.0] * 16]).status_code == 200
+    assert 'kiln_batch_delay_seconds{engine="adaptive",version="1"}' in client.get("/metrics").text
+    assert client.get("/engines/mlp").json()["adaptive"] is None

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from service.batching import BatchingConfig, DynamicBatcher
+from service.batching import BatchingConfig, DynamicBatcher, adaptive_plan, fit_batch_cost
 from service.errors import BadRequest, DeadlineExceeded, Unavailable
 
 
@@ -256,3 +256,64 @@ async def test_stop_lets_queued_requests_finish_then_refuses_new_ones() -> None:
     assert len(results) == 5 and sum(engine.batches) == 5
     with pytest.raises(Unavailable):
         await batcher.infer(rows(1))
+
+
+def test_batch_cost_is_fitted_as_a_line() -> None:
+    fixed, per_row = fit_batch_cost({1: 1.5, 4: 3.0, 8: 5.0})
+    assert fixed == pytest.approx(1.0, abs=0.01)
+    assert per_row == pytest.approx(0.5, abs=0.01)
+    assert fit_batch_cost({4: 2.0}) == (0.0, 0.5)
+
+
+def test_adaptive_plan_fits_fill_and_run_time_in_the_target() -> None:
+    # 1 ms + 0.5 ms per row; 10 ms target.
+    # 2,000 requests/s: 8 rows fill in 3.5 ms and run in 5 ms -> 8.5 ms, within target.
+    delay, cap = adaptive_plan(1.0, 0.5, 2000.0, 10.0, 8)
+    assert cap == 8 and delay == pytest.approx(0.0035)
+    # 100 requests/s: a second request takes 10 ms to come: run alone, no waiting.
+    assert adaptive_plan(1.0, 0.5, 100.0, 10.0, 8) == (0.0, 1)
+    # 500 requests/s: fill 2 ms per row; 3 rows -> 4 ms + 2.5 ms = 6.5; 4 rows -> 6 + 3 = 9.
+    delay, cap = adaptive_plan(1.0, 0.5, 500.0, 10.0, 8)
+    assert cap == 4 and delay == pytest.approx(0.006)
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.plans: list[tuple[float, int]] = []
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, rows: int, requests: int, compute_s: float, queue_waits_s: list[float]) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+    def adapted(self, delay_s: float, batch_cap: int) -> None:
+        self.plans.append((delay_s, batch_cap))
+
+
+async def test_adaptive_batcher_follows_the_arrival_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.batching.ADAPTIVE_REPLAN_S", 0.0)  # re-plan on every arrival
+    engine = FakeEngine()
+    observer = RecordingObserver()
+    batcher = DynamicBatcher(
+        engine,
+        BatchingConfig(max_batch_size=8, latency_target_ms=50),
+        batchable=True,
+        observer=observer,
+        name="adaptive",
+        latency_profile_ms={1: 1.0, 8: 4.0},
+    )
+    batcher.start()
+    # A lone first request: no rate known yet, so it runs without waiting.
+    await asyncio.wait_for(batcher.infer(rows(1)), timeout=1.0)
+    assert batcher.plan == (0.0, 8)
+    # A burst: the measured rate is high, so the plan allows waiting to fill batches.
+    await asyncio.gather(*(batcher.infer(rows(1)) for _ in range(200)))
+    await batcher.stop()
+    assert observer.plans, "the plan was never exported"
+    delay, cap = observer.plans[-1]
+    assert cap == 8 and 0.0 < delay <= 0.05
+    assert max(engine.batches) > 1
