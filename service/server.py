@@ -79,6 +79,7 @@ def run_server(settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         server_header=False,
+        loop=settings.event_loop,
         # With JSON logs, uvicorn's own lines go through the root handler as JSON too.
         **({"log_config": None} if settings.log_json else {}),
     )
