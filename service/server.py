@@ -12,6 +12,7 @@ by SIGTERM" after a clean drain.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from types import FrameType
@@ -43,6 +44,11 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         state.draining = True
+        # The handler runs inside whatever callback the signal interrupted, maybe one
+        # of a request's: start the drain in an empty context, not with that request's id.
+        contextvars.Context().run(self._start_drain, state, sig)
+
+    def _start_drain(self, state: AppState, sig: int) -> None:
         log.info("signal %d: draining for up to %.0f s", sig, self.settings.drain_timeout_s)
         self._drain_task = asyncio.get_event_loop().create_task(self._drain_then_exit(state))
 

@@ -410,7 +410,14 @@ def test_sigterm_under_load_answers_every_accepted_request(
     store = tmp_path / "store"
     server = start(servers, store, KILN_DRAIN_TIMEOUT_S="20", KILN_LOG_JSON="true")
     with server.client() as client:
-        upload(client, slow_model(tmp_path / "slow.onnx"), "slow", max_batch_size="8", max_queue_delay_ms="5")
+        created = client.post(
+            "/engines",
+            files={"model": ("slow.onnx", slow_model(tmp_path / "slow.onnx").read_bytes())},
+            data={"name": "slow", "max_batch_size": "8", "max_queue_delay_ms": "5"},
+            headers={"X-Request-ID": "upload-slow-1"},
+        )
+        assert created.status_code == 202, created.text
+        assert created.headers["x-request-id"] == "upload-slow-1"
         assert wait_for_state(client, "slow", timeout_s=120)["state"] == "ready"
     rows = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32)
     body = json.dumps({"engine": "slow", "inputs": rows.tolist()}).encode()
@@ -479,9 +486,14 @@ def test_sigterm_under_load_answers_every_accepted_request(
     # Readiness turned false (503) while draining, unless the drain beat the probe.
     assert readiness[-1:] in ([], [503]) and set(readiness) <= {200, 503}
 
-    log = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
-    assert any("draining for up to 20 s" in line["message"] for line in log)
-    assert any(line["message"] == "kiln stopped" for line in log)
+    # KILN_LOG_JSON: every line is one JSON object, uvicorn's own included; the
+    # build's lines carry the id of the upload that started it.
+    log = [json.loads(line) for line in server.log.read_text().splitlines() if line.strip()]
+    by_message = {line["message"]: line for line in log}
+    assert by_message["engine slow v1 is ready (onnxruntime, fp32)"]["request_id"] == "upload-slow-1"
+    assert "request_id" not in by_message["signal 15: draining for up to 20 s"]
+    assert "kiln stopped" in by_message
+    assert "Finished server process" in " ".join(by_message)
 
 
 def test_sigterm_during_a_build_stops_the_child_and_exits_0(
