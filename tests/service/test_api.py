@@ -117,6 +117,7 @@ def test_integer_inputs_refuse_fractions_and_out_of_range(client: TestClient) ->
         ({"engine": "mlp", "inputs": {"x": [[1.0] * 15]}}, 400, "dimension 1 must be 16"),
         ({"engine": "mlp", "inputs": {"x": [["a"] * 16]}}, 400, "only numbers"),
         ({"engine": "mlp", "inputs": {"x": [[1.0] * 16, [1.0]]}}, 400, "rectangular"),
+        ({"engine": "mlp", "inputs": {"x": [[1e300] * 16]}}, 400, "too large for float32"),
         ({"engine": "mlp"}, 400, "'inputs' is required"),
         ({"inputs": [[1.0]]}, 400, "'engine'"),
         ({"engine": "mlp", "version": "one", "inputs": [[1.0]]}, 400, "'version'"),
