@@ -18,6 +18,7 @@ import time
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from service.app import create_app
 from service.settings import Settings
@@ -87,6 +88,6 @@ def run_server(settings: Settings) -> None:
         server_header=False,
         loop=settings.event_loop,
         # With JSON logs, uvicorn's own lines go through the root handler as JSON too.
-        **({"log_config": None} if settings.log_json else {}),
+        log_config=None if settings.log_json else LOGGING_CONFIG,
     )
     DrainingServer(config, settings).run()
