@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -462,3 +463,27 @@ def test_a_model_needing_a_huge_tensor_is_422(client: TestClient) -> None:
 )
 def test_undecodable_models_are_400(client: TestClient, content: bytes, match: str) -> None:
     assert_error(post_model(client, content), 400, match, "invalid_model")
+
+
+@pytest.mark.parametrize(
+    ("env", "loop", "json_logs"),
+    [({}, "auto", False), ({"KILN_EVENT_LOOP": "asyncio", "KILN_LOG_JSON": "true"}, "asyncio", True)],
+)
+def test_serve_hands_the_event_loop_and_log_format_to_uvicorn(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], loop: str, json_logs: bool
+) -> None:
+    from service import server
+
+    seen: list[Any] = []
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: seen.append(self.config))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert seen[0].loop == loop
+    assert (seen[0].log_config is None) is json_logs
