@@ -31,6 +31,8 @@ from service.settings import Settings
 from service.upload_options import parse_upload_fields, to_options
 from tests.conftest import upload, wait_for_state
 
+pytestmark = pytest.mark.slow  # about 40 s in all
+
 FUZZ = settings(
     max_examples=250,
     deadline=None,
