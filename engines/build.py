@@ -21,9 +21,9 @@ import numpy as np
 
 from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
-from engines.errors import AccuracyRejected, CalibrationError, EngineError
+from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidModel
 from engines.onnx_model import load_model, read_signature
-from engines.store import EngineStore
+from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions, Precision, Signature
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
@@ -101,6 +101,10 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
 
     with phase_timer("validate"):
         model_path = store.model_path(job.model_sha256)
+        if not model_path.exists() or sha256_file(model_path) != job.model_sha256:
+            raise InvalidModel(
+                "the stored model is missing or its bytes changed (checksum mismatch); upload it again"
+            )
         model = load_model(model_path)
         signature = read_signature(model)
         del model

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,14 +107,19 @@ class EngineStore:
     def write_json(self, destination: Path, value: Any) -> None:
         self.write_bytes(destination, json.dumps(value, indent=2, sort_keys=True).encode())
 
-    def cleanup_tmp(self) -> int:
-        """Remove leftovers of interrupted writes: everything in ``tmp/``, and engine
+    def cleanup_tmp(self, older_than_s: float = 0.0) -> int:
+        """Remove leftovers of interrupted writes: entries of ``tmp/``, and engine
         directories that were never committed (a crash between publishing the
         artifact and its ``meta.json``). Returns how many entries were removed.
 
-        Call it at start-up, before any build runs on this store."""
+        Call it at start-up, before any build runs on this store. A store shared by
+        several servers passes ``older_than_s`` (longer than any upload or build),
+        so that one server's start-up leaves the others' writes in progress alone."""
         removed = 0
+        cutoff = time.time() - older_than_s
         for entry in (self.root / "tmp").iterdir():
+            if older_than_s and _mtime(entry) > cutoff:
+                continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -121,6 +127,8 @@ class EngineStore:
             removed += 1
         for entry in (self.root / "engines").iterdir():
             if entry.is_dir() and not (entry / "meta.json").exists():
+                if older_than_s and _mtime(entry) > cutoff:
+                    continue
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed
@@ -239,6 +247,13 @@ class EngineStore:
     def referenced_engines(self) -> set[str]:
         records, _ = self.load_records()
         return {r["cache_key"] for r in records if r.get("cache_key")}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _checked_sha(value: str) -> str:

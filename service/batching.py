@@ -511,7 +511,18 @@ class DynamicBatcher:
             feeds = {name: np.concatenate([p.feeds[name] for p in batch], axis=0) for name in batch[0].feeds}
         self._running += 1
         try:
-            outputs = await thread.submit(self.run_batch, feeds)
+            try:
+                outputs = await thread.submit(self.run_batch, feeds)
+            except asyncio.CancelledError:
+                # The batcher is stopping: answer this batch's requests, then stop.
+                for pending in batch:
+                    self._finish(
+                        pending,
+                        exc=Unavailable(
+                            "the engine was unloaded while this request ran", headers={"Retry-After": "1"}
+                        ),
+                    )
+                raise
             results = self._split(batch, rows, outputs)
         except Exception as exc:
             for pending in batch:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from engines import errors as engine_errors
+from service.request_id import REQUEST_ID
 
 log = logging.getLogger("kiln.errors")
 
@@ -122,6 +123,10 @@ def is_kserve(request: Request) -> bool:
 
 def error_response(request: Request, exc: BaseException) -> Response:
     status, kind, message, headers = status_of(exc)
+    request_id = REQUEST_ID.get()
+    if request_id is not None and not isinstance(exc, ServiceError | engine_errors.EngineError):
+        # Unexpected errors are answered outside the request-id middleware.
+        headers = {**headers, "X-Request-ID": request_id}
     if status >= 500 and not isinstance(exc, ServiceError):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     body = kserve_body(message) if is_kserve(request) else native_body(kind, message)

@@ -84,6 +84,9 @@ class EngineManager:
             version.progress = 1.0
         self.registry.save(version)
         self._refresh_gauges()
+        if state in (State.READY, State.FAILED) and not self._shutting_down:
+            # Versions created while others were building could not be pruned then.
+            self._spawn(self._prune_versions(version.name))
 
     def _refresh_gauges(self) -> None:
         for state, count in self.registry.count_by_state().items():
@@ -307,7 +310,9 @@ class EngineManager:
         """Bring back the versions recorded in the store. Ready ones are loaded (or
         rebuilt from the stored ONNX when the device or backend changed, or the
         artifact is corrupt); builds a restart interrupted are marked failed."""
-        removed = self.store.cleanup_tmp()
+        removed = self.store.cleanup_tmp(
+            older_than_s=self.settings.build_timeout_s + 600 if self.settings.store_shared else 0.0
+        )
         if removed:
             log.info("removed %d leftover temporary files from the store", removed)
         records, problems = self.store.load_records()

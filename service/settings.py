@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         "at once, at about a quarter more CPU per request",
     )
 
+    store_shared: bool = Field(
+        False,
+        description="the store is shared by several servers (replicas on one volume): start-up "
+        "cleans only leftovers older than the build timeout",
+    )
+
     # Builds
     build_workers: int = Field(1, ge=1, le=16, description="builds that run at once")
     build_timeout_s: float = Field(1800.0, gt=0)

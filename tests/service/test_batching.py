@@ -317,3 +317,15 @@ async def test_adaptive_batcher_follows_the_arrival_rate(monkeypatch: pytest.Mon
     delay, cap = observer.plans[-1]
     assert cap == 8 and 0.0 < delay <= 0.05
     assert max(engine.batches) > 1
+
+
+async def test_stop_during_a_running_batch_answers_its_requests() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=2, max_queue_delay_ms=50)
+    tasks = [asyncio.create_task(batcher.infer(rows(1))) for _ in range(2)]
+    await asyncio.to_thread(engine.started.wait, 5)
+    await batcher.stop(drain_timeout_s=0)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=2)
+    assert all(isinstance(r, Unavailable) and "unloaded" in str(r) for r in results)
+    engine.gate.set()
