@@ -296,17 +296,7 @@ class DynamicBatcher:
         returns first, the request is dropped from the queue and
         ``asyncio.CancelledError`` is raised.
         """
-        if not self._accepting:
-            self._reject("stopping")
-            raise Unavailable(
-                "the server is not accepting requests for this engine", headers={"Retry-After": "1"}
-            )
-        if len(self._queue) >= self.config.max_queue_size:
-            self._reject("queue_full")
-            raise Unavailable(
-                f"engine '{self.name}' has {len(self._queue)} requests queued, its limit",
-                headers={"Retry-After": "1"},
-            )
+        self.check_capacity()
         rows, key = self._rows_and_key(feeds)
         loop = asyncio.get_running_loop()
         timeout_s = self.config.timeout_ms / 1000.0
@@ -342,6 +332,22 @@ class DynamicBatcher:
                 watch.cancel()
             if watcher is not None:
                 watcher.cancel()
+
+    def check_capacity(self) -> None:
+        """Raise ``Unavailable`` (503, Retry-After) when a request would be refused:
+        routes call it before decoding a body, so that refusals under overload
+        stay cheap."""
+        if not self._accepting:
+            self._reject("stopping")
+            raise Unavailable(
+                "the server is not accepting requests for this engine", headers={"Retry-After": "1"}
+            )
+        if len(self._queue) >= self.config.max_queue_size:
+            self._reject("queue_full")
+            raise Unavailable(
+                f"engine '{self.name}' has {len(self._queue)} requests queued, its limit",
+                headers={"Retry-After": "1"},
+            )
 
     def _observe_arrival(self, now: float) -> None:
         """Track the arrival rate (an exponential moving average over about 50

@@ -206,7 +206,8 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
         body = await read_body(request, settings.max_request_bytes)
         found = _ready_version(state.registry, name, version)
         record.bind(found)
-        assert found.signature is not None
+        assert found.signature is not None and found.batcher is not None
+        found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
         body = decompress_body(body, request.headers.get("content-encoding"), settings.max_request_bytes)
         parsed = parse_infer_request(
             body,

@@ -62,7 +62,8 @@ async def predict_native(
             raise BadRequest("'timeout_ms' must be a positive number")
         found = state.registry.servable(engine, version)
         record.bind(found)
-        assert found.signature is not None
+        assert found.signature is not None and found.batcher is not None
+        found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
         feeds = decode_native_inputs(
             payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
         )
