@@ -20,7 +20,7 @@ from engines.backends import select_backend
 from engines.backends.base import Backend
 from engines.store import EngineStore
 from service.errors import install_error_handlers
-from service.fastpath import PredictFastPath
+from service.fastpath import FastPathApp
 from service.jobs import BuildRunner
 from service.manager import EngineManager
 from service.metrics import KilnMetrics
@@ -79,15 +79,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
             log.info("kiln stopped")
 
-    app = FastAPI(
+    app = FastPathApp(
         title="kiln",
         summary="Inference server for ONNX models: optimized engines, dynamic batching, KServe v2.",
         version="0.1.0",
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(PredictFastPath)
-    # Added last, so outermost: the fast path's answers carry X-Request-ID too.
+    # Outermost middleware: every answer carries X-Request-ID (the fast path sets its own).
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(engines.router)

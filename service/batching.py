@@ -383,7 +383,11 @@ class DynamicBatcher:
             )
         if rows < 1:
             raise BadRequest("the request has 0 rows")
-        key = tuple((name, array.shape[1:]) for name, array in sorted(feeds.items()))
+        if len(feeds) == 1:
+            ((name, array),) = feeds.items()
+            key: tuple[Any, ...] = ((name, array.shape[1:]),)
+        else:
+            key = tuple((name, array.shape[1:]) for name, array in sorted(feeds.items()))
         return rows, key
 
     def _abandon(self, pending: _Pending) -> None:

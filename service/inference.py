@@ -7,8 +7,7 @@ Protocol routes decode their own body into numpy feeds, then call ``infer``.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,16 @@ class RequestMetrics:
         self.engine = version.name
         self.version = str(version.version)
 
+    def __enter__(self) -> RequestMetrics:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if kind is None:
+            self.code = 200
+        elif isinstance(exc, ServiceError | EngineError):
+            self.code = status_of(exc)[0]
+        self.finish()
+
     def finish(self) -> None:
         if not self.engine:
             return  # unknown engines would let clients create label values at will
@@ -45,18 +54,10 @@ class RequestMetrics:
         )
 
 
-@contextmanager
-def counted(state: AppState, protocol: str) -> Iterator[RequestMetrics]:
-    """Times and counts the request; the status is 200 unless an error escapes."""
-    record = RequestMetrics(state, protocol)
-    try:
-        yield record
-        record.code = 200
-    except (ServiceError, EngineError) as exc:
-        record.code = status_of(exc)[0]
-        raise
-    finally:
-        record.finish()
+def counted(state: AppState, protocol: str) -> RequestMetrics:
+    """``with counted(state, "native") as record:`` times and counts the request;
+    its status is 200 unless an error escapes."""
+    return RequestMetrics(state, protocol)
 
 
 def check_intake(state: AppState) -> None:

@@ -283,7 +283,8 @@ class EngineManager:
                 ),
             )
         batcher = DynamicBatcher(
-            runner.infer,
+            # Every protocol checks each request's feeds before queueing it.
+            runner.infer_prechecked,
             batching,
             batchable=signature.batchable,
             observer=self.metrics.engine_observer(version.name, version.version),
