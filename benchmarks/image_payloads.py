@@ -20,6 +20,7 @@ import numpy as np
 from benchmarks.batching import mean_batch_size
 from benchmarks.common import hey, in_process_rows_per_second, median, start_kiln, upload
 from benchmarks.int8_models import conv_net
+from service.bench import build_request
 
 SHAPE = (1, 3, 224, 224)
 
@@ -48,21 +49,9 @@ def main() -> None:
             }
         )
     )
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": list(SHAPE),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": image.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
+    _, payload, v2_headers = build_request("v2-binary", "image-model", None, {"image": image})
     binary_body = work / "binary.body"
-    binary_body.write_bytes(header + image.tobytes())
+    binary_body.write_bytes(payload)
 
     server = start_kiln(work / "store")
     results: dict[str, list[dict[str, float]]] = {"JSON": [], "binary": []}
@@ -77,7 +66,7 @@ def main() -> None:
                     binary_body,
                     seconds=args.seconds,
                     concurrency=args.concurrency,
-                    headers={"Inference-Header-Content-Length": str(len(header))},
+                    headers=v2_headers,
                     content_type="application/octet-stream",
                 )
             )

@@ -17,6 +17,7 @@ import numpy as np
 
 from benchmarks.common import hey, median, start_kiln, upload
 from benchmarks.int8_models import conv_net
+from service.bench import build_request
 
 SHAPE = (1, 3, 64, 64)
 
@@ -35,21 +36,9 @@ def main() -> None:
     np.savez(buffer, image=rng.standard_normal((64, *SHAPE[1:])).astype(np.float32))
     calibration.write_bytes(buffer.getvalue())
     image = rng.standard_normal(SHAPE).astype(np.float32)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": list(SHAPE),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": image.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
+    _, payload, v2_headers = build_request("v2-binary", "image-model", None, {"image": image})
     body = work / "body.bin"
-    body.write_bytes(header + image.tobytes())
+    body.write_bytes(payload)
 
     server = start_kiln(work / "store")
     reports = {}
@@ -79,7 +68,7 @@ def main() -> None:
                         body,
                         seconds=args.seconds,
                         concurrency=args.concurrency,
-                        headers={"Inference-Header-Content-Length": str(len(header))},
+                        headers=v2_headers,
                         content_type="application/octet-stream",
                     )
                 )
