@@ -24,7 +24,7 @@ from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
 from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidModel
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore, sha256_file
-from engines.types import BuildOptions, Precision, Signature
+from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
 SYNTHETIC_VALIDATION_SAMPLES = 32
@@ -123,6 +123,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 # Asymmetric activations let ONNX Runtime keep Conv+Relu chains in int8;
                 # TensorRT only takes symmetric (zero-point 0) quantization.
                 symmetric_activations=backend.name == "tensorrt",
+                method=options.calibration_method,
             )
         with phase_timer("build"):
             timing_cache = store.timing_cache_path(backend.device_signature().key())
@@ -294,6 +295,7 @@ def _transform(
     *,
     auto: bool,
     symmetric_activations: bool,
+    method: CalibrationMethod,
 ) -> tuple[list[_Candidate], list[dict[str, Any]]]:
     """The candidates' ONNX files, and (for auto) the candidates whose transform
     failed, with the reason: a model with nothing to quantize still serves FP32."""
@@ -316,7 +318,7 @@ def _transform(
                         model_path,
                         onnx_path,
                         plan.calibration,
-                        method=_method(plan),
+                        method=method,
                         symmetric_activations=symmetric_activations,
                     )
         except EngineError as exc:
@@ -327,12 +329,6 @@ def _transform(
         candidates.append(_Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report))
         progress("precision", (index + 1) / len(plan.precisions))
     return candidates, dropped
-
-
-def _method(plan: _PrecisionPlan) -> Any:
-    from engines.types import CalibrationMethod
-
-    return CalibrationMethod(plan.calibration_report.get("method", "minmax"))
 
 
 def _check_accuracy(

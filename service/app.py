@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engines.backends import select_backend
-from engines.backends.base import Backend
 from engines.store import EngineStore
 from service.errors import install_error_handlers
 from service.fastpath import FastPathApp
@@ -33,25 +32,13 @@ from service.state import AppState
 log = logging.getLogger("kiln")
 
 
-def _backend_for(settings: Settings) -> tuple[Backend, str]:
-    backend, reason = select_backend(settings.backend)
-    if backend.name == "onnxruntime":
-        from engines.backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend(
-            intra_op_threads=settings.intra_op_threads,
-            session_per_instance=settings.session_per_instance,
-        )
-    return backend, reason
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = EngineStore(settings.store)
-        backend, reason = _backend_for(settings)
+        backend, reason = select_backend(settings.backend, settings.backend_options())
         log.info("backend: %s", reason)
         metrics = KilnMetrics()
         _register_gpu_metrics(metrics)

@@ -19,6 +19,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from engines.build import synthetic_feeds
+from engines.types import Signature
+
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
@@ -31,20 +34,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=["native", "v2-json", "v2-binary"], default="native")
     parser.add_argument("--api-key")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _random_inputs(signature: dict[str, Any], rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in signature["inputs"]:
-        shape = [1 if d < 0 else d for d in spec["shape"]]
-        if signature["batchable"]:
-            shape[0] = rows
-        dtype = np.dtype(spec["dtype"])
-        feeds[spec["name"]] = (
-            rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
-        )
-    return feeds
 
 
 def _v2_datatype(dtype: np.dtype) -> str:
@@ -121,7 +110,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=60) as client:
         status = (await client.get(f"/engines/{args.engine}")).raise_for_status().json()
         signature = status["report"]["signature"]
-        feeds = _random_inputs(signature, args.rows)
+        feeds = synthetic_feeds(Signature.from_dict(signature), args.rows)
         path, body, request_headers = build_request(args.protocol, args.engine, args.version, feeds)
         before = parse_histogram((await client.get("/metrics")).text, "kiln_batch_size", args.engine)
         latencies: list[float] = []

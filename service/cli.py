@@ -73,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
     from engines.onnx_model import load_model, read_signature
     from engines.store import EngineStore, sha256_file
-    from engines.types import BuildOptions, Precision
+    from engines.types import BuildOptions, Precision, engine_cache_key
     from service.batching import BatchingConfig
     from service.manager import EngineManager
     from service.registry import EngineVersion, State, check_name
@@ -85,7 +85,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 2
     name = check_name(args.name or model_path.stem)
     store = EngineStore(settings.store)
-    backend, reason = select_backend(settings.backend)
+    backend, reason = select_backend(settings.backend, settings.backend_options())
     print(f"backend: {reason}")
     try:
         signature = read_signature(load_model(model_path))
@@ -93,24 +93,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         temp = store.temp_path(".onnx")
         shutil.copyfile(model_path, temp)
         store.add_model(temp, sha)
+        calibration_sha = None
+        if args.calibration and args.calibration != "synthetic":
+            calibration_sha = sha256_file(Path(args.calibration))
+            temp = store.temp_path(".npz")
+            shutil.copyfile(args.calibration, temp)
+            store.add_data(temp, calibration_sha)
         options = BuildOptions(
             precision=Precision(args.precision),
             max_batch_size=args.max_batch_size,
-            synthetic_calibration=args.precision == "int8",
+            calibration_sha256=calibration_sha,
+            synthetic_calibration=args.calibration == "synthetic",
         )
-        if args.calibration:
-            data_sha = sha256_file(Path(args.calibration))
-            temp = store.temp_path(".npz")
-            shutil.copyfile(args.calibration, temp)
-            store.add_data(temp, data_sha)
-            options = BuildOptions(
-                precision=options.precision,
-                max_batch_size=options.max_batch_size,
-                calibration_sha256=data_sha,
-            )
         batching = BatchingConfig(max_batch_size=args.max_batch_size)
-        from engines.types import engine_cache_key
-
         key = engine_cache_key(sha, options, backend.device_signature())
         job = BuildJob(
             str(store.root),
@@ -119,6 +114,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             backend.name,
             key,
             EngineManager.batch_sizes(options, batching),
+            settings.backend_options().get(backend.name, {}),
         )
         with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
 
@@ -183,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--name", help="engine name (default: the file name without .onnx)")
     build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
     build.add_argument("--precision", choices=["fp32", "fp16", "int8", "auto"], default="fp32")
-    build.add_argument("--calibration", help=".npz calibration data (for int8)")
+    build.add_argument(
+        "--calibration", help=".npz calibration data for int8, or 'synthetic' to calibrate on random data"
+    )
     build.add_argument("--max-batch-size", type=int, default=8)
     build.set_defaults(func=cmd_build)
 

@@ -11,14 +11,13 @@ the same ``X-Request-ID`` rule; every other request goes down the normal stack.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from engines.errors import EngineError
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, native_body, status_of
-from service.inference import disconnect_waiter
+from service.errors import ServiceError, native_body, status_of
+from service.inference import disconnect_waiter, read_body
 from service.request_id import HEADER, REQUEST_ID, client_request_id, new_request_id
 from service.routes.predict import predict_native
 from service.state import AppState
@@ -47,7 +46,7 @@ async def answer_predict(state: AppState, scope: Scope, receive: Receive, send: 
     REQUEST_ID.set(request_id)
     headers = _HeaderLookup(scope["headers"])
     try:
-        body = await _read_body(receive, state.settings.max_request_bytes, headers("content-length"))
+        body = await read_body(receive, state.settings.max_request_bytes, headers("content-length"))
         content = await predict_native(state, body, headers=headers, disconnected=disconnect_waiter(receive))
         status, extra = 200, []
     except (ServiceError, EngineError) as exc:
@@ -86,21 +85,3 @@ class _HeaderLookup:
             if header.lower() == key:
                 return value.decode("latin-1")
         return None
-
-
-async def _read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    chunks: list[Any] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("the client went away while sending the body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -11,10 +11,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
-from fastapi import Request
 
 from engines.errors import EngineError
-from service.errors import PayloadTooLarge, ServiceError, Unavailable, status_of
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, Unavailable, status_of
 from service.registry import EngineVersion
 from service.state import AppState
 
@@ -65,19 +64,24 @@ def check_intake(state: AppState) -> None:
         raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+async def read_body(receive: Callable[[], Awaitable[Any]], limit: int, declared: str | None) -> bytes:
+    """The whole body from the ASGI ``receive`` callable, refused with 413 as soon as
+    it passes ``limit`` bytes (``declared`` is the Content-Length header, if any)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client went away while sending the body")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def disconnect_waiter(receive: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
@@ -99,13 +103,10 @@ async def infer(
     *,
     timeout_ms: float | None = None,
     disconnected: Callable[[], Awaitable[None]] | None = None,
-    request: Request | None = None,
 ) -> dict[str, Any]:
     """Run ``feeds`` on a ready version's batcher. Raises ``InvalidInput`` for feeds
     that don't fit, and the batcher's errors (503, 504, the engine's own).
-    ``disconnected`` (or a ``request`` to watch) lets a gone client leave the queue."""
-    if disconnected is None and request is not None:
-        disconnected = disconnect_waiter(request.receive)
+    ``disconnected`` (see ``disconnect_waiter``) lets a gone client leave the queue."""
     assert version.runner is not None and version.batcher is not None
     version.runner.check_feeds(feeds)
     return await version.batcher.infer(feeds, timeout_ms=timeout_ms, disconnected=disconnected)

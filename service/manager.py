@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from engines.backends.base import Backend
@@ -20,7 +19,7 @@ from engines.errors import EngineError, StoreCorrupted
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
-from service.errors import TooManyEngines
+from service.errors import NotFound, TooManyEngines
 from service.jobs import BuildFailure, BuildRunner
 from service.metrics import KilnMetrics
 from service.registry import EngineVersion, Registry, State
@@ -56,12 +55,7 @@ class EngineManager:
         return engine_cache_key(model_sha256, options, self.device)
 
     def backend_kwargs(self) -> dict[str, Any]:
-        if self.backend.name == "onnxruntime":
-            return {
-                "intra_op_threads": self.settings.intra_op_threads,
-                "session_per_instance": self.settings.session_per_instance,
-            }
-        return {}
+        return dict(self.settings.backend_options().get(self.backend.name, {}))
 
     @staticmethod
     def batch_sizes(options: BuildOptions, batching: BatchingConfig) -> tuple[int, ...]:
@@ -132,10 +126,8 @@ class EngineManager:
         not building (and never the newest ready one)."""
         try:
             versions = self.registry.versions(name)
-        except EngineError:
-            return
-        except Exception:
-            return
+        except NotFound:
+            return  # deleted meanwhile
         excess = len(versions) - self.settings.max_versions_per_engine
         if excess <= 0:
             return
@@ -325,7 +317,7 @@ class EngineManager:
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("skipping a malformed record %s: %s", record.get("name"), exc)
                 continue
-            self.registry._engines.setdefault(version.name, {})[version.version] = version
+            self.registry.restore(version)
             if version.state in (State.BUILDING, State.LOADING):
                 self._set_state(
                     version,
@@ -369,7 +361,7 @@ class EngineManager:
         self._refresh_gauges()
 
     def _collect_garbage(self, version: EngineVersion) -> None:
-        records = [v for v in self.registry.all_versions()]
+        records = self.registry.all_versions()
         if (
             version.cache_key not in {v.cache_key for v in records}
             and version.cache_key not in self._inflight
@@ -396,7 +388,3 @@ class EngineManager:
 def _warm_up(runner: Any, signature: Signature, batch_sizes: set[int]) -> None:
     for batch in sorted(batch_sizes):
         runner.infer(synthetic_feeds(signature, batch))
-
-
-def model_file_path(store: EngineStore, sha256: str) -> Path:
-    return store.model_path(sha256)

@@ -158,8 +158,12 @@ class Registry:
         return max(self._engines.get(name, {0: None}), default=0) + 1
 
     def add(self, version: EngineVersion) -> None:
-        self._engines.setdefault(version.name, {})[version.version] = version
+        self.restore(version)
         self.save(version)
+
+    def restore(self, version: EngineVersion) -> None:
+        """Index a version read back from the store (nothing is written)."""
+        self._engines.setdefault(version.name, {})[version.version] = version
 
     def save(self, version: EngineVersion) -> None:
         self.store.save_record(version.record())

@@ -89,6 +89,15 @@ class Settings(BaseSettings):
             raise ValueError("KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE")
         return self
 
+    def backend_options(self) -> dict[str, dict[str, object]]:
+        """Constructor arguments per backend name, for the server and its build children."""
+        return {
+            "onnxruntime": {
+                "intra_op_threads": self.intra_op_threads,
+                "session_per_instance": self.session_per_instance,
+            }
+        }
+
     def all_api_keys(self) -> list[str]:
         """Keys from ``KILN_API_KEYS`` plus one per non-empty line of ``KILN_API_KEYS_FILE``."""
         keys = list(self.api_keys)

@@ -6,6 +6,9 @@ else ONNX Runtime; it never raises for a missing library and says why it chose.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from engines.backends.base import Backend, Runner
 from engines.errors import BackendUnavailable
 
@@ -25,25 +28,32 @@ def backend_class(name: str) -> type[Backend]:
     raise BackendUnavailable(f"unknown backend '{name}'; choose one of auto, {', '.join(BACKEND_NAMES)}")
 
 
-def select_backend(choice: str = "auto") -> tuple[Backend, str]:
+def select_backend(
+    choice: str = "auto", options: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[Backend, str]:
     """Return a backend instance and a one-line reason for the choice.
 
-    ``choice`` is ``auto``, ``onnxruntime`` or ``tensorrt``. An explicit choice that
+    ``choice`` is ``auto``, ``onnxruntime`` or ``tensorrt``; ``options`` maps a
+    backend name to its constructor's keyword arguments. An explicit choice that
     cannot run here raises ``BackendUnavailable`` with the probe's reason.
     """
+    options = options or {}
+
+    def make(name: str) -> Backend:
+        return backend_class(name)(**options.get(name, {}))
+
     if choice == "auto":
         trt_ok, trt_reason = backend_class("tensorrt").probe()
         if trt_ok:
-            return backend_class("tensorrt")(), f"auto: tensorrt ({trt_reason})"
+            return make("tensorrt"), f"auto: tensorrt ({trt_reason})"
         ort_ok, ort_reason = backend_class("onnxruntime").probe()
         if not ort_ok:
             raise BackendUnavailable(f"no backend can run here: {trt_reason}; {ort_reason}")
-        return backend_class("onnxruntime")(), f"auto: onnxruntime, since {trt_reason}"
-    cls = backend_class(choice)
-    ok, reason = cls.probe()
+        return make("onnxruntime"), f"auto: onnxruntime, since {trt_reason}"
+    ok, reason = backend_class(choice).probe()
     if not ok:
         raise BackendUnavailable(f"backend '{choice}' cannot run here: {reason}")
-    return cls(), f"{choice} (requested): {reason}"
+    return make(choice), f"{choice} (requested): {reason}"
 
 
 __all__ = ["BACKEND_NAMES", "Backend", "Runner", "backend_class", "select_backend"]

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from service.auth import require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
-from service.inference import check_intake, counted, infer, read_body
+from service.inference import check_intake, counted, disconnect_waiter, infer, read_body
 from service.kserve_codec import (
     INFERENCE_HEADER,
     config_type_of,
@@ -203,7 +203,9 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
         # Read the body before any refusal: answering while a client still sends
         # makes the server close the connection, and the client may see a reset
         # instead of the error.
-        body = await read_body(request, settings.max_request_bytes)
+        body = await read_body(
+            request.receive, settings.max_request_bytes, request.headers.get("content-length")
+        )
         found = _ready_version(state.registry, name, version)
         record.bind(found)
         assert found.signature is not None and found.batcher is not None
@@ -216,7 +218,12 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
             max_json_depth=settings.max_json_depth,
             max_tensor_elements=settings.max_tensor_elements,
         )
-        outputs = await infer(found, parsed.feeds, request=request, timeout_ms=parsed.timeout_ms)
+        outputs = await infer(
+            found,
+            parsed.feeds,
+            timeout_ms=parsed.timeout_ms,
+            disconnected=disconnect_waiter(request.receive),
+        )
         content, headers = encode_infer_response(
             outputs,
             parsed.outputs,

@@ -75,7 +75,9 @@ async def predict_native(
 async def predict(request: Request) -> Response:
     """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``."""
     state = get_state(request)
-    body = await read_body(request, state.settings.max_request_bytes)
+    body = await read_body(
+        request.receive, state.settings.max_request_bytes, request.headers.get("content-length")
+    )
     content = await predict_native(
         state, body, headers=request.headers.get, disconnected=disconnect_waiter(request.receive)
     )

@@ -59,3 +59,29 @@ def test_offline_build_of_a_bad_file_fails_with_a_message(
 def test_offline_build_of_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build", str(tmp_path / "nope.onnx"), "--store", str(tmp_path / "store")]) == 2
     assert "no such model file" in capsys.readouterr().err
+
+
+def test_offline_int8_needs_calibration_data_or_an_explicit_synthetic(
+    tmp_path: Path, model_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, store = str(model_files["mlp"]), str(tmp_path / "store")
+    assert main(["build", model, "--store", store, "--precision", "int8", "--backend", "onnxruntime"]) == 1
+    assert "int8 needs calibration data" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "build",
+                model,
+                "--store",
+                store,
+                "--precision",
+                "int8",
+                "--calibration",
+                "synthetic",
+                "--backend",
+                "onnxruntime",
+            ]
+        )
+        == 0
+    )
+    assert '"precision": "int8"' in capsys.readouterr().out
