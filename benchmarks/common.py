@@ -101,6 +101,26 @@ def start_python_app(script: Path, *args: str) -> Server:
     return Server(process, f"http://127.0.0.1:{port}")
 
 
+def hey_command(
+    url: str,
+    body_file: Path,
+    *,
+    seconds: float,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
+    timeout_s: int | None = None,
+) -> list[str]:
+    """The hey command line for POSTing ``body_file`` to ``url``."""
+    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST"]
+    if timeout_s is not None:
+        command += ["-t", str(timeout_s)]
+    command += ["-T", content_type, "-D", str(body_file)]
+    for key, value in (headers or {}).items():
+        command += ["-H", f"{key}: {value}"]
+    return [*command, url]
+
+
 def hey(
     url: str,
     body_file: Path,
@@ -111,22 +131,10 @@ def hey(
     content_type: str = "application/json",
 ) -> dict[str, float]:
     """Run hey against ``url``; returns req/s, p50/p90/p99 in ms and non-200 count."""
-    command = [
-        "hey",
-        "-z",
-        f"{seconds}s",
-        "-c",
-        str(concurrency),
-        "-m",
-        "POST",
-        "-T",
-        content_type,
-        "-D",
-        str(body_file),
-    ]
-    for key, value in (headers or {}).items():
-        command += ["-H", f"{key}: {value}"]
-    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    command = hey_command(
+        url, body_file, seconds=seconds, concurrency=concurrency, headers=headers, content_type=content_type
+    )
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "90", "99"):
         match = re.search(rf"{pct}% in ([\d.]+) secs", output)

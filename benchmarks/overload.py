@@ -38,7 +38,7 @@ import onnx
 import psutil
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import Server, start_kiln, upload
+from benchmarks.common import Server, hey_command, start_kiln, upload
 
 QUEUE_SIZE = 16
 MAX_BATCH = 8
@@ -97,22 +97,7 @@ class HeyResult:
 
 def run_hey(url: str, body: Path, *, seconds: float, concurrency: int) -> HeyResult:
     """hey for ``seconds`` at ``concurrency``, with a 10 s per-request timeout."""
-    command = [
-        "hey",
-        "-z",
-        f"{seconds}s",
-        "-c",
-        str(concurrency),
-        "-t",
-        "10",
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-D",
-        str(body),
-        url,
-    ]
+    command = hey_command(url, body, seconds=seconds, concurrency=concurrency, timeout_s=10)
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     statuses = {int(code): int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", output)}
