@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks.batching import mean_batch_size
 from benchmarks.common import hey, in_process_rows_per_second, median, start_kiln, upload
 from benchmarks.int8_models import conv_net
-from service.bench import build_request
+from service.cli.bench import build_request
 
 SHAPE = (1, 3, 224, 224)
 

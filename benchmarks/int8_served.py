@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks.common import hey, median, start_kiln, upload
 from benchmarks.int8_models import conv_net
-from service.bench import build_request
+from service.cli.bench import build_request
 
 SHAPE = (1, 3, 64, 64)
 

@@ -18,14 +18,17 @@ from starlette.responses import Response
 
 from engines.backends import select_backend
 from engines.store import EngineStore
+from service import health
 from service.errors import install_error_handlers
-from service.fastpath import FastPathApp
-from service.jobs import BuildRunner
-from service.manager import EngineManager
+from service.lifecycle import routes as engines
+from service.lifecycle.jobs import BuildRunner
+from service.lifecycle.manager import EngineManager
+from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
-from service.registry import Registry
+from service.protocols import kserve
+from service.protocols import native as predict
+from service.protocols.fastpath import FastPathApp
 from service.request_id import RequestIdMiddleware
-from service.routes import engines, health, kserve, predict
 from service.settings import Settings
 from service.state import AppState
 

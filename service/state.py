@@ -8,9 +8,9 @@ from fastapi import Request
 
 from engines.backends.base import Backend
 from engines.store import EngineStore
-from service.manager import EngineManager
+from service.lifecycle.manager import EngineManager
+from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
-from service.registry import Registry
 from service.settings import Settings
 
 

@@ -96,9 +96,9 @@ def test_probes_use_kiln_health_endpoints(
 
 
 def test_probe_paths_are_routes_the_server_declares() -> None:
-    routes = "\n".join(p.read_text() for p in (ROOT / "service" / "routes").glob("*.py"))
+    routes = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
     for path in ("/health/live", "/health/ready"):
-        assert f'"{path}"' in routes, f"{path} is not a route in service/routes"
+        assert f'"{path}"' in routes, f"{path} is not a route in service/"
 
 
 def test_server_listens_on_all_interfaces_inside_the_pod(gpu_docs: Docs) -> None:

@@ -221,7 +221,7 @@ def test_sigkill_during_a_build(
 
 STAND_IN = """
 import multiprocessing, os, time
-from service.jobs import exit_when_orphaned
+from service.lifecycle.jobs import exit_when_orphaned
 
 
 def build(parent_pid, conn):

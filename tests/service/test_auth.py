@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service import cli
 from service.app import create_app
 from service.auth import check_key, presented_key
+from service.cli import main as cli
 from service.errors import Forbidden, Unauthorized
 from service.settings import Settings
 from tests.conftest import wait_for_state

@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
-from service import cli
 from service.app import create_app
+from service.cli import main as cli
 from service.settings import Settings
 from tests.conftest import upload, wait_for_state
 

@@ -27,8 +27,8 @@ from engines.errors import InvalidModel, UnsupportedModel
 from engines.onnx_model import load_model, read_signature
 from service.app import create_app
 from service.errors import BadRequest
+from service.lifecycle.options import parse_upload_fields, to_options
 from service.settings import Settings
-from service.upload_options import parse_upload_fields, to_options
 from tests.conftest import upload, wait_for_state
 
 pytestmark = pytest.mark.slow  # about 40 s in all

@@ -75,8 +75,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from engines.store import EngineStore, sha256_file
     from engines.types import BuildOptions, Precision, engine_cache_key
     from service.batching import BatchingConfig
-    from service.manager import EngineManager
-    from service.registry import EngineVersion, State, check_name
+    from service.lifecycle.manager import EngineManager
+    from service.lifecycle.registry import EngineVersion, State, check_name
 
     settings = _settings({"store": args.store, "backend": args.backend})
     model_path = Path(args.model)
@@ -157,7 +157,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from service.bench import run_bench_cli
+    from service.cli.bench import run_bench_cli
 
     return run_bench_cli(args)
 
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build)
 
     bench = sub.add_parser("bench", help="load-test a running kiln server")
-    from service.bench import add_bench_arguments
+    from service.cli.bench import add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)

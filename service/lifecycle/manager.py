@@ -20,9 +20,9 @@ from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
-from service.jobs import BuildFailure, BuildRunner
+from service.lifecycle.jobs import BuildFailure, BuildRunner
+from service.lifecycle.registry import EngineVersion, Registry, State
 from service.metrics import KilnMetrics
-from service.registry import EngineVersion, Registry, State
 from service.settings import Settings
 
 log = logging.getLogger("kiln.engines")

@@ -28,10 +28,10 @@ import orjson
 
 from engines.errors import UnsupportedModel
 from engines.types import Signature, TensorSpec
-from service.codecs import cast_checked
 from service.errors import BadRequest, PayloadTooLarge
-from service.limits import check_json_shape
-from service.responses import dumps
+from service.protocols.intake import check_json_shape
+from service.protocols.native_codec import cast_checked
+from service.protocols.responses import dumps
 
 # KServe v2 datatype names and their little-endian numpy dtypes. BYTES (strings)
 # and BF16 have no kiln engine to feed and are refused by name.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.responses import JSONResponse
+from service.protocols.responses import JSONResponse
 from service.state import get_state
 
 router = APIRouter(tags=["health"])

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.auth import check_key
-from service.codecs import decode_native_inputs
 from service.errors import BadRequest
-from service.inference import check_intake, counted, disconnect_waiter, infer, read_body
-from service.limits import check_json_shape
-from service.responses import dumps
+from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
+from service.protocols.intake import check_json_shape
+from service.protocols.native_codec import decode_native_inputs
+from service.protocols.responses import dumps
 from service.state import AppState, get_state
 
 router = APIRouter(tags=["inference"])

@@ -14,7 +14,7 @@ from tritonclient.http import InferResult
 from engines.errors import InvalidInput
 from engines.types import Signature, TensorSpec
 from service.errors import BadRequest, PayloadTooLarge
-from service.kserve_codec import (
+from service.protocols.kserve_codec import (
     DATATYPES,
     InferRequest,
     OutputChoice,

@@ -1,7 +1,7 @@
 """KServe v2 REST routes (the protocol Triton speaks), on the same registry and
 batchers as ``POST /predict``.
 
-Tensor coding lives in ``service.kserve_codec``; these handlers resolve the
+Tensor coding lives in ``service.protocols.kserve_codec``; these handlers resolve the
 model, apply Triton's status rules and call the one inference path. Errors
 answer ``{"error": "..."}`` (``service.errors`` does that for every /v2 path):
 unknown model or version 404, a model that is not ready 503, malformed requests
@@ -19,8 +19,9 @@ from starlette.responses import Response
 
 from service.auth import require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
-from service.inference import check_intake, counted, disconnect_waiter, infer, read_body
-from service.kserve_codec import (
+from service.lifecycle.registry import EngineVersion, Registry, State
+from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
+from service.protocols.kserve_codec import (
     INFERENCE_HEADER,
     config_type_of,
     datatype_of,
@@ -28,8 +29,7 @@ from service.kserve_codec import (
     encode_infer_response,
     parse_infer_request,
 )
-from service.registry import EngineVersion, Registry, State
-from service.responses import JSONResponse
+from service.protocols.responses import JSONResponse
 from service.state import AppState, get_state
 
 router = APIRouter(prefix="/v2", tags=["kserve v2"])

@@ -14,7 +14,7 @@ import numpy as np
 
 from engines.errors import EngineError
 from service.errors import BadRequest, PayloadTooLarge, ServiceError, Unavailable, status_of
-from service.registry import EngineVersion
+from service.lifecycle.registry import EngineVersion
 from service.state import AppState
 
 

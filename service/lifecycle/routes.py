@@ -11,11 +11,11 @@ from engines.onnx_model import load_model, read_signature
 from engines.types import Precision, Signature
 from service.auth import require_management_key
 from service.errors import BadRequest, Unavailable
-from service.registry import check_name
-from service.responses import JSONResponse
+from service.lifecycle.options import parse_upload_fields, to_options
+from service.lifecycle.registry import check_name
+from service.lifecycle.uploads import ParsedForm, parse_multipart
+from service.protocols.responses import JSONResponse
 from service.state import AppState, get_state
-from service.upload_options import parse_upload_fields, to_options
-from service.uploads import ParsedForm, parse_multipart
 
 router = APIRouter(tags=["engines"])
 

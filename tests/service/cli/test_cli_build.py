@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.cli import main
+from service.cli.main import main
 from service.settings import Settings
 from tests.conftest import wait_for_state
 from tests.models import reference_outputs

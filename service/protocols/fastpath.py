@@ -17,9 +17,9 @@ from starlette.types import Receive, Scope, Send
 
 from engines.errors import EngineError
 from service.errors import ServiceError, native_body, status_of
-from service.inference import disconnect_waiter, read_body
+from service.protocols.inference import disconnect_waiter, read_body
+from service.protocols.native import predict_native
 from service.request_id import HEADER, REQUEST_ID, client_request_id, new_request_id
-from service.routes.predict import predict_native
 from service.state import AppState
 
 log = logging.getLogger("kiln.errors")
