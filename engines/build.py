@@ -67,6 +67,10 @@ class BuildJob:
     cache_key: str
     batch_sizes: tuple[int, ...] = (1,)
     backend_kwargs: dict[str, Any] = field(default_factory=dict)
+    # In a cluster: the replica's own temp directory, and the catalog (not meta.json)
+    # is the commit point, so that a builder that lost its lease commits nothing.
+    temp_owner: str | None = None
+    write_commit_point: bool = True
 
 
 @dataclass
@@ -90,7 +94,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
     Raises ``EngineError`` subclasses with user-facing messages. Blocking: call it
     in a child process or a worker thread, never on an event loop.
     """
-    store = EngineStore(Path(job.store_root))
+    store = EngineStore(Path(job.store_root), temp_owner=job.temp_owner)
     options = BuildOptions.from_dict(job.options)
     backend = make_backend(job.backend, job.backend_kwargs)
     timings: dict[str, float] = {}
@@ -110,7 +114,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
         del model
     batch_sizes = job.batch_sizes if signature.batchable else (1,)
 
-    workdir = Path(tempfile.mkdtemp(dir=store.root / "tmp", prefix="build-"))
+    workdir = Path(tempfile.mkdtemp(dir=store.temp_dir, prefix="build-"))
     try:
         with phase_timer("precision"):
             plan = _precision_plan(options, signature, store)
@@ -177,7 +181,11 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
             timings["total"] = time.perf_counter() - started
             meta["report"]["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
             committed = store.commit_engine(
-                job.cache_key, chosen.artifact_path, backend.artifact_suffix, meta
+                job.cache_key,
+                chosen.artifact_path,
+                backend.artifact_suffix,
+                meta,
+                write_commit_point=job.write_commit_point,
             )
         return committed
     finally:

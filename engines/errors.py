@@ -67,3 +67,9 @@ class StoreCorrupted(EngineError):
     """A stored artifact failed its checksum or its metadata cannot be read."""
 
     kind = "store_corrupted"
+
+
+class StoreInUse(EngineError):
+    """Another server holds the store (single node: one server per store)."""
+
+    kind = "store_in_use"

@@ -4,33 +4,36 @@ Layout under the root directory::
 
     models/<sha256>.onnx            uploaded models, by content hash
     data/<sha256>.npz               calibration and validation sets, by content hash
-    engines/<cache key>/engine.*    built artifacts (backend-specific suffix)
-    engines/<cache key>/meta.json   what was built, how, how well; the artifact's sha256
+    engines/<cache key>/engine-<sha256>.*   built artifacts, named by their own hash
+    engines/<cache key>/meta.json   what was built, how, how well; the artifact's name and sha256
     records/<name>/<version>.json   the served versions: options, state, error
     timing/<device key>.cache       TensorRT timing caches, one per device signature
-    tmp/                            partial writes; emptied at start-up
+    tmp/                            partial writes (``tmp/<owner>/`` per replica in a cluster)
+    kiln.lock                       held (flock) by the one server that owns a single-node store
 
-Every write goes to ``tmp/`` first, is fsynced, then renamed into place, so a
-crash never leaves a half-written file under a final name. ``meta.json`` is the
-commit point of an engine: it is written last and names the artifact's sha256,
-which is verified whenever the engine is loaded.
+Every write goes to a temp directory first, is fsynced, then renamed into place,
+so a crash never leaves a half-written file under a final name. An artifact's
+name contains its sha256, so two builders of one engine never overwrite each
+other's file. On a single node ``meta.json`` is the commit point of an engine:
+it is written last and names the artifact, whose sha256 is verified whenever
+the engine is loaded. In a cluster the catalog is the commit point instead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from engines.errors import StoreCorrupted
+from engines.errors import StoreCorrupted, StoreInUse
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
@@ -64,17 +67,45 @@ class EngineStore:
     published by an atomic rename, and readers never see partial files.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, temp_owner: str | None = None) -> None:
+        """``temp_owner`` gives this process its own ``tmp/<owner>/`` (one per replica
+        of a cluster), so that one replica's sweep never touches another's writes."""
         self.root = Path(root)
         for sub in ("models", "data", "engines", "records", "timing", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.temp_owner = temp_owner
+        self.temp_dir = self.root / "tmp" / _checked_owner(temp_owner) if temp_owner else self.root / "tmp"
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+
+    # -- ownership ---------------------------------------------------------------
+
+    def lock_exclusive(self, hint: str) -> None:
+        """Take the store for this process alone until ``unlock`` or exit (``flock``,
+        released by the kernel when the process dies). Raises ``StoreInUse`` with
+        ``hint`` when another process holds it."""
+        fd = os.open(self.root / "kiln.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreInUse(f"the store {self.root} is in use by {holder}; {hint}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- atomic writes -------------------------------------------------------
 
     @contextmanager
     def temp_file(self, suffix: str = "") -> Iterator[tuple[BinaryIO, Path]]:
         """A file in ``tmp/`` that is removed unless the caller moves it away."""
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.temp_dir, suffix=suffix)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -84,7 +115,7 @@ class EngineStore:
 
     def temp_path(self, suffix: str = "") -> Path:
         """A fresh, empty path under ``tmp/``; the caller publishes or deletes it."""
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.temp_dir, suffix=suffix)
         os.close(fd)
         return Path(name)
 
@@ -107,31 +138,29 @@ class EngineStore:
     def write_json(self, destination: Path, value: Any) -> None:
         self.write_bytes(destination, json.dumps(value, indent=2, sort_keys=True).encode())
 
-    def cleanup_tmp(self, older_than_s: float = 0.0) -> int:
-        """Remove leftovers of interrupted writes: entries of ``tmp/``, and engine
-        directories that were never committed (a crash between publishing the
-        artifact and its ``meta.json``). Returns how many entries were removed.
+    def cleanup_tmp(self) -> int:
+        """Remove leftovers of interrupted writes: entries of this process's temp
+        directory, and engine directories that were never committed (a crash between
+        publishing the artifact and its ``meta.json``). Returns how many were removed.
 
-        Call it at start-up, before any build runs on this store. A store shared by
-        several servers passes ``older_than_s`` (longer than any upload or build),
-        so that one server's start-up leaves the others' writes in progress alone."""
+        Single node only, at start-up, under ``lock_exclusive``: in a cluster another
+        replica may be writing; there the catalog decides what is garbage."""
         removed = 0
-        cutoff = time.time() - older_than_s
-        for entry in (self.root / "tmp").iterdir():
-            if older_than_s and _mtime(entry) > cutoff:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        for entry in self.temp_dir.iterdir():
+            _remove(entry)
             removed += 1
         for entry in (self.root / "engines").iterdir():
             if entry.is_dir() and not (entry / "meta.json").exists():
-                if older_than_s and _mtime(entry) > cutoff:
-                    continue
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed
+
+    def remove_temp_dir(self, owner: str) -> None:
+        """Remove another process's ``tmp/<owner>/`` (a replica known to be gone)."""
+        shutil.rmtree(self.root / "tmp" / _checked_owner(owner), ignore_errors=True)
+
+    def temp_owners(self) -> list[str]:
+        return sorted(entry.name for entry in (self.root / "tmp").iterdir() if entry.is_dir())
 
     # -- models and data sets -------------------------------------------------
 
@@ -183,6 +212,37 @@ class EngineStore:
         meta = self.engine_meta(cache_key)
         if meta is None:
             return None
+        self.verify_artifact(cache_key, meta)
+        return meta
+
+    def commit_engine(
+        self,
+        cache_key: str,
+        artifact_temp: Path,
+        suffix: str,
+        meta: dict[str, Any],
+        *,
+        write_commit_point: bool = True,
+    ) -> dict[str, Any]:
+        """Publish an artifact under a name holding its sha256, then (single node) its
+        metadata, the commit point. Returns the metadata. In a cluster the caller
+        passes ``write_commit_point=False`` and commits the metadata to the catalog."""
+        directory = self.engine_dir(cache_key)
+        directory.mkdir(parents=True, exist_ok=True)
+        sha256 = sha256_file(artifact_temp)
+        name = f"engine-{sha256}{suffix}"
+        full_meta = dict(meta)
+        full_meta["artifact"] = name
+        full_meta["artifact_sha256"] = sha256
+        full_meta["artifact_bytes"] = artifact_temp.stat().st_size
+        full_meta["cache_key"] = cache_key
+        self.publish(artifact_temp, directory / name)
+        if write_commit_point:
+            self.write_json(directory / "meta.json", full_meta)
+        return full_meta
+
+    def verify_artifact(self, cache_key: str, meta: dict[str, Any]) -> None:
+        """Raise ``StoreCorrupted`` unless the artifact ``meta`` names exists with its sha256."""
         artifact = self.artifact_path(cache_key, meta)
         if not artifact.exists():
             raise StoreCorrupted(f"engine {cache_key}: artifact {artifact.name} is missing")
@@ -192,23 +252,12 @@ class EngineStore:
                 f"engine {cache_key}: artifact checksum {actual[:12]} does not match "
                 f"the recorded {str(meta.get('artifact_sha256'))[:12]}"
             )
-        return meta
 
-    def commit_engine(
-        self, cache_key: str, artifact_temp: Path, suffix: str, meta: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Publish an artifact, then its metadata (the commit point). Returns the metadata."""
-        directory = self.engine_dir(cache_key)
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"engine{suffix}"
-        full_meta = dict(meta)
-        full_meta["artifact"] = name
-        full_meta["artifact_sha256"] = sha256_file(artifact_temp)
-        full_meta["artifact_bytes"] = artifact_temp.stat().st_size
-        full_meta["cache_key"] = cache_key
-        self.publish(artifact_temp, directory / name)
-        self.write_json(directory / "meta.json", full_meta)
-        return full_meta
+    def remove_artifact(self, cache_key: str, artifact: str) -> None:
+        """Remove one artifact file (a fenced-out build's, or one no version uses)."""
+        if "/" in artifact or not artifact.startswith("engine-"):
+            raise ValueError(f"not an artifact name: {artifact!r}")
+        (self.engine_dir(cache_key) / artifact).unlink(missing_ok=True)
 
     def discard_engine(self, cache_key: str) -> None:
         """Remove an engine (metadata first, so a crash leaves it uncommitted)."""
@@ -249,11 +298,17 @@ class EngineStore:
         return {r["cache_key"] for r in records if r.get("cache_key")}
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+def _remove(entry: Path) -> None:
+    if entry.is_dir():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _checked_owner(value: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", value) or value in (".", ".."):
+        raise ValueError(f"not a temp owner name: {value!r}")
+    return value
 
 
 def _checked_sha(value: str) -> str:

