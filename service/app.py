@@ -19,6 +19,8 @@ from starlette.responses import Response
 from engines.backends import select_backend
 from engines.store import EngineStore
 from service import health
+from service.catalog.postgres import PostgresCatalog
+from service.catalog.replica import ClusterReplica, new_replica_id
 from service.errors import install_error_handlers
 from service.lifecycle import routes as engines
 from service.lifecycle.jobs import BuildRunner
@@ -34,18 +36,27 @@ from service.state import AppState
 
 log = logging.getLogger("kiln")
 
+SECOND_SERVER_HINT = (
+    "one server per store without a catalog. To run several servers on one store, give "
+    "every one the same KILN_CATALOG_URL=postgresql://… (see docs/OPERATIONS.md)"
+)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = EngineStore(settings.store)
+        cluster = settings.catalog_url is not None
+        replica_id = new_replica_id() if cluster else None
+        store = EngineStore(settings.store, temp_owner=replica_id)
+        if not cluster:
+            store.lock_exclusive(hint=SECOND_SERVER_HINT)
         backend, reason = select_backend(settings.backend, settings.backend_options())
         log.info("backend: %s", reason)
-        metrics = KilnMetrics()
+        metrics = KilnMetrics(cluster=cluster)
         _register_gpu_metrics(metrics)
-        registry = Registry(store)
+        registry = Registry(store, cluster=cluster)
         builds = BuildRunner(workers=settings.build_workers, timeout_s=settings.build_timeout_s)
         manager = EngineManager(settings, store, registry, backend, metrics, builds)
         state = AppState(
@@ -59,14 +70,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             api_keys=settings.all_api_keys(),
         )
         app.state.kiln = state
-        await manager.restore()
+        if settings.catalog_url is not None and replica_id is not None and metrics.catalog is not None:
+            catalog = PostgresCatalog(
+                settings.catalog_url, replica_id, lease_ttl_s=settings.catalog_lease_ttl_s
+            )
+            state.cluster = manager.cluster = ClusterReplica(
+                catalog,
+                manager,
+                metrics.catalog,
+                resync_s=settings.catalog_resync_s,
+                gc_grace_s=10 * settings.catalog_lease_ttl_s,
+            )
+            await state.cluster.start()
+            log.info("cluster mode: replica %s, catalog %s", replica_id, catalog.display_url)
+        else:
+            await manager.restore()
         state.ready = True
         try:
             yield
         finally:
             state.draining = True
+            if state.cluster is not None:
+                await state.cluster.stop()
             # Under `kiln serve` the drain ran before this; this only bounds what is left.
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
+            store.unlock()
             log.info("kiln stopped")
 
     app = FastPathApp(

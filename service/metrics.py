@@ -42,7 +42,7 @@ BUILD_RESULTS = ("succeeded", "failed", "cached")
 class KilnMetrics:
     """The metric objects of one server. ``registry`` is what ``/metrics`` exposes."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, cluster: bool = False) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -127,6 +127,8 @@ class KilnMetrics:
             ["state"],
             registry=r,
         )
+        # Cluster mode (a PostgreSQL catalog); absent from a single node's output.
+        self.catalog = CatalogMetrics(r) if cluster else None
         for result in BUILD_RESULTS:
             self.builds.labels(result)
         for state in ENGINE_STATES:
@@ -149,6 +151,39 @@ class KilnMetrics:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
+
+
+class CatalogMetrics:
+    """How this replica agrees with the others through the catalog."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.up = Gauge("kiln_catalog_up", "1 while the catalog database answers", registry=r)
+        self.reconcile_lag = Gauge(
+            "kiln_catalog_reconcile_lag_seconds",
+            "Seconds since this replica last matched the catalog in full",
+            registry=r,
+        )
+        self.replicas_ready = Gauge(
+            "kiln_catalog_replicas_ready",
+            "Live replicas that serve each version, as the catalog reports",
+            ["engine", "version"],
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "kiln_catalog_lease_takeovers",
+            "Build leases this replica took over after their holder's lease expired",
+            registry=r,
+        )
+        self.builds_skipped = Counter(
+            "kiln_catalog_builds_skipped",
+            "Engines this replica loaded without building, because another replica built them",
+            registry=r,
+        )
+        self.commits_refused = Counter(
+            "kiln_catalog_commits_refused",
+            "Builds whose commit was fenced out because their lease had passed to another replica",
+            registry=r,
+        )
 
 
 class EngineObserver:

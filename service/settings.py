@@ -37,11 +37,15 @@ class Settings(BaseSettings):
         "at once, at about a quarter more CPU per request",
     )
 
-    store_shared: bool = Field(
-        False,
-        description="the store is shared by several servers (replicas on one volume): start-up "
-        "cleans only leftovers older than the build timeout",
+    # Cluster mode: several replicas on one store agree through a PostgreSQL catalog
+    catalog_url: str | None = Field(
+        None,
+        description="postgresql://… URL of the catalog; unset: a single server owns the store",
     )
+    catalog_lease_ttl_s: float = Field(
+        30.0, ge=0.5, le=3600, description="build lease and replica heartbeat lifetime"
+    )
+    catalog_resync_s: float = Field(5.0, ge=0.1, le=3600, description="full resync interval")
 
     # Builds
     build_workers: int = Field(1, ge=1, le=16, description="builds that run at once")
@@ -82,6 +86,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_sizes(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("catalog_url")
+    @classmethod
+    def _check_catalog_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("KILN_CATALOG_URL must be a postgresql://user:password@host:port/database URL")
+        return value or None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -8,6 +8,7 @@ from fastapi import Request
 
 from engines.backends.base import Backend
 from engines.store import EngineStore
+from service.catalog.replica import ClusterReplica
 from service.lifecycle.manager import EngineManager
 from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
@@ -24,6 +25,7 @@ class AppState:
     metrics: KilnMetrics
     manager: EngineManager
     api_keys: list[str] = field(default_factory=list)
+    cluster: ClusterReplica | None = None
     ready: bool = False
     draining: bool = False
 

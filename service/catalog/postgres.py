@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -60,6 +62,11 @@ class PostgresCatalog:
             name="kiln-catalog",
             reconnect_timeout=0,  # keep retrying for as long as the database is away
         )
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password, for logs."""
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.url)
 
     # -- connection ------------------------------------------------------------
 
@@ -257,13 +264,15 @@ class PostgresCatalog:
         rows = await self._fetch(f"SELECT {_BUILD_COLUMNS} FROM builds ORDER BY cache_key")
         return [_build(row) for row in rows]
 
-    async def unreferenced_builds(self) -> list[BuildStatus]:
-        """Builds of no existing version (by model and options), not being built now."""
+    async def unreferenced_builds(self, grace_s: float = 0.0) -> list[BuildStatus]:
+        """Builds of no existing version (by model and options), unchanged for ``grace_s``
+        and not being built now."""
         rows = await self._fetch(
             f"SELECT {_BUILD_COLUMNS} FROM builds b WHERE NOT EXISTS ("
             " SELECT 1 FROM versions v WHERE v.model_sha256 = b.model_sha256 AND v.options = b.options)"
-            " AND NOT (b.state = %s AND b.expires_at > now())",
-            (BuildState.BUILDING,),
+            " AND NOT (b.state = %s AND b.expires_at > now())"
+            " AND b.updated_at < now() - make_interval(secs => %s) ORDER BY b.cache_key",
+            (BuildState.BUILDING, grace_s),
         )
         return [_build(row) for row in rows]
 
@@ -310,9 +319,9 @@ class PostgresCatalog:
 
     # -- change feed -----------------------------------------------------------
 
-    async def changes(self, wake: asyncio.Event) -> None:
-        """Set ``wake`` on every notification, and once after each (re)connect, since
-        anything may have changed meanwhile. Runs until cancelled; reconnects on its own."""
+    async def changes(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change`` on every notification, and once after each (re)connect,
+        since anything may have changed meanwhile. Runs until cancelled; reconnects."""
         delay = 0.2
         while True:
             try:
@@ -328,9 +337,9 @@ class PostgresCatalog:
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.2
-                    wake.set()
+                    on_change()
                     async for _ in conn.notifies():
-                        wake.set()
+                        on_change()
             except _ERRORS as exc:
                 log.warning("catalog LISTEN connection lost (%s); reconnecting", _reason(exc))
                 await asyncio.sleep(delay)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engines.backends.base import Backend
 from engines.build import BuildJob, overall_progress, synthetic_feeds
@@ -24,6 +24,10 @@ from service.lifecycle.jobs import BuildFailure, BuildRunner
 from service.lifecycle.registry import EngineVersion, Registry, State
 from service.metrics import KilnMetrics
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.catalog.base import VersionRecord
+    from service.catalog.replica import ClusterReplica
 
 log = logging.getLogger("kiln.engines")
 
@@ -48,6 +52,8 @@ class EngineManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._shutting_down = False
+        # Cluster mode: the catalog numbers versions and decides builds and pruning.
+        self.cluster: ClusterReplica | None = None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -78,7 +84,9 @@ class EngineManager:
             version.progress = 1.0
         self.registry.save(version)
         self._refresh_gauges()
-        if state in (State.READY, State.FAILED) and not self._shutting_down:
+        if self.cluster is not None:
+            self.cluster.wake.set()  # report the new state to the catalog
+        elif state in (State.READY, State.FAILED) and not self._shutting_down:
             # Versions created while others were building could not be pruned then.
             self._spawn(self._prune_versions(version.name))
 
@@ -96,7 +104,7 @@ class EngineManager:
                 f"the server holds {len(names)} engines, its limit (KILN_MAX_ENGINES); delete one first"
             )
 
-    def create(
+    async def create(
         self,
         name: str,
         model_sha256: str,
@@ -106,6 +114,15 @@ class EngineManager:
     ) -> EngineVersion:
         """Register the next version of ``name`` and start its build in the background."""
         self.check_limits(name)
+        if self.cluster is not None:
+            from service.catalog.base import NewVersion
+
+            allocation = await self.cluster.catalog.create_version(
+                NewVersion(name, model_sha256, model_filename, options.to_dict(), batching.to_dict()),
+                self.settings.max_versions_per_engine,
+            )
+            self.cluster.wake.set()  # other replicas hear of it through the catalog
+            return self.adopt(allocation.version)
         version = EngineVersion(
             name=name,
             version=self.registry.next_version(name),
@@ -119,6 +136,28 @@ class EngineManager:
         self._refresh_gauges()
         self._spawn(self._build_and_load(version))
         self._spawn(self._prune_versions(name))
+        return version
+
+    def adopt(self, record: VersionRecord) -> EngineVersion:
+        """Cluster mode: hold a version the catalog has (once) and load it in the background."""
+        try:
+            return self.registry.get(record.name, record.version)
+        except NotFound:
+            pass
+        options = BuildOptions.from_dict(record.options)
+        version = EngineVersion(
+            name=record.name,
+            version=record.version,
+            model_sha256=record.model_sha256,
+            model_filename=record.model_filename,
+            options=options,
+            batching=BatchingConfig.from_dict(record.batching),
+            cache_key=self.cache_key(record.model_sha256, options),
+            created_at=record.created_at,
+        )
+        self.registry.restore(version)
+        self._refresh_gauges()
+        self._spawn(self._build_and_load(version))
         return version
 
     async def _prune_versions(self, name: str) -> None:
@@ -142,7 +181,7 @@ class EngineManager:
 
     # -- build and load ------------------------------------------------------------
 
-    def _progress_handler(self, version: EngineVersion) -> Any:
+    def progress_handler(self, version: EngineVersion) -> Any:
         def on_progress(phase: str, fraction: float) -> None:
             if version.state not in (State.BUILDING, State.LOADING):
                 return
@@ -151,16 +190,31 @@ class EngineManager:
 
         return on_progress
 
+    async def _obtain_engine(self, version: EngineVersion) -> dict[str, Any]:
+        """The committed engine's metadata: from the catalog in a cluster, else the store's
+        committed engine, else a build here."""
+        if self.cluster is not None:
+            return await self.cluster.obtain_engine(version)
+        started = time.monotonic()
+        meta = self._committed_meta(version.cache_key)
+        if meta is not None:
+            self.metrics.builds.labels("cached").inc()
+            return meta
+        meta = await self._build_once(version)
+        self.metrics.builds.labels("succeeded").inc()
+        self.metrics.build_duration.observe(time.monotonic() - started)
+        return meta
+
+    async def _discard_engine(self, version: EngineVersion, meta: dict[str, Any]) -> None:
+        if self.cluster is not None:
+            await self.cluster.catalog.invalidate_build(version.cache_key, meta["artifact_sha256"])
+        else:
+            self.store.discard_engine(version.cache_key)
+
     async def _build_and_load(self, version: EngineVersion) -> None:
         started = time.monotonic()
         try:
-            meta = self._committed_meta(version.cache_key)
-            if meta is not None:
-                self.metrics.builds.labels("cached").inc()
-            else:
-                meta = await self._build_once(version)
-                self.metrics.builds.labels("succeeded").inc()
-                self.metrics.build_duration.observe(time.monotonic() - started)
+            meta = await self._obtain_engine(version)
             if version.state != State.BUILDING:
                 return  # deleted while building
             try:
@@ -169,10 +223,9 @@ class EngineManager:
                 # The artifact passed its checksum but the backend cannot load it
                 # (for example a plan recorded for another device): rebuild it once.
                 log.warning("%s; rebuilding it from the stored model", exc.message)
-                self.store.discard_engine(version.cache_key)
+                await self._discard_engine(version, meta)
                 version.state = State.BUILDING
-                meta = await self._build_once(version)
-                self.metrics.builds.labels("succeeded").inc()
+                meta = await self._obtain_engine(version)
                 if version.state != State.BUILDING:
                     return
                 await self._load(version, meta)
@@ -213,7 +266,7 @@ class EngineManager:
     async def _build_once(self, version: EngineVersion) -> dict[str, Any]:
         """Build the engine for ``version.cache_key``; identical uploads that arrive
         while a build runs share it instead of building twice."""
-        on_progress = self._progress_handler(version)
+        on_progress = self.progress_handler(version)
         shared = self._inflight.get(version.cache_key)
         if shared is not None:
             version.phase = "waiting for an identical build"
@@ -303,9 +356,7 @@ class EngineManager:
         """Bring back the versions recorded in the store. Ready ones are loaded (or
         rebuilt from the stored ONNX when the device or backend changed, or the
         artifact is corrupt); builds a restart interrupted are marked failed."""
-        removed = self.store.cleanup_tmp(
-            older_than_s=self.settings.build_timeout_s + 600 if self.settings.store_shared else 0.0
-        )
+        removed = self.store.cleanup_tmp()
         if removed:
             log.info("removed %d leftover temporary files from the store", removed)
         records, problems = self.store.load_records()
@@ -357,7 +408,8 @@ class EngineManager:
             await asyncio.to_thread(runner.close)
         self.metrics.forget_engine(version.name, version.version)
         self.registry.remove(version)
-        self._collect_garbage(version)
+        if self.cluster is None:  # in a cluster, collected under the catalog's gc lease
+            self._collect_garbage(version)
         self._refresh_gauges()
 
     def _collect_garbage(self, version: EngineVersion) -> None:

@@ -11,13 +11,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from engines.backends.base import Runner
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature
 from service.batching import BatchingConfig, DynamicBatcher
-from service.errors import BadRequest, NotFound, NotReady
+from service.errors import BadRequest, NotFound, NotReady, Unavailable
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -138,8 +138,11 @@ class EngineVersion:
 class Registry:
     """Engine versions by name. Event-loop only: no locking needed."""
 
-    def __init__(self, store: EngineStore) -> None:
+    def __init__(self, store: EngineStore, *, cluster: bool = False) -> None:
         self.store = store
+        # In a cluster the catalog holds the records, and a version that exists but is
+        # not loaded here yet is a 503 to retry (maybe on another replica), not a 409.
+        self.cluster = cluster
         self._engines: dict[str, dict[int, EngineVersion]] = {}
 
     def names(self) -> list[str]:
@@ -166,14 +169,16 @@ class Registry:
         self._engines.setdefault(version.name, {})[version.version] = version
 
     def save(self, version: EngineVersion) -> None:
-        self.store.save_record(version.record())
+        if not self.cluster:
+            self.store.save_record(version.record())
 
     def remove(self, version: EngineVersion) -> None:
         versions = self._engines.get(version.name, {})
         versions.pop(version.version, None)
         if not versions:
             self._engines.pop(version.name, None)
-        self.store.delete_record(version.name, version.version)
+        if not self.cluster:
+            self.store.delete_record(version.name, version.version)
 
     def get(self, name: str, version: int | None = None) -> EngineVersion:
         """A version by number, or the newest version; raises ``NotFound``."""
@@ -192,16 +197,21 @@ class Registry:
         if version is not None:
             found = self.get(name, version)
             if found.state != State.READY or found.batcher is None:
-                raise NotReady(
-                    f"engine '{name}' version {version} is {found.state}, not ready",
-                )
+                self._not_ready(f"engine '{name}' version {version} is {found.state}, not ready", found)
             return found
         versions = self.versions(name)
         for candidate in reversed(versions):
             if candidate.state == State.READY and candidate.batcher is not None:
                 return candidate
         latest = versions[-1]
-        raise NotReady(f"engine '{name}' has no ready version; version {latest.version} is {latest.state}")
+        self._not_ready(
+            f"engine '{name}' has no ready version; version {latest.version} is {latest.state}", latest
+        )
+
+    def _not_ready(self, message: str, version: EngineVersion) -> NoReturn:
+        if self.cluster and version.state in (State.BUILDING, State.LOADING):
+            raise Unavailable(f"{message} on this replica yet", headers={"Retry-After": "1"})
+        raise NotReady(message)
 
     def count_by_state(self) -> dict[str, int]:
         counts = {str(state): 0 for state in State}

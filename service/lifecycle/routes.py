@@ -11,6 +11,7 @@ from engines.onnx_model import load_model, read_signature
 from engines.types import Precision, Signature
 from service.auth import require_management_key
 from service.errors import BadRequest, Unavailable
+from service.lifecycle import cluster_view
 from service.lifecycle.options import parse_upload_fields, to_options
 from service.lifecycle.registry import check_name
 from service.lifecycle.uploads import ParsedForm, parse_multipart
@@ -86,7 +87,7 @@ async def upload_engine(request: Request) -> JSONResponse:
             state.store.add_data(calibration.path, calibration.sha256)
         if validation:
             state.store.add_data(validation.path, validation.sha256)
-        version = state.manager.create(name, model.sha256, model.filename, options, batching)
+        version = await state.manager.create(name, model.sha256, model.filename, options, batching)
     finally:
         form.discard()
     return JSONResponse(
@@ -99,6 +100,8 @@ async def upload_engine(request: Request) -> JSONResponse:
 @router.get("/engines")
 async def list_engines(state: AppState = Depends(get_state)) -> JSONResponse:
     """Every engine with its newest version."""
+    if state.cluster is not None:
+        return JSONResponse({"engines": await cluster_view.list_engines(state, state.cluster)})
     engines = []
     for name in state.registry.names():
         versions = state.registry.versions(name)
@@ -117,18 +120,24 @@ async def list_engines(state: AppState = Depends(get_state)) -> JSONResponse:
 @router.get("/engines/{name}")
 async def get_engine(name: str, state: AppState = Depends(get_state)) -> JSONResponse:
     """The newest version's status and the list of versions."""
+    if state.cluster is not None:
+        return JSONResponse(await cluster_view.engine(state, state.cluster, name))
     versions = state.registry.versions(name)
     return JSONResponse({**versions[-1].status(), "versions": [v.summary() for v in versions]})
 
 
 @router.get("/engines/{name}/versions/{version}")
 async def get_engine_version(name: str, version: int, state: AppState = Depends(get_state)) -> JSONResponse:
+    if state.cluster is not None:
+        return JSONResponse(await cluster_view.engine_version(state, state.cluster, name, version))
     return JSONResponse(state.registry.get(name, version).status())
 
 
 @router.delete("/engines/{name}", dependencies=[Depends(require_management_key)])
 async def delete_engine(name: str, state: AppState = Depends(get_state)) -> JSONResponse:
     """Unload and remove every version of an engine."""
+    if state.cluster is not None:
+        return JSONResponse(await cluster_view.delete(state.cluster, name, None))
     versions = state.registry.versions(name)
     for version in versions:
         await state.manager.delete(version)
@@ -139,6 +148,8 @@ async def delete_engine(name: str, state: AppState = Depends(get_state)) -> JSON
 async def delete_engine_version(
     name: str, version: int, state: AppState = Depends(get_state)
 ) -> JSONResponse:
+    if state.cluster is not None:
+        return JSONResponse(await cluster_view.delete(state.cluster, name, version))
     found = state.registry.get(name, version)
     await state.manager.delete(found)
     return JSONResponse({"name": name, "deleted_versions": [version]})

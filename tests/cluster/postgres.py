@@ -90,15 +90,23 @@ class PostgresServer:
             self.process = subprocess.Popen(
                 [
                     str(self.bindir / "postgres"),
-                    "-D", str(self.data),
-                    "-h", "127.0.0.1",
-                    "-p", str(self.port),
-                    "-k", str(self.root),
-                    "-c", "fsync=off",
-                    "-c", "synchronous_commit=off",
-                    "-c", "full_page_writes=off",
-                    "-c", "max_connections=100",
-                ],  # fmt: skip
+                    "-D",
+                    str(self.data),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.root),
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=100",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 user=self.user,
@@ -108,7 +116,9 @@ class PostgresServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"PostgreSQL exited:\n{self.log.read_text()}")
             try:
-                psycopg.connect(f"postgresql://kiln@127.0.0.1:{self.port}/postgres", connect_timeout=1).close()
+                psycopg.connect(
+                    f"postgresql://kiln@127.0.0.1:{self.port}/postgres", connect_timeout=1
+                ).close()
                 return
             except psycopg.OperationalError:
                 time.sleep(0.05)

@@ -117,7 +117,7 @@ async def test_a_corrupt_artifact_is_invalidated_only_once(catalog_url: str) -> 
 async def test_every_committed_change_wakes_listeners(catalog_url: str) -> None:
     listener, writer = await opened(catalog_url, "l"), await opened(catalog_url, "w")
     wake = asyncio.Event()
-    task = asyncio.create_task(listener.changes(wake))
+    task = asyncio.create_task(listener.changes(wake.set))
     await asyncio.wait_for(wake.wait(), 5)  # set once on connect
     wake.clear()
     await writer.create_version(spec(), 10)
