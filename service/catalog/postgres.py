@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -164,6 +165,55 @@ class PostgresCatalog:
                 if removed:
                     await conn.execute(_NOTIFY, (f"delete {name}",))
                 return removed
+        except _ERRORS as exc:
+            raise CatalogUnavailable(_reason(exc)) from exc
+
+    async def import_store(self, versions: list[VersionRecord], builds: list[ImportedBuild]) -> None:
+        """Add a single-node store's versions (keeping their numbers) and committed
+        engines, in one transaction. Raises ``ValueError`` naming the engines the
+        catalog already has, and then adds nothing."""
+        names = sorted({v.name for v in versions})
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cursor = await conn.execute("SELECT name FROM engines WHERE name = ANY(%s)", (names,))
+                taken = sorted(row[0] for row in await cursor.fetchall())
+                if taken:
+                    raise ValueError(f"the catalog already has engines named {', '.join(taken)}")
+                for name in names:
+                    top = max(v.version for v in versions if v.name == name)
+                    await conn.execute(
+                        "INSERT INTO engines (name, next_version) VALUES (%s, %s)", (name, top + 1)
+                    )
+                for v in versions:
+                    await conn.execute(
+                        "INSERT INTO versions (name, version, model_sha256, model_filename, options,"
+                        " batching, state, error, created_at)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s))",
+                        (
+                            v.name,
+                            v.version,
+                            v.model_sha256,
+                            v.model_filename,
+                            Jsonb(v.options),
+                            Jsonb(v.batching),
+                            v.state,
+                            _json(v.error),
+                            v.created_at,
+                        ),
+                    )
+                for build in builds:
+                    await conn.execute(
+                        "INSERT INTO builds (cache_key, model_sha256, options, state, meta) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (cache_key) DO NOTHING",
+                        (
+                            build.cache_key,
+                            build.model_sha256,
+                            Jsonb(build.options),
+                            BuildState.COMMITTED,
+                            Jsonb(build.meta),
+                        ),
+                    )
+                await conn.execute(_NOTIFY, ("import",))
         except _ERRORS as exc:
             raise CatalogUnavailable(_reason(exc)) from exc
 
@@ -343,6 +393,16 @@ class PostgresCatalog:
             except _ERRORS as exc:
                 log.warning("catalog LISTEN connection lost (%s); reconnecting", _reason(exc))
                 await asyncio.sleep(delay)
+
+
+@dataclass(frozen=True)
+class ImportedBuild:
+    """A committed engine of a single-node store, as ``kiln catalog import`` brings it in."""
+
+    cache_key: str
+    model_sha256: str
+    options: dict[str, Any]
+    meta: dict[str, Any]
 
 
 _VERSION_COLUMNS = (

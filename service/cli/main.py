@@ -70,7 +70,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from engines.backends import select_backend
     from engines.build import BuildJob, overall_progress, run_build
-    from engines.errors import EngineError
+    from engines.errors import EngineError, StoreInUse
     from engines.onnx_model import load_model, read_signature
     from engines.store import EngineStore, sha256_file
     from engines.types import BuildOptions, Precision, engine_cache_key
@@ -84,7 +84,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"kiln: no such model file: {model_path}", file=sys.stderr)
         return 2
     name = check_name(args.name or model_path.stem)
+    if settings.catalog_url:
+        print(
+            "kiln: KILN_CATALOG_URL is set: in a cluster, upload models through a server's API "
+            "(POST /engines); kiln build writes a single-node store",
+            file=sys.stderr,
+        )
+        return 2
     store = EngineStore(settings.store)
+    try:
+        store.lock_exclusive(hint="stop the server on this store, or upload the model through its API")
+    except StoreInUse as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return 2
     backend, reason = select_backend(settings.backend, settings.backend_options())
     print(f"backend: {reason}")
     try:
@@ -156,6 +168,50 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_catalog_import(args: argparse.Namespace) -> int:
+    """Add a single-node store's versions and engines to the cluster's catalog."""
+    import asyncio
+
+    from engines.errors import StoreInUse
+    from engines.store import EngineStore
+    from service.catalog.base import CatalogUnavailable
+    from service.catalog.importer import import_store
+    from service.catalog.postgres import PostgresCatalog
+
+    settings = _settings({"store": args.store, "catalog_url": args.catalog_url})
+    if not settings.catalog_url:
+        print("kiln: set KILN_CATALOG_URL (or --catalog-url) to the cluster's catalog", file=sys.stderr)
+        return 2
+    store = EngineStore(settings.store)
+    try:
+        store.lock_exclusive(hint="stop the single-node server before importing its store")
+    except StoreInUse as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return 2
+
+    async def run() -> Any:
+        catalog = PostgresCatalog(settings.catalog_url, "import", lease_ttl_s=settings.catalog_lease_ttl_s)
+        await catalog.start()
+        try:
+            return await import_store(store, catalog)
+        finally:
+            await catalog.close()
+
+    try:
+        report = asyncio.run(run())
+    except (CatalogUnavailable, ValueError) as exc:
+        print(f"kiln: import failed, nothing was added: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    finally:
+        store.unlock()
+    print(
+        json.dumps(
+            {"imported": report.versions, "engines": report.engines, "skipped": report.skipped}, indent=2
+        )
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from service.cli.bench import run_bench_cli
 
@@ -184,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--max-batch-size", type=int, default=8)
     build.set_defaults(func=cmd_build)
+
+    catalog = sub.add_parser("catalog", help="manage the cluster catalog (KILN_CATALOG_URL)")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
+    catalog_import = catalog_sub.add_parser(
+        "import", help="add a single-node store's versions and engines to the catalog (stop its server first)"
+    )
+    catalog_import.add_argument("--store", help="store directory (KILN_STORE)")
+    catalog_import.add_argument("--catalog-url", help="postgresql://… (KILN_CATALOG_URL)")
+    catalog_import.set_defaults(func=cmd_catalog_import)
 
     bench = sub.add_parser("bench", help="load-test a running kiln server")
     from service.cli.bench import add_bench_arguments

@@ -287,7 +287,8 @@ def test_sigkill_during_a_store_write(
     half_key = "f" * 64
     half = store / "engines" / half_key
     half.mkdir()
-    shutil.copyfile(store / "engines" / keep_key / "engine.onnx", half / "engine.onnx")
+    keep_artifact = json.loads((store / "engines" / keep_key / "meta.json").read_text())["artifact"]
+    shutil.copyfile(store / "engines" / keep_key / keep_artifact, half / keep_artifact)
     record = json.loads((store / "records" / "keep" / "1.json").read_text())
     record.update(name="half", version=1, state="building", cache_key=half_key)
     (store / "records" / "half").mkdir()
@@ -315,8 +316,8 @@ def test_a_corrupt_engine_is_rebuilt_on_restart(
     with server.client() as client:
         key = client.get("/engines/keep").json()["report"]["cache_key"]
     assert server.stop(signal.SIGTERM) == 0
-    artifact = store / "engines" / key / "engine.onnx"
     meta = store / "engines" / key / "meta.json"
+    artifact = store / "engines" / key / json.loads(meta.read_text())["artifact"]
     original_sha = json.loads(meta.read_text())["artifact_sha256"]
     data = bytearray(artifact.read_bytes())
     if damage == "flip-artifact-bytes":

@@ -1,0 +1,89 @@
+"""Garbage collection in cluster mode: only what no version references and no live
+lease or replica covers, and only once older than the grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import psycopg
+
+from engines.store import EngineStore
+from service.catalog.base import BuildLease, NewVersion
+from service.catalog.postgres import PostgresCatalog
+from service.catalog.replica import collect_garbage
+
+KEPT, GONE = "a" * 64, "b" * 64
+KEY_KEPT, KEY_GONE, KEY_ORPHAN = "1" * 64, "2" * 64, "3" * 64
+OPTIONS = {"precision": "fp32"}
+
+
+def _file(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _age(*paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            os.utime(path, (1, 1))
+
+
+async def _commit(catalog: PostgresCatalog, key: str, model: str, artifact: str) -> None:
+    lease = await catalog.acquire_build(key, model, OPTIONS)
+    assert isinstance(lease, BuildLease)
+    assert await catalog.commit_build(lease, {"artifact": artifact, "artifact_sha256": "0" * 64})
+
+
+async def test_collect_garbage_removes_only_unreferenced_old_entries(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    store = EngineStore(tmp_path)
+    live = PostgresCatalog(catalog_url, "live", lease_ttl_s=30)
+    dead = PostgresCatalog(catalog_url, "dead", lease_ttl_s=0.5)
+    await live.start()
+    await dead.start()
+    await live.create_version(NewVersion("m", KEPT, "m.onnx", OPTIONS, {}), 10)
+    gone_version = await live.create_version(NewVersion("g", GONE, "g.onnx", OPTIONS, {}), 10)
+    await _commit(live, KEY_KEPT, KEPT, "engine-k.onnx")
+    await _commit(live, KEY_GONE, GONE, "engine-g.onnx")
+    await live.delete_versions("g", [gone_version.version.version])
+    await live.heartbeat("cpu", {})
+    await dead.heartbeat("cpu", {})
+    entries = {
+        "kept model": _file(store.model_path(KEPT)),
+        "gone model": _file(store.model_path(GONE)),
+        "kept artifact": _file(store.engine_dir(KEY_KEPT) / "engine-k.onnx"),
+        "fenced-out artifact": _file(store.engine_dir(KEY_KEPT) / "engine-loser.onnx"),
+        "gone engine": _file(store.engine_dir(KEY_GONE) / "engine-g.onnx"),
+        "orphan engine": _file(store.engine_dir(KEY_ORPHAN) / "engine-o.onnx"),
+        "live temp": _file(tmp_path / "tmp" / "live" / "upload"),
+        "dead temp": _file(tmp_path / "tmp" / "dead" / "upload"),
+    }
+    await asyncio.sleep(0.8)  # the dead replica's heartbeat expires
+    assert await collect_garbage(live, store, grace_s=60) == 1  # only the expired replica's temp dir
+    assert not entries["dead temp"].exists()
+
+    _age(*entries.values(), *(p.parent for p in entries.values()))
+    async with await psycopg.AsyncConnection.connect(catalog_url, autocommit=True) as conn:
+        await conn.execute("UPDATE builds SET updated_at = now() - interval '1 hour'")
+    removed = await collect_garbage(live, store, grace_s=60)
+    assert removed == 4
+    left = {name for name, path in entries.items() if path.exists()}
+    assert left == {"kept model", "kept artifact", "live temp"}
+    assert [b.cache_key for b in await live.builds()] == [KEY_KEPT]
+    await live.close()
+    await dead.close()
+
+
+async def test_new_files_survive_the_grace_period(catalog_url: str, tmp_path: Path) -> None:
+    store = EngineStore(tmp_path)
+    catalog = PostgresCatalog(catalog_url, "r")
+    await catalog.start()
+    fresh = _file(store.model_path(GONE))  # just published, its version not inserted yet
+    orphan = _file(store.engine_dir(KEY_ORPHAN) / "engine-o.onnx")  # a build starting
+    assert await collect_garbage(catalog, store, grace_s=60) == 0
+    assert fresh.exists() and orphan.exists()
+    await catalog.close()
