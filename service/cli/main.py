@@ -60,8 +60,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("serving on %s WITHOUT authentication (KILN_ALLOW_UNAUTHENTICATED)", settings.host)
     elif not keys:
         log.info("no API keys configured; listening on loopback only (%s)", settings.host)
+    if settings.catalog_url is None and not _store_is_free(settings.store):
+        return 1
     run_server(settings)
     return 0
+
+
+def _store_is_free(store_root: Path) -> bool:
+    """Say so plainly when another server holds the store (the server takes the lock
+    for itself at start-up; this only spares a traceback)."""
+    from engines.errors import StoreInUse
+    from engines.store import EngineStore
+    from service.app import SECOND_SERVER_HINT
+
+    store = EngineStore(store_root)
+    try:
+        store.lock_exclusive(hint=SECOND_SERVER_HINT)
+    except StoreInUse as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return False
+    store.unlock()
+    return True
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -416,3 +416,39 @@ def test_server_settings_come_from_values(cpu_docs: Docs, tools: Tools) -> None:
     assert one(docs, "PersistentVolumeClaim")["spec"]["storageClassName"] == ""
     assert env_of(kiln_container(docs))["KILN_BACKEND"] == "auto"
     assert "KILN_MAX_UPLOAD_BYTES" not in env_of(kiln_container(docs))
+
+
+@pytest.mark.parametrize("setting", ["replicaCount=3", "autoscaling.enabled=true"])
+def test_several_replicas_need_a_catalog(tools: Tools, setting: str) -> None:
+    proc = tools.template(set_values=[setting])
+    assert proc.returncode != 0, output_of(proc)
+    assert "replicaCount > 1 and autoscaling need a catalog: set catalog.url" in proc.stderr
+
+
+def test_a_catalog_url_reaches_the_pod_through_a_secret(tools: Tools) -> None:
+    url = "postgresql://kiln:s3cret@pg.db:5432/kiln"
+    docs = tools.render(
+        set_values=[
+            "replicaCount=3",
+            f"catalog.url={url}",
+            "store.persistence.accessModes={ReadWriteMany}",
+        ]
+    )
+    secret = next(d for d in find(docs, "Secret") if d["metadata"]["name"] == "kiln-catalog")
+    assert base64.b64decode(secret["data"]["url"]).decode() == url
+    container = kiln_container(docs)
+    catalog_env = next(e for e in container["env"] if e["name"] == "KILN_CATALOG_URL")
+    assert catalog_env["valueFrom"]["secretKeyRef"] == {"name": "kiln-catalog", "key": "url"}
+    assert url not in yaml.safe_dump(one(docs, "Deployment"))
+    assert env_of(container)["KILN_CATALOG_LEASE_TTL_S"] == "30"
+    assert one(docs, "Deployment")["spec"]["replicas"] == 3
+    assert one(docs, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+def test_an_existing_catalog_secret_is_used_and_one_replica_needs_none(
+    gpu_docs: Docs, cpu_docs: Docs
+) -> None:
+    catalog_env = next(e for e in kiln_container(gpu_docs)["env"] if e["name"] == "KILN_CATALOG_URL")
+    assert catalog_env["valueFrom"]["secretKeyRef"] == {"name": "kiln-catalog-app", "key": "uri"}
+    assert [d["metadata"]["name"] for d in find(gpu_docs, "Secret")] == ["kiln-api-keys"]
+    assert "KILN_CATALOG_URL" not in [e["name"] for e in kiln_container(cpu_docs)["env"]]

@@ -78,7 +78,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (not .Values.store.persistence.enabled) (has "ReadWriteMany" .Values.store.persistence.accessModes) }}true{{ end }}
 {{- end }}
 
-{{/* Refuse settings that would break a graceful shutdown. */}}
+{{/* True when replicas share a PostgreSQL catalog. */}}
+{{- define "kiln.catalogEnabled" -}}
+{{- if or .Values.catalog.url .Values.catalog.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "kiln.catalogSecretName" -}}
+{{- .Values.catalog.existingSecret | default (printf "%s-catalog" (include "kiln.fullname" .)) }}
+{{- end }}
+
+{{- define "kiln.catalogSecretKey" -}}
+{{- ternary .Values.catalog.existingSecretKey "url" (ne .Values.catalog.existingSecret "") }}
+{{- end }}
+
+{{/* Refuse settings that would break a graceful shutdown or several replicas. */}}
 {{- define "kiln.validate" -}}
 {{- $needed := add .Values.lifecycle.preStopSleepSeconds .Values.server.drainTimeoutSeconds }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $needed) }}
@@ -86,6 +99,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and .Values.gpu.enabled (hasSuffix ".shared" .Values.gpu.resourceName) (gt (int .Values.gpu.count) 1) }}
 {{- fail (printf "gpu.count must be 1 with the time-sliced resource %s" .Values.gpu.resourceName) }}
+{{- end }}
+{{- if and (not (include "kiln.catalogEnabled" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- fail "replicaCount > 1 and autoscaling need a catalog: set catalog.url or catalog.existingSecret to a PostgreSQL database (docs/OPERATIONS.md, \"Several replicas\"). Without one, replicas on one store serve different versions and destroy each other's files" }}
+{{- end }}
+{{- if and .Values.catalog.url .Values.catalog.existingSecret }}
+{{- fail "catalog: set only one of url and existingSecret" }}
 {{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set only one of minAvailable and maxUnavailable (set the other to null)" }}
