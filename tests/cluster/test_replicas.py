@@ -126,7 +126,7 @@ def test_a_killed_lease_holder_is_taken_over_and_one_artifact_is_committed(
 ) -> None:
     servers = [replicas.start(), replicas.start()]
     with servers[0].client() as client:
-        upload(client, model_files["cnn"], "m", precision="auto", calibration="synthetic")
+        upload(client, model_files["cnn"], "m")
     row = wait_until(lambda: replicas.build_row("m"), 10, "a build lease")
     assert row[0] == "building"
     holder = next(s for s in servers if _replica_id(s) == row[1])
@@ -145,7 +145,7 @@ def test_a_builder_stopped_past_its_lease_cannot_commit(
 ) -> None:
     servers = [replicas.start(), replicas.start()]
     with servers[0].client() as client:
-        upload(client, model_files["cnn"], "m", precision="auto", calibration="synthetic")
+        upload(client, model_files["cnn"], "m")
     row = wait_until(lambda: replicas.build_row("m"), 10, "a build lease")
     stopped = next(s for s in servers if _replica_id(s) == row[1])
     winner = next(s for s in servers if s is not stopped)
