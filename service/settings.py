@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         None,
         description="postgresql://… URL of the catalog; unset: a single server owns the store",
     )
+    catalog_url_file: Path | None = Field(
+        None,
+        description="file holding the catalog URL (a mounted Secret); read when KILN_CATALOG_URL is unset",
+    )
     catalog_lease_ttl_s: float = Field(
         30.0, ge=0.5, le=3600, description="build lease and replica heartbeat lifetime"
     )
@@ -96,6 +100,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.catalog_url is None and self.catalog_url_file is not None:
+            try:
+                url = self.catalog_url_file.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"KILN_CATALOG_URL_FILE cannot be read: {exc}") from None
+            self.catalog_url = self._check_catalog_url(url)
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError("KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE")
         return self

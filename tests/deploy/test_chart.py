@@ -257,8 +257,12 @@ def test_notes_explain_keys_scraping_and_the_adapter_rule(
     assert "CPU: ONNX Runtime" in cpu
     assert "prometheus-adapter" not in cpu
 
-    shared = render_notes(tools, workdir, CPU_VALUES, set_values=["replicaCount=3"])
+    shared = render_notes(
+        tools, workdir, CPU_VALUES, set_values=["replicaCount=3", "catalog.existingSecret=pg"]
+    )
     assert "ReadWriteOnce store" in shared
+    assert "Replicas agree through the PostgreSQL catalog in Secret pg" in shared
+    assert "PostgreSQL catalog" in gpu and "PostgreSQL catalog" not in cpu
 
     open_server = render_notes(tools, workdir, set_values=["auth.allowUnauthenticated=true"])
     assert "WARNING: auth.allowUnauthenticated is true" in open_server
@@ -437,8 +441,13 @@ def test_a_catalog_url_reaches_the_pod_through_a_secret(tools: Tools) -> None:
     secret = next(d for d in find(docs, "Secret") if d["metadata"]["name"] == "kiln-catalog")
     assert base64.b64decode(secret["data"]["url"]).decode() == url
     container = kiln_container(docs)
-    catalog_env = next(e for e in container["env"] if e["name"] == "KILN_CATALOG_URL")
-    assert catalog_env["valueFrom"]["secretKeyRef"] == {"name": "kiln-catalog", "key": "url"}
+    assert env_of(container)["KILN_CATALOG_URL_FILE"] == "/etc/kiln/catalog/url"
+    assert mount(container, "catalog") == {
+        "name": "catalog",
+        "mountPath": "/etc/kiln/catalog",
+        "readOnly": True,
+    }
+    assert volume(docs, "catalog")["secret"]["secretName"] == "kiln-catalog"
     assert url not in yaml.safe_dump(one(docs, "Deployment"))
     assert env_of(container)["KILN_CATALOG_LEASE_TTL_S"] == "30"
     assert one(docs, "Deployment")["spec"]["replicas"] == 3
@@ -448,7 +457,7 @@ def test_a_catalog_url_reaches_the_pod_through_a_secret(tools: Tools) -> None:
 def test_an_existing_catalog_secret_is_used_and_one_replica_needs_none(
     gpu_docs: Docs, cpu_docs: Docs
 ) -> None:
-    catalog_env = next(e for e in kiln_container(gpu_docs)["env"] if e["name"] == "KILN_CATALOG_URL")
-    assert catalog_env["valueFrom"]["secretKeyRef"] == {"name": "kiln-catalog-app", "key": "uri"}
+    assert env_of(kiln_container(gpu_docs))["KILN_CATALOG_URL_FILE"] == "/etc/kiln/catalog/uri"
+    assert volume(gpu_docs, "catalog")["secret"]["secretName"] == "kiln-catalog-app"
     assert [d["metadata"]["name"] for d in find(gpu_docs, "Secret")] == ["kiln-api-keys"]
-    assert "KILN_CATALOG_URL" not in [e["name"] for e in kiln_container(cpu_docs)["env"]]
+    assert "KILN_CATALOG_URL_FILE" not in env_of(kiln_container(cpu_docs))
