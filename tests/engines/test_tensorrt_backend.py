@@ -353,7 +353,7 @@ def test_tensorrts_own_shape_check_becomes_build_failed(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # If kiln's own check ever let a bad range through, TensorRT's ValueError must not escape raw.
-    import engines.backends.tensorrt as backend_module
+    import engines.backends.tensorrt.backend as backend_module
 
     monkeypatch.setattr(
         backend_module, "optimization_profile", lambda *args: {"x": ((1, 8), (4, 16), (8, 16))}
