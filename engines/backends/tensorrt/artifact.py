@@ -20,6 +20,7 @@ from engines.errors import StoreCorrupted
 
 ARTIFACT_MAGIC = b"KILN-TRT"
 _HEADER_LENGTH = struct.Struct("<I")
+PLAN_ALIGNMENT = 4096
 
 
 def write_atomically(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
@@ -47,8 +48,15 @@ def write_atomically(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
 
 
 def pack_artifact_header(metadata: Mapping[str, Any]) -> bytes:
-    """The bytes that precede the TensorRT plan in a kiln artifact."""
+    """The bytes that precede the TensorRT plan in a kiln artifact.
+
+    The JSON is padded with spaces (still valid JSON, so older readers parse it) to
+    end on a ``PLAN_ALIGNMENT`` boundary: the plan then starts page-aligned, which
+    TensorRT does not require but costs nothing.
+    """
     payload = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+    unpadded = len(ARTIFACT_MAGIC) + _HEADER_LENGTH.size + len(payload)
+    payload += b" " * (-unpadded % PLAN_ALIGNMENT)
     return ARTIFACT_MAGIC + _HEADER_LENGTH.pack(len(payload)) + payload
 
 
@@ -77,8 +85,7 @@ def describe_signature(data: Any) -> str:
         return "an unknown device"
     device = data.get("device") or {}
     return (
-        f"TensorRT {data.get('backend_version', '?')} on {device.get('name', '?')} "
-        f"(compute {device.get('compute_capability', '?')}, "
-        f"driver CUDA {device.get('driver_version', '?')}, "
+        f"TensorRT {data.get('backend_version', '?')} ({device.get('tensorrt_cuda', 'CUDA unrecorded')}) "
+        f"on {device.get('name', '?')} (compute {device.get('compute_capability', '?')}, "
         f"{device.get('os', '?')}/{device.get('arch', '?')})"
     )

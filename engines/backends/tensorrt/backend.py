@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engines.backends import cuda
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
 from engines.backends.tensorrt.artifact import (
@@ -20,25 +18,34 @@ from engines.backends.tensorrt.artifact import (
 )
 from engines.backends.tensorrt.builder import (
     MAX_OPTIMIZATION_LEVEL,
+    build_plan,
     network_flags,
-    optimization_profile,
-    parse_failure,
 )
 from engines.backends.tensorrt.inspect import inspect_plan
 from engines.backends.tensorrt.library import (
-    check_io_types,
-    dims,
+    cuda_flavour,
     errors_or,
     first_line,
     import_tensorrt,
     new_logger,
-    numpy_dtype,
 )
 from engines.backends.tensorrt.runner import TensorRTRunner
-from engines.backends.tensorrt.timing_cache import TimingCacheFile
 from engines.device import gpu_device_info
 from engines.errors import BackendUnavailable, BuildFailed, EngineError, StoreCorrupted
 from engines.types import BuildOptions, DeviceSignature, Signature
+
+
+def _driver_too_old() -> str:
+    try:
+        versions = (
+            f"it supports CUDA {cuda.driver_version()}, cuda-python needs CUDA {cuda.runtime_version()}"
+        )
+    except EngineError:
+        versions = "cuda-python needs a newer CUDA"
+    return (
+        f"the NVIDIA driver is too old ({versions}; the CUDA 13 packages need driver R580 or "
+        "newer): upgrade the driver, or install kiln[gpu-cu12] on hosts with a CUDA 12 driver"
+    )
 
 
 class TensorRTBackend(Backend):
@@ -56,8 +63,9 @@ class TensorRTBackend(Backend):
         self.device_index = device_index
 
     @classmethod
-    def probe(cls) -> tuple[bool, str]:
-        """(True, "TensorRT x.y on <GPU>") when tensorrt imports and a CUDA device is visible.
+    def probe(cls, device_index: int = 0) -> tuple[bool, str]:
+        """(True, "TensorRT x.y on <GPU>") when tensorrt imports and CUDA device
+        ``device_index`` (the one this backend will use) is usable.
 
         Never raises: a broken native install can raise anything at import time.
         """
@@ -72,7 +80,13 @@ class TensorRTBackend(Backend):
             count = cuda.device_count()
             if count < 1:
                 return False, "no CUDA device is visible"
-            gpu_name = cuda.device_properties(0).name
+            if device_index >= count:
+                return False, f"CUDA device {device_index} is not visible (this process sees {count})"
+            gpu_name = cuda.device_properties(device_index).name
+        except cuda.CudaError as exc:
+            if exc.details.get("error") == "cudaErrorInsufficientDriver":
+                return False, f"TensorRT {version} imports but {_driver_too_old()}"
+            return False, f"TensorRT {version} imports but no CUDA device is usable ({exc.message})"
         except EngineError as exc:
             return False, f"TensorRT {version} imports but no CUDA device is usable ({exc.message})"
         except Exception as exc:  # cuda-python failing outside its result codes
@@ -81,15 +95,22 @@ class TensorRTBackend(Backend):
         return True, f"TensorRT {short_version} on {gpu_name}"
 
     def device_signature(self) -> DeviceSignature:
-        """Full TensorRT version, GPU facts (see ``gpu_device_info``), OS and architecture."""
+        """What a plan depends on: the full TensorRT version and the CUDA it was built for
+        (``cuda_flavour``), the GPU (see ``gpu_device_info``), OS and architecture."""
         trt = import_tensorrt()
         info = gpu_device_info(self.device_index)
         if info is None:
             raise BackendUnavailable(f"CUDA device {self.device_index} is not visible")
+        version = str(trt.__version__)
         return DeviceSignature(
             backend=self.name,
-            backend_version=str(trt.__version__),
-            device={**info, "os": platform.system(), "arch": platform.machine()},
+            backend_version=version,
+            device={
+                **info,
+                "tensorrt_cuda": cuda_flavour(version),
+                "os": platform.system(),
+                "arch": platform.machine(),
+            },
         )
 
     def build(
@@ -116,63 +137,11 @@ class TensorRTBackend(Backend):
         logger = new_logger(trt)
         started = time.perf_counter()
 
-        progress("parse", 0.0)
-        builder = trt.Builder(logger)
-        network = builder.create_network(network_flags(trt))
-        parser = trt.OnnxParser(network, logger)
-        # The path lets the parser find external weights next to the model.
-        parsed = parser.parse(onnx_path.read_bytes(), str(onnx_path))
-        if not parsed or parser.num_errors > 0:
-            raise parse_failure(parser, logger)
-        network_inputs: list[tuple[str, tuple[int, ...]]] = []
-        input_types: list[tuple[str, np.dtype[Any]]] = []
-        for index in range(network.num_inputs):
-            tensor = network.get_input(index)
-            network_inputs.append((tensor.name, dims(tensor.shape)))
-            input_types.append((tensor.name, numpy_dtype(trt, tensor.dtype, f"input '{tensor.name}'")))
-        output_types = []
-        for index in range(network.num_outputs):
-            tensor = network.get_output(index)
-            output_types.append((tensor.name, numpy_dtype(trt, tensor.dtype, f"output '{tensor.name}'")))
-        check_io_types(input_types, signature.inputs, "input")
-        check_io_types(output_types, signature.outputs, "output")
-        progress("parse", 1.0)
-
-        profile_shapes = optimization_profile(network_inputs, signature, options)
-        config = builder.create_builder_config()
-        if options.workspace_bytes is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-        if options.optimization_level is not None:
-            config.builder_optimization_level = options.optimization_level
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if profile_shapes:
-            profile = builder.create_optimization_profile()
-            for name, (low, optimal, high) in profile_shapes.items():
-                try:
-                    profile.set_shape(name, low, optimal, high)
-                except ValueError as exc:
-                    raise BuildFailed(
-                        f"TensorRT rejected the shape range of input '{name}' (min {list(low)}, "
-                        f"opt {list(optimal)}, max {list(high)}): {first_line(exc)}"
-                    ) from exc
-            config.add_optimization_profile(profile)
-        timing_cache = TimingCacheFile(timing_cache_path) if timing_cache_path is not None else None
-        if timing_cache is not None:
-            timing_cache.attach(config)
-
-        progress("build", 0.0)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise BuildFailed(
-                "TensorRT could not build an engine: "
-                + errors_or(logger, "the builder returned no plan and logged no error"),
-                details={"log": logger.messages()},
-            )
-        plan_view = memoryview(plan).cast("B")
-        if plan_view.nbytes == 0:
-            raise BuildFailed("TensorRT returned an empty plan", details={"log": logger.messages()})
-        if timing_cache is not None:
-            timing_cache.save(config)
+        # The builder, network, parser (which owns the weights) and config live only in
+        # build_plan: their memory is released before the plan is deserialized again below.
+        built = build_plan(trt, logger, onnx_path, signature, options, timing_cache_path, progress)
+        plan_view = memoryview(built.plan).cast("B")
+        profile_shapes = built.profile
         profile_report = {
             name: {"min": list(low), "opt": list(optimal), "max": list(high)}
             for name, (low, optimal, high) in profile_shapes.items()
@@ -190,7 +159,7 @@ class TensorRTBackend(Backend):
         progress("build", 1.0)
 
         progress("inspect", 0.0)
-        fusion = inspect_plan(trt, logger, plan_view, network.num_layers)
+        fusion = inspect_plan(trt, logger, plan_view, built.network_layers, profile_shapes)
         progress("inspect", 1.0)
         return {
             "tensorrt_version": str(trt.__version__),
@@ -202,7 +171,7 @@ class TensorRTBackend(Backend):
                 "optimization_level": options.optimization_level,
                 "profiling_verbosity": "DETAILED",
             },
-            "timing_cache": timing_cache.report() if timing_cache is not None else None,
+            "timing_cache": built.timing_cache,
             "plan_bytes": plan_view.nbytes,
             "build_seconds": round(build_seconds, 3),
             "fusion": fusion,

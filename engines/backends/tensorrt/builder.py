@@ -9,9 +9,15 @@ for other dynamic dims; DETAILED profiling verbosity for the fusion report.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from engines.backends.tensorrt.library import errors_or
+import numpy as np
+
+from engines.backends.base import ProgressCallback
+from engines.backends.tensorrt.library import check_io_types, dims, errors_or, first_line, numpy_dtype
+from engines.backends.tensorrt.timing_cache import TimingCacheFile
 from engines.errors import BuildFailed, EngineError, UnsupportedModel
 from engines.types import DYNAMIC, BuildOptions, Signature
 
@@ -153,3 +159,93 @@ def optimization_profile(
             high.append(bounds[2])
         profile[name] = (tuple(low), tuple(optimal), tuple(high))
     return profile
+
+
+@dataclass
+class BuiltPlan:
+    """What a build leaves behind once its builder objects are gone."""
+
+    plan: Any
+    """TensorRT's ``IHostMemory`` holding the serialized plan."""
+    network_layers: int
+    profile: dict[str, ShapeTriple]
+    timing_cache: dict[str, Any] | None
+
+
+def build_plan(
+    trt: Any,
+    logger: Any,
+    onnx_path: Path,
+    signature: Signature,
+    options: BuildOptions,
+    timing_cache_path: Path | None,
+    progress: ProgressCallback,
+) -> BuiltPlan:
+    """Parse, configure and build; every builder object is released on return."""
+    progress("parse", 0.0)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    # The path lets the parser find external weights next to the model.
+    parsed = parser.parse(onnx_path.read_bytes(), str(onnx_path))
+    if not parsed or parser.num_errors > 0:
+        raise parse_failure(parser, logger)
+    network_inputs: list[tuple[str, tuple[int, ...]]] = []
+    input_types: list[tuple[str, np.dtype[Any]]] = []
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        network_inputs.append((tensor.name, dims(tensor.shape)))
+        input_types.append((tensor.name, numpy_dtype(trt, tensor.dtype, f"input '{tensor.name}'")))
+    output_types = []
+    for index in range(network.num_outputs):
+        tensor = network.get_output(index)
+        output_types.append((tensor.name, numpy_dtype(trt, tensor.dtype, f"output '{tensor.name}'")))
+    check_io_types(input_types, signature.inputs, "input")
+    check_io_types(output_types, signature.outputs, "output")
+    progress("parse", 1.0)
+
+    profile_shapes = optimization_profile(network_inputs, signature, options)
+    config = builder.create_builder_config()
+    if options.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if profile_shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, optimal, high) in profile_shapes.items():
+            try:
+                profile.set_shape(name, low, optimal, high)
+            except (RuntimeError, ValueError) as exc:  # the bindings raise RuntimeError
+                raise BuildFailed(
+                    f"TensorRT rejected the shape range of input '{name}' (min {list(low)}, "
+                    f"opt {list(optimal)}, max {list(high)}): {first_line(exc)}"
+                ) from exc
+        if config.add_optimization_profile(profile) < 0:
+            raise BuildFailed(
+                "TensorRT refused the optimization profile "
+                f"{ {name: [list(bound) for bound in triple] for name, triple in profile_shapes.items()} }: "
+                + errors_or(logger, "no reason logged")
+            )
+    timing_cache = TimingCacheFile(timing_cache_path) if timing_cache_path is not None else None
+    if timing_cache is not None:
+        timing_cache.attach(config)
+
+    progress("build", 0.0)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildFailed(
+            "TensorRT could not build an engine: "
+            + errors_or(logger, "the builder returned no plan and logged no error"),
+            details={"log": logger.messages()},
+        )
+    if memoryview(plan).nbytes == 0:
+        raise BuildFailed("TensorRT returned an empty plan", details={"log": logger.messages()})
+    if timing_cache is not None:
+        timing_cache.save(config)
+    return BuiltPlan(
+        plan=plan,
+        network_layers=int(network.num_layers),
+        profile=profile_shapes,
+        timing_cache=timing_cache.report() if timing_cache is not None else None,
+    )

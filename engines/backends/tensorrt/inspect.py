@@ -6,7 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from engines.backends.tensorrt.library import errors_or, first_line
+from engines.backends.tensorrt.builder import ShapeTriple
+from engines.backends.tensorrt.library import dims, errors_or, first_line
+from engines.backends.tensorrt.runner import output_shapes_at
 
 
 def fusion_report(
@@ -65,7 +67,13 @@ def fusion_report(
 
 
 def _onnx_nodes(metadata: str) -> list[str]:
-    # TensorRT writes "[ONNX Layer: <node name>]" per source node, joined by \x1f.
+    """The distinct ONNX nodes a layer came from, in order.
+
+    TensorRT writes "[ONNX Layer: <node name>]" per source node, joined by \x1f; a node
+    lowered to several layers and fused back repeats, and a node inside a local
+    function reads "<node> | <inner> (<function>)" (onnx-tensorrt's processMetadata):
+    both count once, as the node.
+    """
     nodes: list[str] = []
     for part in metadata.split("\x1f"):
         part = part.strip()
@@ -73,20 +81,50 @@ def _onnx_nodes(metadata: str) -> list[str]:
             continue
         if part.startswith("[ONNX Layer:") and part.endswith("]"):
             part = part[len("[ONNX Layer:") : -1].strip()
-        nodes.append(part)
+        part = part.split(" | ", 1)[0].strip()
+        if part not in nodes:
+            nodes.append(part)
     return nodes
 
 
-def inspect_plan(trt: Any, logger: Any, plan: memoryview, network_layers: int) -> dict[str, Any]:
-    """The fusion report of a freshly built plan; a failure here is reported, not raised."""
+def inspect_plan(
+    trt: Any, logger: Any, plan: memoryview, network_layers: int, profile: Mapping[str, ShapeTriple]
+) -> dict[str, Any]:
+    """The fusion report of a freshly built plan, after checking its outputs can be served.
+
+    Raises ``UnsupportedModel`` for an output whose shape depends on the data, so
+    the build fails before accuracy checks and profiling. Any other failure here is
+    reported, not raised: a good engine must not fail on its report.
+    """
     try:
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            reason = errors_or(logger, "no reason logged")
-            return {"error": f"the new plan could not be deserialized for inspection: {reason}"}
+    except Exception as exc:  # best effort, as below
+        return {"error": f"engine inspection failed: {first_line(exc)}"}
+    if engine is None:
+        reason = errors_or(logger, "no reason logged")
+        return {"error": f"the new plan could not be deserialized for inspection: {reason}"}
+    _check_outputs_follow_inputs(trt, logger, engine, profile)
+    try:
         inspector = engine.create_engine_inspector()
         information = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         return fusion_report(information, network_layers, engine.num_layers)
     except Exception as exc:  # best effort: a good engine must not fail on its report
         return {"error": f"engine inspection failed: {first_line(exc)}"}
+
+
+def _check_outputs_follow_inputs(
+    trt: Any, logger: Any, engine: Any, profile: Mapping[str, ShapeTriple]
+) -> None:
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
+    largest = {
+        name: profile[name][2] if name in profile else dims(engine.get_tensor_shape(name)) for name in inputs
+    }
+    context = engine.create_execution_context()
+    if context is None:
+        return  # out of memory for a context now; the load will say so
+    output_shapes_at(context, largest, outputs, logger)

@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import logging
+import re
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,29 @@ def import_tensorrt() -> Any:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+_FLAVOURED_DISTRIBUTION = re.compile(r"^tensorrt[-_](cu\d+)(?:[-_](?:bindings|libs))?$", re.IGNORECASE)
+
+
+def _installed_distributions() -> list[tuple[str, str]]:
+    return [(str(d.metadata["Name"] or ""), str(d.version)) for d in importlib.metadata.distributions()]
+
+
+@functools.cache
+def cuda_flavour(tensorrt_version: str) -> str:
+    """The CUDA major the installed TensorRT was built for: ``"cu12"`` or ``"cu13"``.
+
+    ``tensorrt_cu12`` and ``tensorrt_cu13`` of one release share ``__version__``
+    but make different plans, so the pip distribution that installed this version
+    says which. ``"unknown"`` for installs without one (e.g. NVIDIA's containers,
+    where the image fixes the CUDA version anyway).
+    """
+    for name, version in _installed_distributions():
+        found = _FLAVOURED_DISTRIBUTION.match(name)
+        if found and version == tensorrt_version:
+            return found.group(1).lower()
+    return "unknown"
 
 
 def dims(shape: Any) -> tuple[int, ...]:
@@ -69,6 +95,7 @@ def _collecting_logger_class(trt: Any) -> type:
             trt.ILogger.__init__(self)
             self._lock = threading.Lock()
             self._messages: deque[tuple[str, str]] = deque(maxlen=_MAX_LOGGED_MESSAGES)
+            self._calls = threading.local()
 
         def log(self, severity: Any, msg: str) -> None:
             level = kept_levels.get(severity)
@@ -77,7 +104,27 @@ def _collecting_logger_class(trt: Any) -> type:
                 return
             with self._lock:
                 self._messages.append((level, str(msg)))
+            if level != "warning":
+                for call in getattr(self._calls, "active", ()):
+                    call.errors.append(str(msg))
             _log.log(logging.WARNING if level == "warning" else logging.ERROR, "TensorRT: %s", msg)
+
+        @contextlib.contextmanager
+        def capture(self) -> Iterator[CallLog]:
+            """The ERROR messages logged by this thread while the block runs.
+
+            TensorRT logs a runtime call's errors from the calling thread, during
+            the call, so this is that call's reason and no other call's.
+            """
+            call = CallLog()
+            active = getattr(self._calls, "active", None)
+            if active is None:
+                active = self._calls.active = []
+            active.append(call)
+            try:
+                yield call
+            finally:
+                active.remove(call)
 
         def messages(self) -> list[str]:
             """Every kept message as ``"level: text"``, oldest first."""
@@ -89,11 +136,17 @@ def _collecting_logger_class(trt: Any) -> type:
             with self._lock:
                 return [text for level, text in self._messages if level != "warning"]
 
-        def clear(self) -> None:
-            with self._lock:
-                self._messages.clear()
-
     return CollectingLogger
+
+
+class CallLog:
+    """What TensorRT logged at ERROR and above during one call (see ``capture``)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def errors_or(self, fallback: str) -> str:
+        return "; ".join(self.errors[-5:]) if self.errors else fallback
 
 
 def new_logger(trt: Any) -> Any:
@@ -102,6 +155,7 @@ def new_logger(trt: Any) -> Any:
 
 
 def errors_or(logger: Any, fallback: str) -> str:
+    """The last errors of a logger made for one build or load, or ``fallback``."""
     errors = logger.errors()
     return "; ".join(errors[-5:]) if errors else fallback
 

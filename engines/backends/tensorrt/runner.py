@@ -18,8 +18,23 @@ import numpy as np
 
 from engines.backends import cuda
 from engines.backends.base import Runner
-from engines.backends.tensorrt.library import check_io_types, dims, errors_or, numpy_dtype, volume
-from engines.errors import BackendUnavailable, EngineError, InvalidInput, StoreCorrupted, UnsupportedModel
+from engines.backends.tensorrt.library import (
+    CallLog,
+    check_io_types,
+    dims,
+    errors_or,
+    first_line,
+    numpy_dtype,
+    volume,
+)
+from engines.errors import (
+    BackendUnavailable,
+    DeviceLost,
+    EngineError,
+    InvalidInput,
+    StoreCorrupted,
+    UnsupportedModel,
+)
 from engines.types import DYNAMIC, Signature
 
 _log = logging.getLogger("engines.backends.tensorrt")
@@ -54,6 +69,13 @@ class _Slot:
     stream: cuda.Stream | None = None
     device: dict[str, cuda.DeviceBuffer] = field(default_factory=dict)
     host: dict[str, cuda.PinnedBuffer] = field(default_factory=dict)
+
+    def grow(self, name: str, nbytes: int) -> None:
+        """Replace the device and host buffers of ``name`` with ones of ``nbytes``."""
+        self.device.pop(name).free()
+        self.device[name] = cuda.DeviceBuffer(nbytes)
+        self.host.pop(name).free()
+        self.host[name] = cuda.PinnedBuffer(nbytes)
 
     def release(self) -> list[str]:
         """Drop the context, free buffers, destroy the stream; returns the errors met."""
@@ -113,6 +135,45 @@ class _SlotPool:
             return slots
 
 
+def output_shapes_at(
+    context: Any,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    output_names: Sequence[str],
+    logger: Any,
+) -> dict[str, tuple[int, ...]]:
+    """Every output's shape for ``input_shapes``, which are set on ``context``.
+
+    Raises ``UnsupportedModel`` for an output whose shape depends on the data
+    (NonZero, NonMaxSuppression), which this runner cannot size, and
+    ``StoreCorrupted`` when the engine refuses shapes from its own profile.
+    """
+    with logger.capture() as call:
+        for name, shape in input_shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise StoreCorrupted(
+                    f"the engine refused its own profile shape {list(shape)} for input '{name}': "
+                    + call.errors_or("no reason logged")
+                )
+        try:
+            unresolved = context.infer_shapes()
+        except RuntimeError as exc:
+            raise UnsupportedModel(
+                "TensorRT cannot infer the output shapes at the profile's largest inputs: "
+                + call.errors_or(first_line(exc))
+            ) from exc
+    if unresolved:
+        raise UnsupportedModel(f"TensorRT cannot infer the shapes of {sorted(unresolved)}")
+    shapes = {name: dims(context.get_tensor_shape(name)) for name in output_names}
+    for name, shape in shapes.items():
+        if any(dim < 0 for dim in shape):
+            raise UnsupportedModel(
+                f"output '{name}' has a data-dependent shape {list(shape)} (e.g. NonZero or "
+                "NonMaxSuppression); the TensorRT runner needs output shapes that follow from "
+                "the input shapes"
+            )
+    return shapes
+
+
 class TensorRTRunner(Runner):
     """Runs a deserialized TensorRT engine with a pool of execution slots.
 
@@ -141,6 +202,7 @@ class TensorRTRunner(Runner):
         self._device_index = device_index
         self._thread_state = threading.local()
         self._thread_state.device_bound = True  # load() bound the device in this thread
+        self._lost: DeviceLost | None = None
         inputs, output_dtypes = self._describe_io(trt)
         if signature.batchable:
             limits = [binding.max_shape[0] for binding in inputs if binding.max_shape]
@@ -226,26 +288,12 @@ class TensorRTRunner(Runner):
         output_dtypes: Mapping[str, np.dtype[Any]],
     ) -> list[_TensorBinding]:
         """Output bindings sized by the output shapes at the profile's largest input shapes."""
-        for binding in inputs:
-            if not context.set_input_shape(binding.name, binding.max_shape):
-                raise StoreCorrupted(
-                    f"the engine refused its own maximum shape {list(binding.max_shape)} for "
-                    f"input '{binding.name}': " + errors_or(self._logger, "no reason logged")
-                )
-        unresolved = context.infer_shapes()
-        if unresolved:
-            raise UnsupportedModel(f"TensorRT cannot infer the shapes of {sorted(unresolved)}")
-        outputs = []
-        for name, dtype in output_dtypes.items():
-            shape = dims(context.get_tensor_shape(name))
-            if any(dim < 0 for dim in shape):
-                raise UnsupportedModel(
-                    f"output '{name}' has a data-dependent shape {list(shape)} (e.g. NonZero or "
-                    "NonMaxSuppression); the TensorRT runner needs output shapes that follow from "
-                    "the input shapes"
-                )
-            outputs.append(_TensorBinding(name, False, dtype, shape, shape))
-        return outputs
+        maximum = {binding.name: binding.max_shape for binding in inputs}
+        shapes = output_shapes_at(context, maximum, list(output_dtypes), self._logger)
+        return [
+            _TensorBinding(name, False, dtype, shapes[name], shapes[name])
+            for name, dtype in output_dtypes.items()
+        ]
 
     def _allocate(self, slot: _Slot) -> None:
         slot.stream = cuda.Stream()
@@ -275,15 +323,23 @@ class TensorRTRunner(Runner):
                     )
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._lost is not None:
+            raise self._lost  # the device cannot run anything until the process restarts
         self._check_ranges(feeds)
-        self._bind_device()
-        slot = self._pool.acquire()
         try:
-            return self._run(slot, feeds)
-        finally:
-            self._pool.release(slot)
+            self._bind_device()
+            slot = self._pool.acquire()
+            try:
+                with self._logger.capture() as call:
+                    return self._run(slot, feeds, call)
+            finally:
+                self._pool.release(slot)
+        except DeviceLost as exc:
+            self._lost = exc
+            _log.critical("the GPU is lost for this process: %s", exc.message)
+            raise
 
-    def _run(self, slot: _Slot, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, slot: _Slot, feeds: Mapping[str, np.ndarray], call: CallLog) -> dict[str, np.ndarray]:
         context = slot.context
         stream = slot.stream
         assert stream is not None
@@ -292,13 +348,21 @@ class TensorRTRunner(Runner):
             if not context.set_input_shape(binding.name, shape):
                 raise InvalidInput(
                     f"TensorRT refused shape {list(shape)} for input '{binding.name}': "
-                    + errors_or(self._logger, "outside the engine's profile")
+                    + call.errors_or("outside the engine's profile")
                 )
-        unresolved = context.infer_shapes()
-        if unresolved:
-            raise TensorRTExecutionError(f"TensorRT could not infer the shapes of {sorted(unresolved)}")
+        output_shapes = self._infer_output_shapes(context, feeds, call)
+        # Buffers are sized at the profile's largest inputs, but an output need not be
+        # largest there (e.g. a slice that shrinks as an input grows): grow it before
+        # TensorRT is given the address, since kernels write the whole output.
+        for binding in self._outputs:
+            nbytes = volume(output_shapes[binding.name]) * binding.dtype.itemsize
+            if nbytes > slot.device[binding.name].nbytes:
+                slot.grow(binding.name, nbytes)
         for binding in [*self._inputs, *self._outputs]:
-            context.set_tensor_address(binding.name, slot.device[binding.name].ptr)
+            if not context.set_tensor_address(binding.name, slot.device[binding.name].ptr):
+                raise TensorRTExecutionError(
+                    f"TensorRT refused the address of '{binding.name}': " + call.errors_or("no reason logged")
+                )
         try:
             for binding in self._inputs:
                 array = feeds[binding.name]
@@ -309,33 +373,50 @@ class TensorRTRunner(Runner):
                 )
             if not context.execute_async_v3(stream.handle):
                 raise TensorRTExecutionError(
-                    "TensorRT failed to enqueue the batch: " + errors_or(self._logger, "no reason logged")
+                    "TensorRT failed to enqueue the batch: " + call.errors_or("no reason logged")
                 )
-            shapes = {}
             for binding in self._outputs:
-                shape = dims(context.get_tensor_shape(binding.name))
-                nbytes = volume(shape) * binding.dtype.itemsize
-                if any(dim < 0 for dim in shape) or nbytes > binding.max_nbytes:
-                    raise TensorRTExecutionError(
-                        f"output '{binding.name}' came out with shape {list(shape)}, beyond the "
-                        f"{list(binding.max_shape)} its buffer was sized for"
-                    )
-                shapes[binding.name] = shape
+                nbytes = volume(output_shapes[binding.name]) * binding.dtype.itemsize
                 cuda.memcpy_dtoh_async(
                     slot.host[binding.name].ptr, slot.device[binding.name].ptr, nbytes, stream
                 )
             stream.synchronize()
-        except BaseException:
+        except BaseException as exc:
             # The slot goes back to the pool: nothing of this call may still be in flight.
             try:
                 stream.synchronize()
-            except cuda.CudaError as exc:
-                _log.error("could not drain a TensorRT stream after a failed batch: %s", exc.message)
+            except cuda.CudaDeviceLost as lost:
+                raise lost from exc  # the real cause of a failed enqueue
+            except cuda.CudaError as drain_error:
+                _log.error("could not drain a TensorRT stream after a failed batch: %s", drain_error.message)
             raise
         return {
-            binding.name: slot.host[binding.name].view(binding.dtype, shapes[binding.name]).copy()
+            binding.name: slot.host[binding.name].view(binding.dtype, output_shapes[binding.name]).copy()
             for binding in self._outputs
         }
+
+    def _infer_output_shapes(
+        self, context: Any, feeds: Mapping[str, np.ndarray], call: CallLog
+    ) -> dict[str, tuple[int, ...]]:
+        """The output shapes for the input shapes just set; final once ``infer_shapes`` succeeds."""
+        try:
+            unresolved = context.infer_shapes()
+        except RuntimeError as exc:
+            # TensorRT raises when the shapes are each in range but disagree with each
+            # other (a shared named dimension, a Reshape that does not divide).
+            given = ", ".join(f"'{name}' {list(array.shape)}" for name, array in feeds.items())
+            raise InvalidInput(
+                f"TensorRT cannot run these input shapes together ({given}): "
+                + call.errors_or(first_line(exc))
+                + "; inputs that share a dimension in the model must agree on its length"
+            ) from exc
+        if unresolved:
+            raise TensorRTExecutionError(f"TensorRT could not infer the shapes of {sorted(unresolved)}")
+        shapes = {binding.name: dims(context.get_tensor_shape(binding.name)) for binding in self._outputs}
+        for name, shape in shapes.items():
+            if any(dim < 0 for dim in shape):
+                raise TensorRTExecutionError(f"output '{name}' has a data-dependent shape {list(shape)}")
+        return shapes
 
     # -- shutdown ----------------------------------------------------------------
 

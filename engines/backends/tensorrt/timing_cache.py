@@ -62,18 +62,29 @@ class TimingCacheFile:
         return cache
 
     def attach(self, config: Any) -> None:
-        """Load the saved cache into ``config`` (an empty one when there is none)."""
+        """Load the saved cache into ``config`` (an empty one when there is none).
+
+        ``loaded_bytes`` counts only a saved cache TensorRT actually took: an invalid
+        blob is not an error there, TensorRT logs a warning and starts an empty cache
+        (NVIDIA/TensorRT#1413), which is told apart by comparing with a fresh one.
+        """
         saved = self._read()
         cache = self._create(config, saved)
         if cache is None:
             self.warnings.append("TensorRT could not create a timing cache; building without one")
             return
+        if saved and _serialized(cache) == _serialized(config.create_timing_cache(b"")):
+            self.warnings.append(
+                f"the saved timing cache ({len(saved)} bytes) is invalid and TensorRT discarded it; "
+                "starting empty"
+            )
+            saved = b""
         if not config.set_timing_cache(cache, False):
             self.warnings.append("the saved timing cache does not match this device; starting empty")
             cache = config.create_timing_cache(b"")
             if cache is None or not config.set_timing_cache(cache, False):
                 self.warnings.append("TensorRT refused an empty timing cache; building without one")
-                return
+            return
         self.loaded_bytes = len(saved)
 
     def save(self, config: Any) -> None:
@@ -100,3 +111,7 @@ class TimingCacheFile:
             "written_bytes": self.written_bytes,
             "warnings": list(self.warnings),
         }
+
+
+def _serialized(cache: Any) -> bytes:
+    return bytes(memoryview(cache.serialize()).cast("B"))
