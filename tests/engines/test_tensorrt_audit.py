@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import threading
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,16 @@ def test_finding_8_auto_says_when_a_visible_gpu_is_unusable(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("GPU is visible" in w and "driver" in w and "gpu-cu12" in w for w in warnings), warnings
     assert "driver" in reason
+
+
+def test_finding_8_the_gpu_extras_say_which_cuda_and_driver_they_need() -> None:
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    extras = tomllib.loads(text)["project"]["optional-dependencies"]
+    assert any(req.startswith("tensorrt-cu13") for req in extras["gpu"])
+    assert "cuda-python>=13.0,<14" in extras["gpu"]
+    assert any(req.startswith("tensorrt-cu12") for req in extras["gpu-cu12"])
+    assert "cuda-python>=12.6,<13" in extras["gpu-cu12"]
+    assert "R580" in text, "the driver the gpu extra needs is stated"
 
 
 # -- 10 ------------------------------------------------------------------------------------------
