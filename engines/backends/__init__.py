@@ -56,8 +56,9 @@ def select_backend(
 
     def probe(name: str) -> tuple[bool, str]:
         if name == "tensorrt":  # the device it will use, not device 0
-            device_index = int(options.get(name, {}).get("device_index", 0))
-            return backend_class(name).probe(device_index=device_index)  # type: ignore[call-arg]
+            from engines.backends.tensorrt import TensorRTBackend
+
+            return TensorRTBackend.probe(device_index=int(options.get(name, {}).get("device_index", 0)))
         return backend_class(name).probe()
 
     if choice == "auto":

@@ -7,9 +7,13 @@ queued by the fake TensorRT) runs only when the stream is synchronized, so code
 that reads results before syncing gets stale bytes, as on a GPU.
 
 Rules enforced (each breach is recorded in ``violations`` and fails the call):
-a thread must call ``cudaSetDevice`` before allocating, copying or using streams;
-async copies go between pinned host memory and live device allocations, within
-bounds, on a live non-default stream; nothing is freed twice.
+a thread must call ``cudaSetDevice`` before allocating, copying or using streams
+(the current device is per thread: CUDA Runtime API ``cudaSetDevice``); async
+copies go between pinned host memory and live device allocations, within bounds
+(an out-of-bounds device access is undefined on a GPU), on a live non-default
+stream (``cudaStreamNonBlocking`` streams, CUDA Runtime API "Stream
+synchronization behavior"); nothing is freed twice (``cudaFree``:
+cudaErrorInvalidValue).
 
 Sticky errors: after ``fault(error)`` with an error the CUDA Runtime API documents
 as leaving "the process in an inconsistent state and any further CUDA work will

@@ -1019,8 +1019,12 @@ class ICudaEngine:
 
 
 class IExecutionContext:
-    """Enforces: shapes within the profile, every I/O address set before execute,
-    a live non-default stream, and no use by a second thread while one run is active."""
+    """Enforces: shapes within the profile (``set_input_shape`` returns False outside
+    it [WHL]), every I/O address and input shape set before execute (``enqueueV3``
+    [NvInferRuntime.h]), a live non-default stream (the default stream adds syncs
+    [WHL ``execute_async_v3``]; kiln never uses it), and no use by a second thread
+    while one run is active (developer guide, "Thread Safety": one context per
+    concurrent inference)."""
 
     def __init__(self, engine: ICudaEngine) -> None:
         self._engine_ref = weakref.ref(engine)  # so dropping the engine first is visible
