@@ -271,12 +271,12 @@ def _unzip(archive: Path, raw: Path, max_bytes: int) -> list[str]:
         if len(members) > 2 * MAX_PACKAGE_FILES:
             raise InvalidModel(f"the archive holds more than {MAX_PACKAGE_FILES} files")
         for info in members:
-            mode = info.external_attr >> 16
-            kind = stat.S_IFMT(mode) if info.create_system == 3 and mode else None
-            if info.is_dir() and kind in (None, stat.S_IFDIR):
+            # Unix zips keep the file type in the high bits; 0 means not recorded.
+            kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+            if info.is_dir() and kind in (0, stat.S_IFDIR):
                 confined_path(info.filename, "the archive member")
                 continue
-            if kind not in (None, stat.S_IFREG):
+            if kind not in (0, stat.S_IFREG):
                 what = "a symbolic link" if kind == stat.S_IFLNK else "not a regular file"
                 raise InvalidModel(f"the archive member '{info.filename[:200]}' is {what}")
             if info.flag_bits & 0x1:

@@ -64,11 +64,13 @@ def load_model(
     if size == 0:
         raise InvalidModel("the model file is empty")
     if size > max_bytes:
-        raise InvalidModel(
-            f"the model's graph file is {size} bytes; the limit is {max_bytes} bytes "
-            "(a model this large keeps its weights in external data files: "
-            "onnx.save_model(..., save_as_external_data=True), sent with the graph)"
+        advice = (
+            " (protobuf's limit: save the weights as external data, "
+            "onnx.save_model(..., save_as_external_data=True), and send them with the graph)"
+            if max_bytes == DEFAULT_MAX_MODEL_BYTES
+            else ""
         )
+        raise InvalidModel(f"the model's graph file is {size} bytes; the limit is {max_bytes} bytes{advice}")
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -78,7 +80,9 @@ def load_model(
     check_external_data(model, path.parent if external_data else None)
     _check_opset(model)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        # Given the path, the checker resolves external data in the model's folder
+        # (given the message, it would look in the working directory).
+        onnx.checker.check_model(str(path) if external_data else model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise InvalidModel(f"the ONNX checker rejected the model: {_short(exc)}") from exc
     except (ValueError, RuntimeError) as exc:
@@ -133,7 +137,11 @@ def external_locations(model: onnx.ModelProto) -> set[str]:
 
 def external_data_bytes(model: onnx.ModelProto) -> int:
     """How many bytes of tensor data the model keeps in external files."""
-    return sum(int(_external_info(t).get("length", 0)) for t in external_tensors(model))
+    total = 0
+    for tensor in external_tensors(model):
+        length = _external_info(tensor).get("length")
+        total += int(length) if length is not None and length.isdigit() else _byte_size(tensor) or 0
+    return total
 
 
 def confined_path(name: str, what: str) -> str:

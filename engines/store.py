@@ -6,7 +6,8 @@ Layout under the root directory::
     models/<sha256>/model.onnx      a model with external data: the graph, and its data
     models/<sha256>/<location>      files at the locations it names (sha256: ``package_sha256``)
     data/<sha256>.npz               calibration and validation sets, by content hash
-    engines/<cache key>/engine.*    built artifacts (backend-specific suffix)
+    engines/<cache key>/engine.*    built artifacts (backend-specific suffix), and the
+                                    weights of a large ONNX artifact (``<name>.data``)
     engines/<cache key>/meta.json   what was built, how, how well; the artifact's sha256
     records/<name>/<version>.json   the served versions: options, state, error
     timing/<device key>.cache       TensorRT timing caches, one per device signature
@@ -240,21 +241,25 @@ class EngineStore:
         meta = self.engine_meta(cache_key)
         if meta is None:
             return None
-        artifact = self.artifact_path(cache_key, meta)
-        if not artifact.exists():
-            raise StoreCorrupted(f"engine {cache_key}: artifact {artifact.name} is missing")
-        actual = sha256_file(artifact)
-        if actual != meta.get("artifact_sha256"):
-            raise StoreCorrupted(
-                f"engine {cache_key}: artifact checksum {actual[:12]} does not match "
-                f"the recorded {str(meta.get('artifact_sha256'))[:12]}"
-            )
+        files = {meta["artifact"]: meta.get("artifact_sha256"), **meta.get("artifact_data", {})}
+        for name, recorded in files.items():
+            path = self.engine_dir(cache_key) / name
+            if not path.exists():
+                raise StoreCorrupted(f"engine {cache_key}: artifact {name} is missing")
+            actual = sha256_file(path)
+            if actual != recorded:
+                raise StoreCorrupted(
+                    f"engine {cache_key}: {name} checksum {actual[:12]} does not match "
+                    f"the recorded {str(recorded)[:12]}"
+                )
         return meta
 
     def commit_engine(
         self, cache_key: str, artifact_temp: Path, suffix: str, meta: dict[str, Any]
     ) -> dict[str, Any]:
-        """Publish an artifact, then its metadata (the commit point). Returns the metadata."""
+        """Publish an artifact (and its external weights, ``<artifact_temp name>.data``
+        beside it, if the backend wrote them), then its metadata (the commit point).
+        Returns the metadata."""
         directory = self.engine_dir(cache_key)
         directory.mkdir(parents=True, exist_ok=True)
         name = f"engine{suffix}"
@@ -263,6 +268,10 @@ class EngineStore:
         full_meta["artifact_sha256"] = sha256_file(artifact_temp)
         full_meta["artifact_bytes"] = artifact_temp.stat().st_size
         full_meta["cache_key"] = cache_key
+        weights = artifact_temp.with_name(f"{artifact_temp.name}.data")
+        if weights.exists():  # the artifact names this file, so it keeps its name
+            full_meta["artifact_data"] = {weights.name: sha256_file(weights)}
+            self.publish(weights, directory / weights.name)
         self.publish(artifact_temp, directory / name)
         self.write_json(directory / "meta.json", full_meta)
         return full_meta
