@@ -227,7 +227,8 @@ def _data_file_size(root: Path, location: str, tensor_name: str) -> int:
         except FileNotFoundError:
             raise InvalidModel(
                 f"tensor '{tensor_name}' keeps its data in '{location}', which is not in the "
-                "upload: send that file with the graph"
+                "upload: send that file with the graph (a 'model_data' file part named as the "
+                "graph names it, or the graph and its data files in one .zip, .tar or .tar.gz archive)"
             ) from None
         if stat.S_ISLNK(mode.st_mode):
             raise InvalidModel(f"'{location}' (data of tensor '{tensor_name}') is a symbolic link")

@@ -23,8 +23,9 @@ from engines.errors import BuildFailed, InvalidInput, StoreCorrupted, Unsupporte
 from engines.types import BuildOptions, DeviceSignature, Signature
 
 INLINE_WEIGHTS_LIMIT = 1024**3
-"""Above this many bytes of external weights, the optimized model keeps its weights
-in ``<artifact>.data`` beside it: one protobuf message holds at most 2 GB."""
+"""A model with external weights up to this size is optimized into one
+self-contained file; above it, the optimized model keeps its weights in
+``<artifact>.data`` beside it (one protobuf message holds at most 2 GB)."""
 
 
 def default_intra_op_threads() -> int:
@@ -97,10 +98,17 @@ class OnnxRuntimeBackend(Backend):
         before = onnx.load_model(str(onnx_path), load_external_data=False)
         opts = self._session_options(self.intra_op_threads)
         opts.optimized_model_filepath = str(output_path)
-        if external_data_bytes(before) > INLINE_WEIGHTS_LIMIT:
+        external_bytes = external_data_bytes(before)
+        if external_bytes:
+            # Otherwise the optimized model would point at the source's data files.
             opts.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", f"{output_path.name}.data"
             )
+            if external_bytes <= INLINE_WEIGHTS_LIMIT:  # small enough: one self-contained file
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes",
+                    str(INLINE_WEIGHTS_LIMIT + 1),
+                )
         try:
             ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for every load error
