@@ -25,6 +25,7 @@ files and ``max_bytes`` bytes unpacked (an archive bomb stops at the limit).
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import stat
@@ -292,7 +293,7 @@ class _CappedReader:
     """A decompressed stream that ends in ``InvalidModel`` past ``cap`` bytes, so a
     gzip bomb or a huge tar header cannot fill memory or disk."""
 
-    def __init__(self, inner: IO[bytes], cap: int) -> None:
+    def __init__(self, inner: io.BufferedIOBase, cap: int) -> None:
         self.inner = inner
         self.cap = cap
 
@@ -304,22 +305,14 @@ class _CappedReader:
             raise InvalidModel(f"the archive unpacks to more than {self.cap} bytes, the upload limit")
         return data
 
-    def tell(self) -> int:
-        return self.inner.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        target = offset if whence == 0 else self.inner.tell() + offset
-        if whence not in (0, 1) or target > self.cap:
-            raise InvalidModel(f"the archive unpacks to more than {self.cap} bytes, the upload limit")
-        return self.inner.seek(target)
-
 
 def _untar(archive: Path, raw: Path, kind: str, max_bytes: int) -> list[str]:
     budget = _Intake(max_bytes)
     names = []
     with archive.open("rb") as compressed:
-        stream: IO[bytes] = gzip.GzipFile(fileobj=compressed) if kind == "gztar" else compressed
+        stream: io.BufferedIOBase = gzip.GzipFile(fileobj=compressed) if kind == "gztar" else compressed
         capped = _CappedReader(stream, max_bytes + _TAR_HEADER_SLACK)
+        # Stream mode: members are read once, in order, and nothing seeks back.
         with tarfile.open(fileobj=capped, mode="r|") as bundle:  # type: ignore[call-overload]
             for member in bundle:
                 if member.isdir():

@@ -211,7 +211,7 @@ def check_external_data(model: onnx.ModelProto, package: Path | None) -> None:
     sizes: dict[str, int] = {}
     for tensor in tensors:
         info = _external_info(tensor)
-        location = confined_path(info["location"], f"tensor '{tensor.name}' names its external data file")
+        location = confined_path(info["location"], f"tensor '{tensor.name}': the data location")
         if location not in sizes:
             sizes[location] = _data_file_size(root, location, tensor.name)
         _check_extent(tensor, info, sizes[location], location)
