@@ -22,7 +22,7 @@ from engines.errors import InvalidModel, StoreCorrupted
 from engines.model_package import StagedModel, stage_path, stage_upload
 from engines.onnx_model import DEFAULT_MAX_MODEL_BYTES, external_data_bytes, load_model, read_signature
 from engines.store import EngineStore, package_sha256
-from engines.types import BuildOptions, Signature, engine_cache_key
+from engines.types import BuildOptions, Precision, Signature, engine_cache_key
 from tests.external_data_models import package_members, reference, tar_bytes, with_location, zip_bytes
 
 LIMIT = 1024 * 1024
@@ -380,3 +380,29 @@ def test_graph_files_above_protobufs_limit_are_refused_with_advice(
     monkeypatch.setattr(onnx_model, "DEFAULT_MAX_MODEL_BYTES", size - 1)
     with pytest.raises(InvalidModel, match=r"save the weights as external data"):
         load_model(model_files["mlp"], max_bytes=10 * size)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_builds_of_a_model_with_external_data(
+    tmp_path: Path, dynamo_model: Path, precision: str
+) -> None:
+    """The converters read the data files beside the stored graph and write a
+    self-contained candidate (small models: weights inline)."""
+    store = EngineStore(tmp_path)
+    staged = stage_path(store, dynamo_model, LIMIT)
+    staged.publish(store)
+    staged.discard()
+    options = BuildOptions(precision=Precision(precision), max_batch_size=4, synthetic_calibration=True)
+    backend = OnnxRuntimeBackend()
+    key = engine_cache_key(staged.sha256, options, backend.device_signature())
+    meta = run_build(BuildJob(str(store.root), staged.sha256, options.to_dict(), "onnxruntime", key, (1, 4)))
+    assert meta["precision"] == precision and "artifact_data" not in meta
+    runner = backend.load(store.artifact_path(key, meta), Signature.from_dict(meta["signature"]), options)
+    try:
+        feeds = {"image": np.random.default_rng(2).standard_normal((4, 3, 16, 16)).astype(np.float32)}
+        got = runner.infer(feeds)["logits"].ravel()
+        want = reference(dynamo_model, feeds)["logits"].ravel()
+        assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.99
+    finally:
+        runner.close()
+    assert leftovers(store) == []
