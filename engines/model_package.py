@@ -32,6 +32,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,6 +196,10 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
+_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error)
+"""What the archive libraries raise on a corrupt or truncated archive."""
+
+
 def _extract(archive: Path, kind: str, package: Path, max_bytes: int) -> Path:
     """Unpack ``archive`` into ``package`` and return its one graph, moved to
     ``package/model.onnx``; the files must lie in the graph's folder or below it."""
@@ -202,8 +207,10 @@ def _extract(archive: Path, kind: str, package: Path, max_bytes: int) -> Path:
     raw.mkdir()
     try:
         names = _unzip(archive, raw, max_bytes) if kind == "zip" else _untar(archive, raw, kind, max_bytes)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zipfile.LargeZipFile) as exc:
-        raise InvalidModel(f"the archive cannot be read: {str(exc)[:300]}") from exc
+    except _UNREADABLE as exc:
+        raise InvalidModel(f"the archive cannot be read: {str(exc)[:300] or type(exc).__name__}") from exc
+    except NotImplementedError as exc:  # a zip compression method Python does not have
+        raise InvalidModel(f"the archive cannot be read: {str(exc)[:300]}; use deflate") from exc
     graphs = [name for name in names if name.lower().endswith(".onnx")]
     if len(graphs) != 1:
         found = "no .onnx file" if not graphs else f"{len(graphs)} .onnx files ({', '.join(graphs[:5])})"

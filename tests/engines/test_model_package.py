@@ -184,6 +184,10 @@ MALICIOUS_ARCHIVES = {
         r"'model.onnx.data' clashes with another file",
     ),
     "not an archive nor a model": (lambda m: b"PK\x03\x04 truncated", r"the archive cannot be read"),
+    "truncated tar.gz": (
+        lambda m: tar_bytes(list(m.items()), gzip=True)[:-100],
+        r"the archive cannot be read",
+    ),
 }
 
 
