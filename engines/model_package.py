@@ -196,7 +196,14 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error)
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    gzip.BadGzipFile,
+    EOFError,
+    zlib.error,
+)
 """What the archive libraries raise on a corrupt or truncated archive."""
 
 
