@@ -253,7 +253,7 @@ def _check_extent(tensor: TensorProto, info: dict[str, str], file_size: int, loc
         return int(text)
 
     offset = number("offset", 0)
-    length = number("length", file_size - offset)
+    length = number("length", max(file_size - offset, 0))
     if offset + length > file_size:
         raise InvalidModel(
             f"tensor '{tensor.name}' reads bytes {offset} to {offset + length} of '{location}', "
