@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from engines.backends import select_backend
     from engines.build import BuildJob, overall_progress, run_build
     from engines.errors import EngineError
-    from engines.onnx_model import load_model, read_signature
+    from engines.model_package import stage_path
     from engines.store import EngineStore, sha256_file
     from engines.types import BuildOptions, Precision, engine_cache_key
     from service.batching import BatchingConfig
@@ -83,16 +84,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not model_path.is_file():
         print(f"kiln: no such model file: {model_path}", file=sys.stderr)
         return 2
-    name = check_name(args.name or model_path.stem)
+    name = check_name(args.name or re.sub(r"\.(onnx|zip|tar|tar\.gz|tgz)$", "", model_path.name))
     store = EngineStore(settings.store)
     backend, reason = select_backend(settings.backend, settings.backend_options())
     print(f"backend: {reason}")
     try:
-        signature = read_signature(load_model(model_path))
-        sha = sha256_file(model_path)
-        temp = store.temp_path(".onnx")
-        shutil.copyfile(model_path, temp)
-        store.add_model(temp, sha)
+        staged = stage_path(store, model_path, settings.max_upload_bytes)
+        try:
+            signature, sha = staged.signature, staged.sha256
+            staged.publish(store)
+        finally:
+            staged.discard()
         calibration_sha = None
         if args.calibration and args.calibration != "synthetic":
             calibration_sha = sha256_file(Path(args.calibration))
@@ -174,9 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     build = sub.add_parser("build", help="build an engine offline into a store")
-    build.add_argument("model", help="path to the .onnx model")
+    build.add_argument(
+        "model",
+        help="path to the .onnx model (its external data files beside it), or a .zip, .tar or "
+        ".tar.gz archive of the model and its data files",
+    )
     build.add_argument("--store", help="store directory (KILN_STORE)")
-    build.add_argument("--name", help="engine name (default: the file name without .onnx)")
+    build.add_argument("--name", help="engine name (default: the file name without its suffix)")
     build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
     build.add_argument("--precision", choices=["fp32", "fp16", "int8", "auto"], default="fp32")
     build.add_argument(

@@ -369,7 +369,7 @@ class EngineManager:
         ):
             self.store.discard_engine(version.cache_key)
         if version.model_sha256 not in {v.model_sha256 for v in records}:
-            self.store.model_path(version.model_sha256).unlink(missing_ok=True)
+            self.store.remove_model(version.model_sha256)
 
     async def shutdown(self, drain_timeout_s: float) -> None:
         """Drain every batcher (queued requests finish), stop builds, close runners."""

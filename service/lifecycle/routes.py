@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from engines.onnx_model import load_model, read_signature
+from engines.model_package import StagedModel, stage_upload
 from engines.types import Precision, Signature
 from service.auth import require_management_key
 from service.errors import BadRequest, Unavailable
@@ -20,11 +20,6 @@ from service.state import AppState, get_state
 router = APIRouter(tags=["engines"])
 
 
-def _validate_model(path: Any, max_bytes: int) -> Signature:
-    model = load_model(path, max_bytes=max_bytes)
-    return read_signature(model)
-
-
 def _validate_data(path: Any, signature: Signature, purpose: str, max_bytes: int) -> None:
     from engines.calibration import load_samples
 
@@ -33,7 +28,10 @@ def _validate_data(path: Any, signature: Signature, purpose: str, max_bytes: int
 
 @router.post("/engines", status_code=202, dependencies=[Depends(require_management_key)])
 async def upload_engine(request: Request) -> JSONResponse:
-    """Upload an ONNX model (multipart ``model`` file and ``name``) and start its build."""
+    """Upload an ONNX model (multipart ``model`` file and ``name``) and start its build.
+
+    A model with external data comes as the graph plus one ``model_data`` part per
+    data file, or as one archive in ``model`` (see ``engines.model_package``)."""
     state = get_state(request)
     if state.draining:
         raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
@@ -44,10 +42,13 @@ async def upload_engine(request: Request) -> JSONResponse:
         state.store,
         {
             "model": settings.max_upload_bytes,
+            "model_data": settings.max_upload_bytes,
             "calibration": settings.max_data_bytes,
             "validation": settings.max_data_bytes,
         },
+        repeated={"model_data"},
     )
+    staged: StagedModel | None = None
     try:
         if "model" not in form.files:
             raise BadRequest("the upload needs a 'model' file field holding the .onnx model")
@@ -57,7 +58,11 @@ async def upload_engine(request: Request) -> JSONResponse:
         name = check_name(fields.name)
         state.manager.check_limits(name)
         model = form.files["model"]
-        signature = await asyncio.to_thread(_validate_model, model.path, settings.max_upload_bytes)
+        data_files = [(part.filename, part.path) for part in form.repeated.get("model_data", [])]
+        staged = await asyncio.to_thread(
+            stage_upload, state.store, model.path, data_files, settings.max_upload_bytes
+        )
+        signature = staged.signature
         for purpose in ("calibration", "validation"):
             if purpose in form.files:
                 await asyncio.to_thread(
@@ -81,14 +86,16 @@ async def upload_engine(request: Request) -> JSONResponse:
             calibration_sha256=calibration.sha256 if calibration else None,
             validation_sha256=validation.sha256 if validation else None,
         )
-        state.store.add_model(model.path, model.sha256)
+        staged.publish(state.store)
         if calibration:
             state.store.add_data(calibration.path, calibration.sha256)
         if validation:
             state.store.add_data(validation.path, validation.sha256)
-        version = state.manager.create(name, model.sha256, model.filename, options, batching)
+        version = state.manager.create(name, staged.sha256, model.filename, options, batching)
     finally:
         form.discard()
+        if staged is not None:
+            staged.discard()
     return JSONResponse(
         {"name": version.name, "version": version.version, "state": str(version.state), "url": version.url},
         status_code=202,
