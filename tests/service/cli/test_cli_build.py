@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,33 @@ def test_bad_input_exits_2_with_one_line_and_registers_nothing(
     assert message in err and "Traceback" not in err
     assert not list((store / "records").glob("*/*.json"))
     assert not list((store / "models").iterdir())
+
+
+@pytest.fixture(scope="module")
+def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
+    store = tmp_path_factory.mktemp("http-store")
+    with TestClient(create_app(Settings(store=store, backend="onnxruntime"))) as client:
+        yield client, store
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_the_same_bad_input_over_http_is_400_before_anything_is_registered(
+    http: tuple[TestClient, Path], model_files: dict[str, Path], case: str
+) -> None:
+    client, store = http
+    flags, message = BAD_INPUTS[case]
+    fields = {"name": "mlp"} | {
+        flag[2:].replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2], strict=True)
+    }
+    response = client.post(
+        "/engines",
+        data=fields,
+        files={"model": ("mlp.onnx", model_files["mlp"].read_bytes(), "application/octet-stream")},
+    )
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+    assert client.get("/engines").json()["engines"] == []
+    assert not list((store / "records").glob("*/*.json")) and not list((store / "models").iterdir())
 
 
 def test_every_upload_field_is_a_build_flag() -> None:
