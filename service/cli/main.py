@@ -116,12 +116,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"kiln: no such {purpose} file: {path}", file=sys.stderr)
             return 2
     # The build's own lines would repeat what the summary or the error line says.
-    logging.getLogger("kiln").setLevel(logging.ERROR)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         return asyncio.run(_build(settings, fields, files))
     except (ServiceError, EngineError) as exc:
         print(f"kiln: {exc.message}", file=sys.stderr)
         return 2
+    finally:
+        log.setLevel(level)
 
 
 async def _build(settings: Any, fields: dict[str, str], paths: dict[str, Path]) -> int:
