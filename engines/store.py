@@ -76,6 +76,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish(source: Path, destination: Path) -> None:
+    """fsync ``source`` and rename it onto ``destination`` (same filesystem), then
+    fsync the directory: after a crash, ``destination`` is the old file or the new
+    one, never a partial one."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with source.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(source, destination)
+    _fsync_dir(destination.parent)
+
+
+@contextmanager
+def atomic_output(destination: Path, *, temp_dir: Path | None = None) -> Iterator[Path]:
+    """The one way kiln writes a file atomically: write to the yielded temp path (in
+    ``temp_dir``, by default beside ``destination``); when the block ends without an
+    error it is published onto ``destination``, otherwise removed."""
+    directory = temp_dir or destination.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(fd)
+    temp = Path(name)
+    try:
+        yield temp
+        publish(temp, destination)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 class EngineStore:
     """Content-addressed models and engines plus the records of served versions.
 
@@ -108,20 +136,11 @@ class EngineStore:
         return Path(name)
 
     def publish(self, source: Path, destination: Path) -> None:
-        """fsync ``source`` and rename it to ``destination`` (same filesystem)."""
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with source.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(source, destination)
-        _fsync_dir(destination.parent)
+        publish(source, destination)
 
     def write_bytes(self, destination: Path, data: bytes) -> None:
-        path = self.temp_path()
-        try:
+        with atomic_output(destination, temp_dir=self.root / "tmp") as path:
             path.write_bytes(data)
-            self.publish(path, destination)
-        finally:
-            path.unlink(missing_ok=True)
 
     def write_json(self, destination: Path, value: Any) -> None:
         self.write_bytes(destination, json.dumps(value, indent=2, sort_keys=True).encode())
