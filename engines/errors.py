@@ -69,6 +69,13 @@ class StoreCorrupted(EngineError):
     kind = "store_corrupted"
 
 
+class DeviceLost(EngineError):
+    """The GPU is unusable for the rest of this process's life (a sticky CUDA error:
+    illegal address, launch failure, uncorrectable ECC). Only a new process recovers."""
+
+    kind = "device_lost"
+
+
 class StoreInUse(EngineError):
     """Another server holds the store (single node: one server per store)."""
 

@@ -26,7 +26,6 @@ class AppState:
     manager: EngineManager
     api_keys: list[str] = field(default_factory=list)
     cluster: ClusterReplica | None = None
-    ready: bool = False
     draining: bool = False
 
 

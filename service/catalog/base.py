@@ -35,7 +35,7 @@ class CatalogUnavailable(Unavailable):
         )
 
 
-class VersionState:
+class CatalogState:
     """A version's state in the catalog (cluster-wide; each replica adds its own)."""
 
     PENDING = "pending"  # no replica has served it yet
@@ -69,7 +69,7 @@ class VersionRecord:
     model_filename: str
     options: dict[str, Any]
     batching: dict[str, Any]
-    state: str = VersionState.PENDING
+    state: str = CatalogState.PENDING
     error: dict[str, Any] | None = None
     created_at: float = 0.0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from engines.errors import StoreCorrupted
 from engines.store import EngineStore
-from service.catalog.base import VersionRecord, VersionState
+from service.catalog.base import CatalogState, VersionRecord
 from service.catalog.postgres import ImportedBuild, PostgresCatalog
 
 log = logging.getLogger("kiln.catalog")
@@ -49,7 +49,7 @@ def read_store(store: EngineStore) -> tuple[list[VersionRecord], list[ImportedBu
                     model_filename=record.get("model_filename", ""),
                     options=record["options"],
                     batching=record["batching"],
-                    state=VersionState.READY if state == "ready" else VersionState.FAILED,
+                    state=CatalogState.READY if state == "ready" else CatalogState.FAILED,
                     error=record.get("error"),
                     created_at=float(record.get("created_at", 0.0)),
                 )

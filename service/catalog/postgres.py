@@ -31,10 +31,10 @@ from service.catalog.base import (
     BuildLease,
     BuildState,
     BuildStatus,
+    CatalogState,
     CatalogUnavailable,
     NewVersion,
     VersionRecord,
-    VersionState,
 )
 
 log = logging.getLogger("kiln.catalog")
@@ -422,8 +422,8 @@ async def _prune(conn: AsyncConnection, name: str, max_versions: int) -> list[in
     excess = len(rows) - max_versions
     if excess <= 0:
         return []
-    newest_ready = max((v for v, state in rows if state == VersionState.READY), default=None)
-    doomed = [v for v, state in rows if state != VersionState.PENDING and v != newest_ready][:excess]
+    newest_ready = max((v for v, state in rows if state == CatalogState.READY), default=None)
+    doomed = [v for v, state in rows if state != CatalogState.PENDING and v != newest_ready][:excess]
     if doomed:
         await conn.execute("DELETE FROM versions WHERE name = %s AND version = ANY(%s)", (name, doomed))
         await conn.execute(_NOTIFY, (f"delete {name}",))

@@ -28,10 +28,18 @@ from typing import TYPE_CHECKING, Any
 from engines.build import BuildJob
 from engines.errors import StoreCorrupted
 from engines.store import EngineStore
-from service.catalog.base import BuildLease, BuildState, CatalogUnavailable, VersionState
+from service.catalog.base import (
+    Allocation,
+    BuildLease,
+    BuildState,
+    CatalogState,
+    CatalogUnavailable,
+    NewVersion,
+)
 from service.catalog.postgres import PostgresCatalog
 from service.errors import NotFound
 from service.lifecycle.jobs import BuildFailure
+from service.lifecycle.states import VersionState
 from service.metrics import CatalogMetrics
 
 if TYPE_CHECKING:
@@ -84,9 +92,11 @@ class ClusterReplica:
 
     async def start(self) -> None:
         """Connect, migrate, and adopt every version in the catalog (their loads run in
-        the background). Raises ``CatalogUnavailable`` when the database cannot be reached."""
+        the background; readiness waits for those ready elsewhere, as for a restore).
+        Raises ``CatalogUnavailable`` when the database cannot be reached."""
         await self.catalog.start()
-        await self.reconcile()
+        await self.reconcile(starting=True)
+        self.manager.restored = True
         for coro in (self.catalog.changes(self._on_change), self._loop()):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
@@ -134,26 +144,43 @@ class ClusterReplica:
 
     # -- reconcile ---------------------------------------------------------------
 
-    async def reconcile(self) -> None:
-        """One full pass: make this replica hold exactly the catalog's versions."""
-        from service.lifecycle.registry import State
+    async def register(
+        self,
+        name: str,
+        model_sha256: str,
+        model_filename: str,
+        options: dict[str, Any],
+        batching: dict[str, Any],
+    ) -> Allocation:
+        """A new version in the catalog (numbered and pruned there); others hear of it."""
+        allocation = await self.catalog.create_version(
+            NewVersion(name, model_sha256, model_filename, options, batching),
+            self.manager.settings.max_versions_per_engine,
+        )
+        self.wake.set()
+        return allocation
 
+    async def reconcile(self, *, starting: bool = False) -> None:
+        """One full pass: make this replica hold exactly the catalog's versions."""
         desired = {record.key: record for record in await self.catalog.versions()}
         registry = self.manager.registry
         for record in desired.values():
-            self.manager.adopt(record)
+            self.manager.adopt(record, restoring=starting and record.state == CatalogState.READY)
         for version in registry.all_versions():
-            if (version.name, version.version) not in desired and version.state != State.UNLOADING:
+            if (version.name, version.version) not in desired and version.state != VersionState.UNLOADING:
                 log.info("version %s v%d was removed from the catalog; unloading it", *version_key(version))
-                await self.manager.delete(version)
+                self.manager.unload(version)
         for key, record in desired.items():
             local = _find(registry, key)
-            if local is None or record.state != VersionState.PENDING:
+            if local is None or record.state != CatalogState.PENDING:
                 continue
-            if local.state == State.READY:
-                await self._set_catalog_state(local, VersionState.READY, None)
-            elif local.state == State.FAILED and (local.error or {}).get("type") in DETERMINISTIC_FAILURES:
-                await self._set_catalog_state(local, VersionState.FAILED, local.error)
+            if local.state == VersionState.READY:
+                await self._set_catalog_state(local, CatalogState.READY, None)
+            elif (
+                local.state == VersionState.FAILED
+                and (local.error or {}).get("type") in DETERMINISTIC_FAILURES
+            ):
+                await self._set_catalog_state(local, CatalogState.FAILED, local.error)
         loaded = {f"{v.name}/{v.version}": str(v.state) for v in registry.all_versions()}
         await self.catalog.heartbeat(self.manager.device.key(), loaded)
         self._report(await self.catalog.live_replicas())
@@ -197,11 +224,9 @@ class ClusterReplica:
         """The committed engine for ``version.cache_key``: loaded as committed, built here
         under the lease, or waited for while another replica builds it. Raises
         ``BuildFailure`` for a failed build or a version unloaded meanwhile."""
-        from service.lifecycle.registry import State
-
         waited_for_another = False
         while True:
-            if version.state != State.BUILDING:
+            if version.state != VersionState.BUILDING:
                 raise BuildFailure("cancelled", "the version was removed")
             try:
                 outcome = await self.catalog.acquire_build(
@@ -246,7 +271,7 @@ class ClusterReplica:
     async def _build_under_lease(self, version: EngineVersion, lease: BuildLease) -> dict[str, Any] | None:
         """Build, then commit fenced by the lease. None when the lease was lost."""
         manager = self.manager
-        job_id = f"{version.name}-{version.version}"
+        job_id = f"{version.name}-v{version.version}-lease{lease.generation}"
         job = BuildJob(
             store_root=str(manager.store.root),
             model_sha256=version.model_sha256,
@@ -278,15 +303,14 @@ class ClusterReplica:
             return meta
         self.metrics.commits_refused.inc()
         status = await self.catalog.build_status(version.cache_key)
-        winner = (status.meta or {}).get("artifact") if status else None
-        if winner != meta["artifact"]:
-            manager.store.remove_artifact(version.cache_key, meta["artifact"])
+        winner = _folder((status.meta or {}).get("artifact")) if status else None
+        mine = _folder(meta["artifact"])
+        if mine is not None and winner != mine:
+            manager.store.remove_artifact(version.cache_key, mine)
         log.warning(
             "commit of %s refused: its build lease passed to another replica; removed %s",
             version.cache_key[:16],
-            "nothing (the winner's artifact is byte-identical)"
-            if winner == meta["artifact"]
-            else meta["artifact"],
+            f"its files {mine}" if winner != mine else "nothing (the winner's files are byte-identical)",
         )
         return None
 
@@ -352,7 +376,7 @@ async def collect_garbage(catalog: PostgresCatalog, store: EngineStore, grace_s:
                 removed += 1
             continue
         build = builds[directory.name]
-        keep = (build.meta or {}).get("artifact") if build.state == BuildState.COMMITTED else None
+        keep = _folder((build.meta or {}).get("artifact")) if build.state == BuildState.COMMITTED else None
         for artifact in directory.glob("engine-*"):
             if (
                 artifact.name != keep
@@ -387,6 +411,11 @@ def _find(registry: Any, key: tuple[str, int]) -> EngineVersion | None:
     except NotFound:
         return None
     return found
+
+
+def _folder(artifact: str | None) -> str | None:
+    """The ``engine-<hash>`` directory of an artifact path (``engine-<hash>/engine.onnx``)."""
+    return artifact.split("/", 1)[0] if artifact else None
 
 
 def _older_than(path: Path, grace_s: float) -> bool:
