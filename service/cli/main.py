@@ -171,35 +171,38 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
 
     store = EngineStore(settings.store)
     store.lock_exclusive(hint="stop the server on this store, or upload the model through its API")
-    backend, reason = select_backend(settings.backend, settings.backend_options())
-    print(f"backend: {reason}")
-    registry = Registry(store)
-    registry.load()
-    manager = EngineManager(
-        settings, store, registry, backend, KilnMetrics(), BuildRunner(1, settings.build_timeout_s)
-    )
-    files: dict[str, UploadedFile] = {}
     try:
-        for purpose, path in paths.items():
-            staged = store.temp_path(path.suffix)
-            shutil.copyfile(path, staged)
-            files[purpose] = UploadedFile(
-                purpose, path.name, staged, staged.stat().st_size, sha256_file(staged)
-            )
-        version = await register_version(manager, fields, files, model_on_disk=model)
-        with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
-            while version.state in WORKING:
-                bar.set_description_str(version.phase or "")
+        backend, reason = select_backend(settings.backend, settings.backend_options())
+        print(f"backend: {reason}")
+        registry = Registry(store)
+        registry.load()
+        manager = EngineManager(
+            settings, store, registry, backend, KilnMetrics(), BuildRunner(1, settings.build_timeout_s)
+        )
+        files: dict[str, UploadedFile] = {}
+        try:
+            for purpose, path in paths.items():
+                staged = store.temp_path(path.suffix)
+                shutil.copyfile(path, staged)
+                files[purpose] = UploadedFile(
+                    purpose, path.name, staged, staged.stat().st_size, sha256_file(staged)
+                )
+            version = await register_version(manager, fields, files, model_on_disk=model)
+            with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
+                while version.state in WORKING:
+                    bar.set_description_str(version.phase or "")
+                    bar.n = round(100 * version.progress, 1)
+                    bar.refresh()
+                    await asyncio.sleep(0.1)
                 bar.n = round(100 * version.progress, 1)
+                bar.set_description_str(str(version.state))
                 bar.refresh()
-                await asyncio.sleep(0.1)
-            bar.n = round(100 * version.progress, 1)
-            bar.set_description_str(str(version.state))
-            bar.refresh()
+        finally:
+            for uploaded in files.values():
+                uploaded.path.unlink(missing_ok=True)
+            await manager.shutdown(0)
     finally:
-        for uploaded in files.values():
-            uploaded.path.unlink(missing_ok=True)
-        await manager.shutdown(0)
+        store.unlock()  # for callers in this process (tests); exit releases it too
     if version.state != VersionState.READY:
         error = version.error or {}
         print(f"kiln: build failed ({error.get('type')}): {error.get('message')}", file=sys.stderr)

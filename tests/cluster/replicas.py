@@ -60,6 +60,7 @@ class Replicas:
         return rows[0] if rows else None  # type: ignore[return-value]
 
     def artifacts(self) -> list[Path]:
+        """Every build's ``engine-<hash>`` directory in the store."""
         return sorted((self.store / "engines").glob("*/engine-*"))
 
 

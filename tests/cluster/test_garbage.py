@@ -16,6 +16,7 @@ from service.catalog.replica import collect_garbage
 
 KEPT, GONE = "a" * 64, "b" * 64
 KEY_KEPT, KEY_GONE, KEY_ORPHAN = "1" * 64, "2" * 64, "3" * 64
+BUILD_KEPT, BUILD_LOSER, BUILD_GONE, BUILD_ORPHAN = (f"engine-{c * 64}" for c in "4567")
 OPTIONS = {"precision": "fp32"}
 
 
@@ -47,18 +48,18 @@ async def test_collect_garbage_removes_only_unreferenced_old_entries(
     await dead.start()
     await live.create_version(NewVersion("m", KEPT, "m.onnx", OPTIONS, {}), 10)
     gone_version = await live.create_version(NewVersion("g", GONE, "g.onnx", OPTIONS, {}), 10)
-    await _commit(live, KEY_KEPT, KEPT, "engine-k.onnx")
-    await _commit(live, KEY_GONE, GONE, "engine-g.onnx")
+    await _commit(live, KEY_KEPT, KEPT, f"{BUILD_KEPT}/engine.onnx")
+    await _commit(live, KEY_GONE, GONE, f"{BUILD_GONE}/engine.onnx")
     await live.delete_versions("g", [gone_version.version.version])
     await live.heartbeat("cpu", {})
     await dead.heartbeat("cpu", {})
     entries = {
         "kept model": _file(store.model_path(KEPT)),
         "gone model": _file(store.model_path(GONE)),
-        "kept artifact": _file(store.engine_dir(KEY_KEPT) / "engine-k.onnx"),
-        "fenced-out artifact": _file(store.engine_dir(KEY_KEPT) / "engine-loser.onnx"),
-        "gone engine": _file(store.engine_dir(KEY_GONE) / "engine-g.onnx"),
-        "orphan engine": _file(store.engine_dir(KEY_ORPHAN) / "engine-o.onnx"),
+        "kept artifact": _file(store.engine_dir(KEY_KEPT) / BUILD_KEPT / "engine.onnx"),
+        "fenced-out artifact": _file(store.engine_dir(KEY_KEPT) / BUILD_LOSER / "engine.onnx"),
+        "gone engine": _file(store.engine_dir(KEY_GONE) / BUILD_GONE / "engine.onnx"),
+        "orphan engine": _file(store.engine_dir(KEY_ORPHAN) / BUILD_ORPHAN / "engine.onnx"),
         "live temp": _file(tmp_path / "tmp" / "live" / "upload"),
         "dead temp": _file(tmp_path / "tmp" / "dead" / "upload"),
     }
@@ -66,7 +67,9 @@ async def test_collect_garbage_removes_only_unreferenced_old_entries(
     assert await collect_garbage(live, store, grace_s=60) == 1  # only the expired replica's temp dir
     assert not entries["dead temp"].exists()
 
-    _age(*entries.values(), *(p.parent for p in entries.values()))
+    _age(
+        *entries.values(), *(p.parent for p in entries.values()), *(p.parent.parent for p in entries.values())
+    )
     async with await psycopg.AsyncConnection.connect(catalog_url, autocommit=True) as conn:
         await conn.execute("UPDATE builds SET updated_at = now() - interval '1 hour'")
     removed = await collect_garbage(live, store, grace_s=60)
@@ -83,7 +86,7 @@ async def test_new_files_survive_the_grace_period(catalog_url: str, tmp_path: Pa
     catalog = PostgresCatalog(catalog_url, "r")
     await catalog.start()
     fresh = _file(store.model_path(GONE))  # just published, its version not inserted yet
-    orphan = _file(store.engine_dir(KEY_ORPHAN) / "engine-o.onnx")  # a build starting
+    orphan = _file(store.engine_dir(KEY_ORPHAN) / BUILD_ORPHAN / "engine.onnx")  # a build starting
     assert await collect_garbage(catalog, store, grace_s=60) == 0
     assert fresh.exists() and orphan.exists()
     await catalog.close()

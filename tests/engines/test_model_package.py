@@ -372,7 +372,8 @@ def test_engine_keeps_weights_external_above_the_inline_limit(
         )
     finally:
         runner.close()
-    (directory / "fp32.engine.data").write_bytes(b"\0" * (directory / "fp32.engine.data").stat().st_size)
+    weights = directory / folder / "fp32.engine.data"
+    weights.write_bytes(b"\0" * weights.stat().st_size)
     with pytest.raises(StoreCorrupted, match=r"fp32\.engine\.data checksum"):
         store.verify_engine(key)
 
