@@ -1,10 +1,12 @@
-"""The catalog: the one place that says which versions exist and which engines are built.
+"""What the catalog holds, and the error it raises when it cannot be reached.
 
-Two implementations share this contract: ``EmbeddedCatalog`` (one server, the
-store's own records, nothing to install) and ``PostgresCatalog`` (several
-replicas on one store; PostgreSQL holds every mutable fact). Every method is a
-coroutine that runs on the event loop; a catalog that cannot be reached raises
-``CatalogUnavailable`` (503), never a driver error.
+The catalog is the one place that says which versions exist and which engines
+are built. On a single node that is the store itself: the records the
+registry keeps through its ``RecordStore`` and each engine's ``meta.json``
+commit point, under the store's exclusive lock. With several replicas it is
+``PostgresCatalog``: PostgreSQL holds every mutable fact. Its calls raise
+``CatalogUnavailable`` (503) when the database cannot be reached, never a
+driver error.
 
 Version numbers are allocated by the catalog and never reused. A build of one
 engine cache key is guarded by a ``BuildLease``: whoever holds it builds; its
@@ -15,7 +17,7 @@ taken over cannot commit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from service.errors import Unavailable
 
@@ -102,48 +104,3 @@ class BuildStatus:
     generation: int = 0
     meta: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-
-
-class Catalog(Protocol):
-    """What the lifecycle needs from the source of truth (see the module docstring)."""
-
-    replica_id: str
-
-    async def start(self) -> None:
-        """Connect (and migrate); raise ``CatalogUnavailable`` when it cannot."""
-
-    async def close(self) -> None: ...
-
-    async def create_version(self, spec: NewVersion, max_versions: int) -> Allocation:
-        """Allocate the next number of ``spec.name``, insert it and prune the oldest
-        versions beyond ``max_versions``, in one transaction."""
-
-    async def versions(self) -> list[VersionRecord]:
-        """Every version that exists, ordered by name and number."""
-
-    async def set_version_state(
-        self, name: str, version: int, state: str, error: dict[str, Any] | None, max_versions: int
-    ) -> list[int]:
-        """Record a version's catalog state; returns the versions this let it prune."""
-
-    async def delete_versions(self, name: str, versions: list[int] | None = None) -> list[int]:
-        """Remove versions (all of ``name`` when None); returns the numbers removed."""
-
-    async def build_status(self, cache_key: str) -> BuildStatus | None: ...
-
-    async def acquire_build(
-        self, cache_key: str, model_sha256: str, options: dict[str, Any]
-    ) -> BuildLease | BuildStatus:
-        """The lease when this replica may build; otherwise the build's status."""
-
-    async def renew_build(self, lease: BuildLease) -> bool:
-        """Extend the lease; False when it was lost (the build must stop)."""
-
-    async def commit_build(self, lease: BuildLease, meta: dict[str, Any]) -> bool:
-        """Publish the built engine's metadata; False when fenced out by a newer lease."""
-
-    async def fail_build(self, lease: BuildLease, error: dict[str, Any], *, deterministic: bool) -> None:
-        """Record a failure (kept when ``deterministic``, else the lease is released)."""
-
-    async def invalidate_build(self, cache_key: str, artifact_sha256: str) -> None:
-        """Forget a committed artifact that turned out missing or corrupt, so it is rebuilt."""

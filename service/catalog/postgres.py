@@ -413,17 +413,19 @@ _BUILD_COLUMNS = "cache_key, state, holder, generation, meta, error"
 
 
 async def _prune(conn: AsyncConnection, name: str, max_versions: int) -> list[int]:
-    """Delete the oldest versions beyond ``max_versions``: never a pending one (it may
-    be building somewhere), never the newest ready one. Same rule on every replica."""
+    """Keep the newest ``max_versions`` versions by number, and the newest ready one;
+    delete the others once settled (ready or failed: a pending one may be building
+    somewhere, and goes when it settles). The same rule as a single node's, decided
+    here by version number alone, so every replica ends with the same versions."""
     cursor = await conn.execute(
         "SELECT version, state FROM versions WHERE name = %s ORDER BY version", (name,)
     )
     rows = [(int(version), state) for version, state in await cursor.fetchall()]
-    excess = len(rows) - max_versions
-    if excess <= 0:
-        return []
+    keep = {version for version, _ in rows[-max_versions:]}
     newest_ready = max((v for v, state in rows if state == CatalogState.READY), default=None)
-    doomed = [v for v, state in rows if state != CatalogState.PENDING and v != newest_ready][:excess]
+    if newest_ready is not None:
+        keep.add(newest_ready)
+    doomed = [v for v, state in rows if v not in keep and state != CatalogState.PENDING]
     if doomed:
         await conn.execute("DELETE FROM versions WHERE name = %s AND version = ANY(%s)", (name, doomed))
         await conn.execute(_NOTIFY, (f"delete {name}",))

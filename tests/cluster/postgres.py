@@ -13,6 +13,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -127,7 +128,7 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown (SIGINT): open connections are cut, as in a failover."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(2)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -140,5 +141,12 @@ class PostgresServer:
         return f"postgresql://kiln@127.0.0.1:{self.port}/{name}"
 
     def close(self) -> None:
-        self.stop()
+        """Immediate shutdown (SIGQUIT): the data directory is thrown away anyway."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
         shutil.rmtree(self.root, ignore_errors=True)

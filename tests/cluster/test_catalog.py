@@ -49,18 +49,21 @@ async def test_versions_are_allocated_without_gaps_or_reuse_under_concurrency(ca
     await b.close()
 
 
-async def test_pruning_keeps_pending_versions_and_the_newest_ready_one(catalog_url: str) -> None:
+async def test_pruning_keeps_the_newest_by_number_and_the_newest_ready_one(catalog_url: str) -> None:
     catalog = await opened(catalog_url)
     for _ in range(3):
         await catalog.create_version(spec(), 3)
     assert await catalog.set_version_state("m", 1, "ready", None, 3) == []
     assert await catalog.set_version_state("m", 2, "failed", {"type": "x", "message": "y"}, 3) == []
-    allocation = await catalog.create_version(spec(), 3)  # 4 versions, limit 3: v2 goes (v1 is newest ready)
-    assert allocation.pruned == [2]
-    assert [v.version for v in await catalog.versions()] == [1, 3, 4]
-    await catalog.set_version_state("m", 3, "ready", None, 3)
+    allocation = await catalog.create_version(spec(), 3)  # v2-v4 are the newest, v1 the newest ready
+    assert allocation.pruned == []
+    assert await catalog.set_version_state("m", 3, "ready", None, 3) == [1]  # v3 is the newest ready now
     allocation = await catalog.create_version(spec(), 3)
-    assert allocation.pruned == [1]  # v3 is the newest ready one now
+    assert allocation.pruned == [2]
+    assert [v.version for v in await catalog.versions()] == [3, 4, 5]
+    await catalog.create_version(spec(), 3)  # v3 is kept while v4 and v5 are pending
+    assert [v.version for v in await catalog.versions()] == [3, 4, 5, 6]
+    assert await catalog.set_version_state("m", 5, "ready", None, 3) == [3]
     await catalog.close()
 
 
