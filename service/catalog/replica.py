@@ -207,16 +207,6 @@ class ClusterReplica:
         for key, count in ready.items():
             name, _, version = key.rpartition("/")
             self.metrics.replicas_ready.labels(name, version).set(count)
-        self.replica_counts = replicas
-
-    async def replica_states(self, name: str, version: int) -> dict[str, int]:
-        """How many live replicas hold ``name`` v``version`` in each state."""
-        counts: dict[str, int] = {}
-        for loaded in (await self.catalog.live_replicas()).values():
-            state = loaded.get(f"{name}/{version}")
-            if state is not None:
-                counts[state] = counts.get(state, 0) + 1
-        return counts
 
     # -- engines ---------------------------------------------------------------
 

@@ -34,8 +34,17 @@ def test_an_upload_on_one_replica_is_served_by_another_within_2_s(
     wait_until(lambda: outputs(b, "m") == expected, 2.0, "B serves A's upload")
     assert time.monotonic() - ready_at < 2.0
     with b.client() as client:
+        wait_until(lambda: client.get("/engines/m").json()["replicas"] == {"ready": 2}, 5, "two ready")
         status = client.get("/engines/m").json()
-    assert status["state"] == "ready" and status["replicas"] == {"ready": 2}
+    assert status["state"] == "ready" and status["catalog_state"] == "ready"
+    for server in (a, b):
+        wait_until(
+            lambda s=server: metric(s, "kiln_catalog_replicas_ready", engine="m", version="1") == 2,
+            5,
+            "the gauge counts both replicas",
+        )
+        assert metric(server, "kiln_catalog_up") == 1
+        assert metric(server, "kiln_catalog_reconcile_lag_seconds") < 5
 
 
 def test_concurrent_uploads_of_one_name_get_distinct_versions(
@@ -132,6 +141,9 @@ def test_a_killed_lease_holder_is_taken_over_and_one_artifact_is_committed(
     holder = next(s for s in servers if _replica_id(s) == row[1])
     survivor = next(s for s in servers if s is not holder)
     assert holder.stop(signal.SIGKILL) == -signal.SIGKILL
+    waiting = predict(survivor, "m", 1)  # it exists, but the lease has not expired yet
+    assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "1"
+    assert "not ready on this replica yet" in waiting.json()["error"]["message"]
     with survivor.client() as client:
         assert wait_for_state(client, "m", 1, timeout_s=120)["state"] == "ready"
     state, new_holder, generation, meta = replicas.build_row("m")  # type: ignore[misc]
