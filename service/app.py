@@ -31,6 +31,7 @@ from service.protocols.fastpath import FastPathApp
 from service.request_id import RequestIdMiddleware
 from service.settings import Settings
 from service.state import AppState
+from service.ui import router as ui_router
 
 log = logging.getLogger("kiln")
 
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Inference server for ONNX models: optimized engines, dynamic batching, KServe v2.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by service.ui from a local copy of Swagger UI
     )
     install_error_handlers(app)
     # Outermost middleware: every answer carries X-Request-ID (the fast path sets its own).
@@ -82,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(engines.router)
     app.include_router(predict.router)
     app.include_router(kserve.router)
+    app.include_router(ui_router)
 
     @app.get("/metrics", tags=["metrics"], include_in_schema=True)
     async def metrics_endpoint(request: Request) -> Response:
