@@ -68,6 +68,13 @@ function verdict(metric, value, tolerance) {
   return null;
 }
 
+function metricText(metric, value) {
+  if (typeof value !== "number") return "–";
+  if (metric === "nonfinite") return String(value);
+  if (metric in METRIC_NAMES && !LOWER_IS_BETTER.includes(metric)) return value.toFixed(5); // ratios near 1
+  return value === 0 ? "0" : value.toPrecision(3);
+}
+
 function thresholdText(metric, tolerance) {
   const threshold = tolerance?.[metric];
   if (threshold === undefined) return "";
@@ -86,7 +93,7 @@ export function accuracyTable(accuracy, tolerance, caption) {
       metrics.map((metric) => {
         const outcome = verdict(metric, values[metric], tolerance);
         return h("td", { class: `num${outcome ? ` ${outcome}` : ""}` },
-          number(values[metric], 5),
+          metricText(metric, values[metric]),
           outcome ? h("span", { class: "verdict" }, outcome === "pass" ? " ✓ pass" : " ✕ fail") : null);
       }))));
   const head = ["output", "batch", ...metrics.map((metric) => {
