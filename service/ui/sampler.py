@@ -25,7 +25,7 @@ SERIES = ("rps", "errors", "p50_ms", "p99_ms", "queue_ms", "batch")
 
 
 @dataclass
-class _Reading:
+class Reading:
     """Cumulative figures of one engine at one instant."""
 
     requests: float = 0.0
@@ -55,12 +55,12 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
-def read_metrics(metrics: KilnMetrics) -> dict[str, _Reading]:
+def read_metrics(metrics: KilnMetrics) -> dict[str, Reading]:
     """Cumulative figures per engine, summed over versions, protocols and codes."""
-    readings: dict[str, _Reading] = {}
+    readings: dict[str, Reading] = {}
 
-    def reading(labels: dict[str, str]) -> _Reading:
-        return readings.setdefault(labels["engine"], _Reading())
+    def reading(labels: dict[str, str]) -> Reading:
+        return readings.setdefault(labels["engine"], Reading())
 
     for family in metrics.requests.collect():
         for sample in family.samples:
@@ -95,7 +95,7 @@ def _delta(now: float, before: float) -> float:
     return now - before if now >= before else now
 
 
-def point(now: _Reading, before: _Reading, seconds: float) -> dict[str, float | None]:
+def point(now: Reading, before: Reading, seconds: float) -> dict[str, float | None]:
     """One point of every series from two readings ``seconds`` apart."""
     buckets = {b: _delta(c, before.latency_buckets.get(b, 0.0)) for b, c in now.latency_buckets.items()}
     p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
@@ -144,7 +144,7 @@ class TrafficSampler:
         for gone in set(self._series) - names:
             del self._series[gone]
         for name in names:
-            values = point(now.get(name, _Reading()), self._previous.get(name, _Reading()), seconds)
+            values = point(now.get(name, Reading()), self._previous.get(name, Reading()), seconds)
             series = self._series.get(name)
             if series is None:
                 series = {key: deque(maxlen=self._length) for key in ("t", *SERIES)}

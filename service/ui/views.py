@@ -38,7 +38,8 @@ def _version_row(status: dict[str, Any]) -> dict[str, Any]:
 
 def overview(state: AppState, sampler: TrafficSampler) -> dict[str, Any]:
     """Every engine's newest version with its current traffic, and every build in progress."""
-    engines, builds = [], []
+    engines: list[dict[str, Any]] = []
+    builds: list[dict[str, Any]] = []
     for name in state.registry.names():
         versions = state.registry.versions(name)
         latest = _version_row(versions[-1].status())

@@ -31,7 +31,15 @@ def text(driver: Any, selector: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, selector).text)
 
 
-def test_page_lists_an_uploaded_engine(server: ServerProcess, browser: Any, model_files: dict[str, Path]) -> None:
+def live_value(driver: Any, chart: str) -> float | None:
+    """The newest value a live chart shows beside its title (None before the first point)."""
+    value = driver.find_element(By.CSS_SELECTOR, f"#{chart} .chart-now").get_attribute("data-value")
+    return float(value) if value else None
+
+
+def test_page_lists_an_uploaded_engine(
+    server: ServerProcess, browser: Any, model_files: dict[str, Path]
+) -> None:
     ready_engine(server, model_files["mlp"], "listed")
     browser.get(server.url + "/")
     row = wait_until(
@@ -107,13 +115,11 @@ def test_live_request_rate_rises_under_load(
 ) -> None:
     ready_engine(server, model_files["mlp"], "busy")
     browser.get(server.url + "/#/engines/busy")
-    now = wait_until(lambda: browser.find_element(By.CSS_SELECTOR, "#live-rps .chart-now"), what="the chart")
-    assert wait_until(lambda: now.get_attribute("data-value") == "0", what="an idle rate of 0")
+    wait_until(lambda: live_value(browser, "live-rps") == 0, what="an idle rate of 0")
     load("busy")
-    wait_until(lambda: float(now.get_attribute("data-value") or 0) > 0, timeout_s=20, what="a rate above 0")
+    wait_until(lambda: (live_value(browser, "live-rps") or 0) > 0, timeout_s=20, what="a rate above 0")
     assert browser.find_elements(By.CSS_SELECTOR, "#live-rps canvas")
-    assert wait_until(lambda: float(browser.find_element(By.CSS_SELECTOR, "#live-latency .chart-now")
-                                    .get_attribute("data-value") or 0) > 0, what="a latency above 0")
+    wait_until(lambda: (live_value(browser, "live-latency") or 0) > 0, what="a latency above 0")
 
 
 def test_with_keys_the_page_needs_one(
@@ -131,8 +137,10 @@ def test_with_keys_the_page_needs_one(
     browser.find_element(By.ID, "open-upload").click()
     browser.find_element(By.ID, "upload-model").send_keys(str(model_files["mlp"]))
     browser.find_element(By.ID, "upload-submit").click()
-    status = wait_until(lambda: text(browser, "#upload-status") if "refused" in text(browser, "#upload-status")
-                        else None, what="the refusal")
+    status = wait_until(
+        lambda: text(browser, "#upload-status") if "refused" in text(browser, "#upload-status") else None,
+        what="the refusal",
+    )
     assert "401" in status and "this endpoint needs an API key" in status
     browser.find_element(By.ID, "upload-cancel").click()
 
@@ -142,7 +150,9 @@ def test_with_keys_the_page_needs_one(
     wait_until(lambda: "not valid" in text(browser, "#key-required-message"), what="the 403 message")
     browser.find_element(By.ID, "key-required-input").send_keys(KEY)
     browser.find_element(By.CSS_SELECTOR, "#key-required-form button").click()
-    wait_until(lambda: browser.find_element(By.CSS_SELECTOR, 'tr[data-engine="secret-engine"]'), what="engines")
+    wait_until(
+        lambda: browser.find_element(By.CSS_SELECTOR, 'tr[data-engine="secret-engine"]'), what="engines"
+    )
     assert not browser.find_element(By.ID, "key-required").is_displayed()
     assert browser.execute_script("return sessionStorage.getItem('kiln.apiKey')") == KEY
     assert browser.execute_script("return localStorage.length") == 0

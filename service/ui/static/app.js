@@ -123,7 +123,7 @@ function overviewView() {
     h("section", { class: "card" }, h("h2", null, "Builds in progress"), builds),
     h("section", { class: "card" },
       h("div", { class: "table-wrap" },
-        h("table", { id: "engines-table", class: "data engines" },
+        h("table", { id: "engines-table", class: "data engines stack" },
           h("thead", null, h("tr", null,
             ["engine", "state", "version", "precision", "serving", "backend", "requests/s", "p99 latency"]
               .map((name, index) => h("th", { scope: "col", class: index >= 4 && index < 6 ? "opt" : index >= 6 ? "num" : null }, name)))),
@@ -133,15 +133,15 @@ function overviewView() {
     const precision = engine.precision.chosen || engine.precision.requested;
     const traffic = engine.traffic || {};
     return h("tr", { dataset: { engine: engine.name } },
-      h("td", null, h("a", { href: `#/engines/${encodeURIComponent(engine.name)}`, class: "engine-link" }, engine.name),
+      h("td", { class: "lead" }, h("a", { href: `#/engines/${encodeURIComponent(engine.name)}`, class: "engine-link" }, engine.name),
         h("div", { class: "muted small" }, engine.model_filename || "")),
-      h("td", null, stateBadge(engine.state, engine.progress), replicasText(engine.replicas) ? h("div", { class: "muted small" }, replicasText(engine.replicas)) : null),
-      h("td", null, `v${engine.version}`, h("span", { class: "muted small" }, ` of ${engine.versions}`)),
-      h("td", null, precision || "–", engine.precision.chosen && engine.precision.requested === "auto" ? h("span", { class: "muted small" }, " (auto)") : null),
-      h("td", { class: "opt" }, tierText(engine.serving) || "–"),
-      h("td", { class: "opt" }, engine.backend || "–"),
-      h("td", { class: "num" }, number(traffic.rps, 1)),
-      h("td", { class: "num" }, traffic.p99_ms === null || traffic.p99_ms === undefined ? "–" : `${number(traffic.p99_ms, 2)} ms`));
+      h("td", { "data-label": "state" }, stateBadge(engine.state, engine.progress), replicasText(engine.replicas) ? h("div", { class: "muted small" }, replicasText(engine.replicas)) : null),
+      h("td", { "data-label": "version" }, `v${engine.version}`, h("span", { class: "muted small" }, ` of ${engine.versions}`)),
+      h("td", { "data-label": "precision" }, precision || "–", engine.precision.chosen && engine.precision.requested === "auto" ? h("span", { class: "muted small" }, " (auto)") : null),
+      h("td", { class: "opt", "data-label": "serving" }, tierText(engine.serving) || "–"),
+      h("td", { class: "opt", "data-label": "backend" }, engine.backend || "–"),
+      h("td", { class: "num", "data-label": "requests/s" }, number(traffic.rps, 1)),
+      h("td", { class: "num", "data-label": "p99 latency" }, traffic.p99_ms === null || traffic.p99_ms === undefined ? "–" : `${number(traffic.p99_ms, 2)} ms`));
   }
 
   function buildItem(build) {
@@ -198,7 +198,7 @@ function engineView(name, selectedVersion) {
       h("button", { id: "delete-engine", class: "danger", type: "button",
         onclick: () => deletePath(`/engines/${encodeURIComponent(name)}`, `engine ${name} and all its versions`, "#/") }, "Delete engine")),
     h("section", { class: "card" }, h("h2", null, "Versions"),
-      h("div", { class: "table-wrap" }, h("table", { id: "versions-table", class: "data" },
+      h("div", { class: "table-wrap" }, h("table", { id: "versions-table", class: "data stack" },
         h("thead", null, h("tr", null, ["version", "state", "precision", "serving", "created", "model", ""].map((c, i) => h("th", { scope: "col", class: i === 5 ? "opt" : null }, c)))),
         versions))),
     h("section", { class: "card" }, h("h2", null, "Live traffic"),
@@ -213,14 +213,14 @@ function engineView(name, selectedVersion) {
   function versionRow(status, shown) {
     const precision = status.report?.precision || status.build_options?.precision;
     return h("tr", { dataset: { version: String(status.version) }, class: status.version === shown ? "selected" : null },
-      h("td", null, h("a", { href: `#/engines/${encodeURIComponent(name)}/versions/${status.version}` }, `v${status.version}`)),
-      h("td", { class: "state-cell" }, stateBadge(status.state, status.progress),
+      h("td", { class: "lead" }, h("a", { href: `#/engines/${encodeURIComponent(name)}/versions/${status.version}` }, `v${status.version}`)),
+      h("td", { class: "state-cell", "data-label": "state" }, stateBadge(status.state, status.progress),
         status.state === "building" || status.state === "loading" ? progressBar(status.progress, status.phase) : null,
         replicasText(status.replicas) ? h("div", { class: "muted small" }, replicasText(status.replicas)) : null),
-      h("td", null, precision || "–"),
-      h("td", null, tierText(status.serving) || "–"),
-      h("td", { title: new Date(status.created_at * 1000).toISOString() }, ago(status.created_at)),
-      h("td", { class: "opt" }, status.model_filename || "–"),
+      h("td", { "data-label": "precision" }, precision || "–"),
+      h("td", { "data-label": "serving" }, tierText(status.serving) || "–"),
+      h("td", { "data-label": "created", title: new Date(status.created_at * 1000).toISOString() }, ago(status.created_at)),
+      h("td", { class: "opt", "data-label": "model" }, status.model_filename || "–"),
       h("td", { class: "actions" }, h("button", { type: "button", class: "ghost small-button",
         onclick: () => deletePath(`/engines/${encodeURIComponent(name)}/versions/${status.version}`, `${name} version ${status.version}`) }, "Delete")));
   }

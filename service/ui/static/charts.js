@@ -10,6 +10,16 @@ function seriesStyle(index) {
   return { stroke: PALETTE[index % PALETTE.length], dash: DASHES[index % DASHES.length], width: 2 };
 }
 
+const CLOCK = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+
+function clock(unixSeconds) {
+  return CLOCK.format(new Date(unixSeconds * 1000));
+}
+
+function compact(value) {
+  return Math.abs(value) >= 1000 ? `${+(value / 1000).toPrecision(3)}k` : `${+value.toPrecision(3)}`;
+}
+
 function sizeOf(container, height) {
   return { width: Math.max(container.clientWidth, 200), height };
 }
@@ -30,8 +40,8 @@ export class TimeChart {
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max || 0, 1e-9) * 1.15] } },
       axes: [
-        { stroke: "#5b6472", grid: { stroke: "#eef0f3" } },
-        { stroke: "#5b6472", grid: { stroke: "#eef0f3" }, size: 56, values: (u, ticks) => ticks.map((t) => `${+t.toPrecision(3)}${unit}`) },
+        { stroke: "#5b6472", grid: { stroke: "#eef0f3" }, space: 70, values: (u, ticks) => ticks.map(clock) },
+        { stroke: "#5b6472", grid: { stroke: "#eef0f3" }, size: 64, values: (u, ticks) => ticks.map((t) => `${compact(t)}${unit}`) },
       ],
       series: [{}, ...lines.map((line, index) => ({ label: line.label, spanGaps: false, points: { show: false }, ...seriesStyle(index), value: (u, v) => (v === null || v === undefined ? "–" : `${+v.toPrecision(4)}${unit}`) }))],
     };
