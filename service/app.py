@@ -75,7 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Inference server for ONNX models: optimized engines, dynamic batching, KServe v2.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url=None,  # served by service.ui from a local copy of Swagger UI
+        docs_url=None,  # service.ui serves /docs from a local Swagger UI; ReDoc needs a CDN: off
+        redoc_url=None,
     )
     install_error_handlers(app)
     # Outermost middleware: every answer carries X-Request-ID (the fast path sets its own).

@@ -8,7 +8,6 @@ background networking, component updates, sync or QUIC, and a fresh profile.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,30 +57,25 @@ def _driver(user_data_dir: Path, size: tuple[int, int]) -> Any:
     return driver
 
 
-@pytest.fixture
-def browser_factory() -> Iterator[Callable[..., Any]]:
-    """Starts browsers with a fresh profile each; all are closed after the test."""
+@pytest.fixture(scope="session")
+def _chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One browser for the session (starting one costs seconds), with a fresh profile."""
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("chromium and chromedriver are not installed (run `make browser`)")
-    drivers: list[Any] = []
-    profiles: list[str] = []
-
-    def start(size: tuple[int, int] = DESKTOP) -> Any:
-        profile = tempfile.mkdtemp(prefix="kiln-chromium-")
-        profiles.append(profile)
-        drivers.append(_driver(Path(profile), size))
-        return drivers[-1]
-
-    yield start
-    for driver in drivers:
-        driver.quit()
-    for profile in profiles:
-        shutil.rmtree(profile, ignore_errors=True)
+    driver = _driver(tmp_path_factory.mktemp("chromium-profile"), DESKTOP)
+    yield driver
+    driver.quit()
 
 
 @pytest.fixture
-def browser(browser_factory: Callable[..., Any]) -> Any:
-    return browser_factory()
+def browser(_chromium: Any) -> Any:
+    """The session's browser on a blank page at desktop size, its console log emptied.
+
+    Tests use their own server (origin), so no storage is shared between them."""
+    _chromium.get("about:blank")
+    _chromium.set_window_size(*DESKTOP)
+    _chromium.get_log("browser")
+    return _chromium
 
 
 @pytest.fixture(scope="module")

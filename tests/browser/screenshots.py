@@ -64,14 +64,16 @@ def main(out: Path) -> None:
             for worker in workers:
                 worker.start()
             time.sleep(TRAFFIC_S)
-            upload(client, cnn, "digits-cnn", precision="auto", calibration="synthetic")  # a build in progress
+            # A second version starts building, so the overview shows a build in progress.
+            upload(client, cnn, "digits-cnn", precision="auto", calibration="synthetic")
             driver = _driver(root / "profile", DESKTOP)
             try:
                 _shoot(driver, server.url + "/", out / "overview-desktop.png", DESKTOP, "tr[data-engine]")
                 engine = server.url + "/#/engines/fraud-scorer"
                 _shoot(driver, engine, out / "engine-desktop.png", DESKTOP, "#latency-chart canvas")
                 _shoot(driver, server.url + "/", out / "overview-narrow.png", NARROW, "tr[data-engine]")
-                _shoot(driver, engine, out / "engine-narrow.png", (NARROW[0], 1400), "#live-rps canvas", full=False)
+                phone = (NARROW[0], 1400)
+                _shoot(driver, engine, out / "engine-narrow.png", phone, "#live-rps canvas", full=False)
             finally:
                 stop.set()
                 driver.quit()

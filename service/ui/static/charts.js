@@ -43,7 +43,7 @@ export class TimeChart {
         { stroke: "#5b6472", grid: { stroke: "#eef0f3" }, space: 70, values: (u, ticks) => ticks.map(clock) },
         { stroke: "#5b6472", grid: { stroke: "#eef0f3" }, size: 64, values: (u, ticks) => ticks.map((t) => `${compact(t)}${unit}`) },
       ],
-      series: [{}, ...lines.map((line, index) => ({ label: line.label, spanGaps: false, points: { show: false }, ...seriesStyle(index), value: (u, v) => (v === null || v === undefined ? "–" : `${+v.toPrecision(4)}${unit}`) }))],
+      series: [{ label: "time", value: (u, v) => (v === null || v === undefined ? "–" : clock(v)) }, ...lines.map((line, index) => ({ label: line.label, spanGaps: false, points: { show: false }, ...seriesStyle(index), value: (u, v) => (v === null || v === undefined ? "–" : `${+v.toPrecision(4)}${unit}`) }))],
     };
     this.keys = lines.map((line) => line.key);
     this.chart = new uPlot(options, [[], ...this.keys.map(() => [])], container);

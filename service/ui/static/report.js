@@ -148,7 +148,7 @@ function timingsSection(timings) {
       return h("li", null,
         h("span", { class: "phase" }, phase),
         h("meter", { min: "0", max: "100", value: String(share), "aria-label": `${phase} ${share}% of the build` }),
-        h("span", { class: "num" }, `${number(seconds, 2)} s`));
+        h("span", { class: "num" }, seconds < 0.01 ? "< 0.01 s" : `${number(seconds, 2)} s`));
     })),
     h("p", { class: "muted" }, `${number(total, 2)} s in all`));
 }

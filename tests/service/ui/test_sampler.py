@@ -48,7 +48,14 @@ def test_point_is_the_change_between_two_readings_summed_over_versions_and_proto
 
 def test_an_idle_engine_has_zero_rate_and_no_latency() -> None:
     values = point(Reading(), Reading(), 1.0)
-    assert values == {"rps": 0.0, "errors": 0.0, "p50_ms": None, "p99_ms": None, "queue_ms": None, "batch": None}
+    assert values == {
+        "rps": 0.0,
+        "errors": 0.0,
+        "p50_ms": None,
+        "p99_ms": None,
+        "queue_ms": None,
+        "batch": None,
+    }
 
 
 def test_a_deleted_version_restarts_the_sums_instead_of_going_negative() -> None:
@@ -77,3 +84,32 @@ def test_sampler_keeps_a_window_per_engine_and_forgets_deleted_ones() -> None:
     sampler.sample()
     assert sampler.series("a")["t"] == []
     assert sampler.latest("a")["rps"] is None
+
+
+def test_readings_agree_with_what_prometheus_exports() -> None:
+    metrics = KilnMetrics()
+    for engine, version, code, seconds in [
+        ("a", 1, "200", 0.003),
+        ("a", 2, "429", 0.2),
+        ("b", 1, "200", 7.0),
+    ]:
+        metrics.requests.labels(engine, str(version), "v2", code).inc(3)
+        metrics.request_duration.labels(engine, str(version), "v2").observe(seconds)
+        metrics.engine_observer(engine, version).batch_done(5, 2, 0.001, [seconds, seconds])
+    exported: dict[tuple[str, str], float] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.labels.get("engine") and sample.name.endswith(("_total", "_count", "_sum", "_bucket")):
+                key = (sample.labels["engine"], sample.name + sample.labels.get("le", ""))
+                exported[key] = exported.get(key, 0.0) + sample.value
+    readings = read_metrics(metrics)
+    for engine, reading in readings.items():
+        assert reading.requests == exported[(engine, "kiln_requests_total")]
+        assert reading.queue_count == exported[(engine, "kiln_queue_duration_seconds_count")]
+        assert reading.queue_sum == pytest.approx(exported[(engine, "kiln_queue_duration_seconds_sum")])
+        assert reading.batch_count == exported[(engine, "kiln_batch_size_count")]
+        assert reading.batch_sum == exported[(engine, "kiln_batch_size_sum")]
+        for bound, count in reading.latency_buckets.items():
+            le = "+Inf" if math.isinf(bound) else repr(bound)
+            assert count == exported[(engine, f"kiln_request_duration_seconds_bucket{le}")], (engine, le)
+    assert readings["a"].errors == 3 and readings["b"].errors == 0
