@@ -44,7 +44,8 @@ def overview(state: AppState, sampler: TrafficSampler) -> dict[str, Any]:
         versions = state.registry.versions(name)
         latest = _version_row(versions[-1].status())
         latest["versions"] = len(versions)
-        latest["ready_versions"] = sum(1 for v in versions if str(v.state) == "ready")
+        ready = [v.version for v in versions if str(v.state) == "ready"]
+        latest["ready_version"] = ready[-1] if ready else None  # what predictions without a version get
         latest["traffic"] = sampler.latest(name)
         engines.append(latest)
         builds.extend(_version_row(v.status()) for v in versions if str(v.state) in IN_PROGRESS)

@@ -57,6 +57,9 @@ def main(out: Path) -> None:
             upload(client, cnn, "digits-cnn", precision="fp16")
             for name in ("fraud-scorer", "digits-cnn"):
                 wait_for_state(client, name, timeout_s=180)
+            # Version 2 in INT8, so the report shown has an accuracy table whatever auto chose for v1.
+            upload(client, mlp, "fraud-scorer", precision="int8", calibration="synthetic", max_batch_size="8")
+            wait_for_state(client, "fraud-scorer", 2, timeout_s=180)
             stop = threading.Event()
             workers = [
                 threading.Thread(target=_traffic, args=(server.url, "fraud-scorer", stop)) for _ in range(3)

@@ -29,6 +29,7 @@ async function refresh() {
   try {
     await view.refresh();
     $("#key-required").hidden = true;
+    main.hidden = false;
   } catch (error) {
     if (view !== current) return;
     if (error instanceof ApiError && error.needsKey) showKeyRequired(error);
@@ -61,6 +62,7 @@ function hideBanner() {
 // Without a (valid) key the page shows nothing of the server's: only this prompt.
 function showKeyRequired(error) {
   current.clear();
+  main.hidden = true;
   $("#key-required-message").textContent = error.message;
   $("#key-required").hidden = false;
   hideBanner();
@@ -136,7 +138,8 @@ function overviewView() {
       h("td", { class: "lead" }, h("a", { href: `#/engines/${encodeURIComponent(engine.name)}`, class: "engine-link" }, engine.name),
         h("div", { class: "muted small" }, engine.model_filename || "")),
       h("td", { "data-label": "state" }, stateBadge(engine.state, engine.progress), replicasText(engine.replicas) ? h("div", { class: "muted small" }, replicasText(engine.replicas)) : null),
-      h("td", { "data-label": "version" }, `v${engine.version}`, h("span", { class: "muted small" }, ` of ${engine.versions}`)),
+      h("td", { "data-label": "version" }, `v${engine.version}`, h("span", { class: "muted small" }, ` of ${engine.versions}`),
+        engine.ready_version && engine.ready_version !== engine.version ? h("div", { class: "muted small" }, `v${engine.ready_version} serves`) : null),
       h("td", { "data-label": "precision" }, precision || "–", engine.precision.chosen && engine.precision.requested === "auto" ? h("span", { class: "muted small" }, " (auto)") : null),
       h("td", { class: "opt", "data-label": "serving" }, tierText(engine.serving) || "–"),
       h("td", { class: "opt", "data-label": "backend" }, engine.backend || "–"),

@@ -83,7 +83,7 @@ def test_overview_lists_engines_with_traffic(client: TestClient) -> None:
     assert body["poll_s"] > 0 and body["builds"] == []
     (engine,) = body["engines"]
     assert engine["name"] == "mlp" and engine["state"] == "ready" and engine["version"] == 1
-    assert engine["precision"] == {"requested": "fp32", "chosen": "fp32"}
+    assert engine["precision"] == {"requested": "fp32", "chosen": "fp32"} and engine["ready_version"] == 1
     assert set(engine["traffic"]) == {"rps", "errors", "p50_ms", "p99_ms", "queue_ms", "batch"}
 
 
