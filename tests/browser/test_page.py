@@ -89,6 +89,22 @@ def test_upload_form_shows_the_build_to_ready_and_its_report(
     assert console_errors(browser) == []
 
 
+def test_a_build_that_fails_the_gate_shows_why(
+    server: ServerProcess, browser: Any, model_files: dict[str, Path]
+) -> None:
+    with server.client() as client:
+        upload(client, model_files["mlp"], "strict", precision="fp16", tolerance='{"max_abs_error": 0}')
+        assert wait_for_state(client, "strict")["error"]["type"] == "accuracy_rejected"
+    browser.get(server.url + "/#/engines/strict")
+    callout = wait_until(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#report .callout.error"), what="the error"
+    )
+    assert "outside tolerance" in callout.text
+    table = browser.find_element(By.ID, "accuracy-table")
+    assert "≤ 0" in table.text and "✕ fail" in table.text  # the rule that failed, in words
+    assert "failed" in text(browser, 'tr[data-version="1"] .state')
+
+
 @pytest.fixture
 def load(server: ServerProcess) -> Iterator[Callable[[str], None]]:
     """Sends predictions to an engine from a background thread until the test ends."""

@@ -2,7 +2,7 @@
 // why this precision, what was fused or repaired, where the time went.
 
 import { latencyChart } from "./charts.js";
-import { bytes, h, label, number } from "./dom.js";
+import { bytes, h, label, number, tierText } from "./dom.js";
 
 const HIGHER_IS_BETTER = ["cosine_similarity", "top1_agreement", "exact_match"];
 const LOWER_IS_BETTER = ["max_abs_error", "max_rel_error"];
@@ -106,11 +106,21 @@ export function accuracyTable(accuracy, tolerance, caption) {
   ];
 }
 
+const CANDIDATE_FIELDS = new Set(["precision", "accepted", "latency_ms", "artifact_bytes", "rejection", "reason"]);
+
+// Whatever else a build says about a candidate (a repair, for one), folded away.
+function candidateExtras(candidate) {
+  const extra = Object.fromEntries(Object.entries(candidate).filter(([key]) => !CANDIDATE_FIELDS.has(key)));
+  if (!Object.keys(extra).length) return null;
+  return h("details", { class: "extras" }, h("summary", null, Object.keys(extra).map(label).join(", ")), generic(extra));
+}
+
 function candidatesTable(candidates, chosen) {
   const sizes = [...new Set(candidates.flatMap((c) => Object.keys(c.latency_ms || {}).map(Number)))].sort((a, b) => a - b);
   const rows = candidates.map((c) => h("tr", { class: c.precision === chosen ? "chosen" : null },
     h("td", null, h("strong", null, c.precision), c.precision === chosen ? h("span", { class: "tag" }, "chosen") : null),
-    h("td", null, c.accepted ? "✓ within tolerance" : `✕ ${[].concat(c.rejection || c.reason || "rejected").join("; ")}`),
+    h("td", null, c.accepted ? "✓ within tolerance" : `✕ ${[].concat(c.rejection || c.reason || "rejected").join("; ")}`,
+      candidateExtras(c)),
     sizes.map((s) => h("td", { class: "num" }, c.latency_ms?.[String(s)] !== undefined ? number(c.latency_ms[String(s)], 4) : "–")),
     h("td", { class: "num" }, bytes(c.artifact_bytes))));
   return table({ id: "candidates-table", class: "data" },
@@ -182,6 +192,7 @@ export function renderReport(status) {
   const requested = report.requested_precision;
   parts.push(facts([
     ["precision", requested && requested !== report.precision ? `${report.precision} (asked: ${requested})` : report.precision],
+    ["serving", tierText(status.serving)],
     ["backend", report.backend],
     ["device", deviceText(report.device)],
     ["max batch", report.max_batch_size],
