@@ -189,6 +189,18 @@ def test_delete_asks_for_confirmation_and_removes_the_engine(
     wait_until(lambda: not dialog.is_displayed(), what="the dialog to close")
     assert httpx.get(f"{server.url}/engines/doomed").status_code == 200
 
+    # Deleting one version asks too, and leaves the others.
+    with server.client() as client:
+        upload(client, model_files["mlp"], "doomed")
+        wait_for_state(client, "doomed", 2)
+    row = wait_until(lambda: browser.find_element(By.CSS_SELECTOR, 'tr[data-version="2"]'), what="version 2")
+    row.find_element(By.TAG_NAME, "button").click()
+    wait_until(dialog.is_displayed, what="the confirmation")
+    assert "doomed version 2" in dialog.text
+    browser.find_element(By.ID, "confirm-ok").click()
+    wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, 'tr[data-version="2"]'), what="v2 to go")
+    assert [v["version"] for v in httpx.get(f"{server.url}/engines/doomed").json()["versions"]] == [1]
+
     browser.find_element(By.ID, "delete-engine").click()
     wait_until(dialog.is_displayed, what="the confirmation")
     browser.find_element(By.ID, "confirm-ok").click()

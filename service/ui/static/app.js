@@ -30,10 +30,15 @@ async function refresh() {
     await view.refresh();
     $("#key-required").hidden = true;
     main.hidden = false;
+    if ($("#banner").classList.contains("error")) hideBanner(); // the server answers again
   } catch (error) {
     if (view !== current) return;
     if (error instanceof ApiError && error.needsKey) showKeyRequired(error);
-    else showBanner(error.message);
+    else if (error.status === 404 && view.engine) {
+      showBanner(`${error.message} (deleted?)`, "info"); // its last version went away
+      location.hash = "#/";
+      return;
+    } else showBanner(error.message);
   }
   if (view === current) schedule();
 }
@@ -242,6 +247,7 @@ function engineView(name, selectedVersion) {
 
   return {
     element,
+    engine: name,
     clear() { versions.replaceChildren(); reportBox.replaceChildren(); subtitle.textContent = ""; title.textContent = ""; },
     async refresh() {
       const data = await getJSON(`/ui/api/engines/${encodeURIComponent(name)}`);
