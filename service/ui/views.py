@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.health import not_ready_reason
+from service.lifecycle.states import SERVABLE, WORKING
 from service.state import AppState
 from service.ui.sampler import TrafficSampler
 
 POLL_S = 2.0
 """How often the page asks for a view while it is visible (documented in OPERATIONS.md)."""
 
-IN_PROGRESS = ("building", "loading")
 OPTIONAL_FIELDS = ("serving", "replicas")
 
 
@@ -44,16 +45,16 @@ def overview(state: AppState, sampler: TrafficSampler) -> dict[str, Any]:
         versions = state.registry.versions(name)
         latest = _version_row(versions[-1].status())
         latest["versions"] = len(versions)
-        ready = [v.version for v in versions if str(v.state) == "ready"]
+        ready = [v.version for v in versions if v.state in SERVABLE]
         latest["ready_version"] = ready[-1] if ready else None  # what predictions without a version get
         latest["traffic"] = sampler.latest(name)
         engines.append(latest)
-        builds.extend(_version_row(v.status()) for v in versions if str(v.state) in IN_PROGRESS)
+        builds.extend(_version_row(v.status()) for v in versions if v.state in WORKING)
     return {
         "server": {
             "backend": state.backend.name,
             "backend_reason": state.backend_reason,
-            "ready": state.ready,
+            "not_ready_reason": not_ready_reason(state),
             "draining": state.draining,
         },
         "engines": engines,

@@ -166,7 +166,8 @@ function overviewView() {
     async refresh() {
       const data = await getJSON("/ui/api/overview");
       pollSeconds = data.poll_s;
-      server.textContent = `Backend: ${data.server.backend}${data.server.draining ? " · shutting down" : ""} · updated every ${data.poll_s} s`;
+      const health = data.server.draining ? " · shutting down" : data.server.not_ready_reason ? ` · not ready: ${data.server.not_ready_reason}` : "";
+      server.textContent = `Backend: ${data.server.backend}${health} · updated every ${data.poll_s} s`;
       replace(engines, data.engines.length ? data.engines.map(row)
         : h("tr", null, h("td", { colspan: "8", class: "empty" }, "No engines yet. Upload an ONNX model to build one.")));
       replace(builds, data.builds.length ? data.builds.map(buildItem) : h("p", { class: "muted" }, "No builds running."));
