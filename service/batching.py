@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service import tracing
 from service.errors import BadRequest, DeadlineExceeded, Unavailable
 
 log = logging.getLogger("kiln.batching")
@@ -131,7 +132,7 @@ ADAPTIVE_REPLAN_S = 0.1
 
 
 class _Pending:
-    __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer")
+    __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer", "trace")
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class _Pending:
         self.enqueued = time.monotonic()
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
+        self.trace = tracing.current_context()  # None unless tracing is on
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -548,6 +550,8 @@ class DynamicBatcher:
             self._finish(pending, result=result)
         if self.observer is not None:
             self.observer.batch_done(rows, len(batch), compute_s, waits)
+        if tracing.enabled():
+            tracing.record_batch([p.trace for p in batch], waits, compute_s, rows, self.name)
 
     def _split(
         self, batch: list[_Pending], rows: int, outputs: dict[str, np.ndarray]

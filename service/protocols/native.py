@@ -1,8 +1,9 @@
 """POST /predict: kiln's native JSON inference endpoint (the hot path).
 
-The body is parsed with orjson; pydantic stays out of the hot path. The same
-``predict_native`` serves the FastAPI route (which documents the endpoint in
-the OpenAPI schema) and the ASGI fast path in ``service/fastpath.py``.
+The body is parsed with orjson; pydantic stays out of the hot path.
+``predict_native`` is answered by the ASGI fast path
+(``service/protocols/fastpath.py``); the FastAPI route below only documents the
+endpoint in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from service.auth import check_key
 from service.errors import BadRequest
-from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
+from service.protocols.inference import check_intake, counted, infer
 from service.protocols.intake import check_json_shape
 from service.protocols.native_codec import decode_native_inputs
 from service.protocols.responses import dumps
-from service.state import AppState, get_state
+from service.state import AppState
 
 router = APIRouter(tags=["inference"])
 
@@ -72,13 +73,9 @@ async def predict_native(
 
 
 @router.post("/predict")
-async def predict(request: Request) -> Response:
-    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``."""
-    state = get_state(request)
-    body = await read_body(
-        request.receive, state.settings.max_request_bytes, request.headers.get("content-length")
-    )
-    content = await predict_native(
-        state, body, headers=request.headers.get, disconnected=disconnect_waiter(request.receive)
-    )
-    return Response(content, media_type="application/json")
+async def predict() -> Response:
+    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``.
+
+    Declared for the OpenAPI schema only: ``FastPathApp`` answers this path with
+    ``predict_native`` before routing, so this handler never runs."""
+    raise AssertionError("POST /predict is answered by FastPathApp")
