@@ -95,7 +95,7 @@ async def _respond(
     kserve: bool,
 ) -> None:
     """Read the body, run ``answer`` on it and send its result, or the error."""
-    with request_span(scope["path"], headers):
+    with request_span(scope["path"], headers) as trace_headers:
         try:
             body = await read_body(receive, state.settings.max_request_bytes, headers("content-length"))
             content, extra = await answer(body)
@@ -111,6 +111,8 @@ async def _respond(
             message = "internal error; see the server log"
             status, content = 500, kserve_body(message) if kserve else native_body("internal", message)
             extra = {"Content-Type": _JSON}
+    if trace_headers:
+        extra = {**extra, **trace_headers}
     await send(
         {
             "type": "http.response.start",
