@@ -127,7 +127,8 @@ async def _respond(
 
 
 class HeaderLookup:
-    """``headers("name")`` over raw ASGI headers (``name`` in lower case), decoded lazily."""
+    """``headers("name")`` over raw ASGI headers, decoded lazily. ASGI servers give
+    header names in lower case, and ``name`` is asked in lower case."""
 
     __slots__ = ("_raw",)
 
@@ -137,6 +138,6 @@ class HeaderLookup:
     def __call__(self, name: str) -> str | None:
         key = name.encode()
         for header, value in self._raw:
-            if header.lower() == key:
+            if header == key:
                 return value.decode("latin-1")
         return None

@@ -49,13 +49,19 @@ DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-_DATATYPE_BY_NUMPY = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
+_DATATYPE_BY_NUMPY: dict[np.dtype | str, str] = {
+    dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()
+}
+_DATATYPE_BY_NUMPY.update({str(dtype): name for dtype, name in list(_DATATYPE_BY_NUMPY.items())})
 
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 
 
 def datatype_of(dtype: np.dtype | str) -> str:
     """The v2 datatype name ("FP32") of a numpy dtype; ``UnsupportedModel`` if none."""
+    found = _DATATYPE_BY_NUMPY.get(dtype)  # native dtypes and their names
+    if found is not None:
+        return found
     found = _DATATYPE_BY_NUMPY.get(np.dtype(dtype).newbyteorder("="))
     if found is None:
         raise UnsupportedModel(f"dtype {np.dtype(dtype)} has no KServe v2 datatype")
