@@ -179,8 +179,14 @@ class KilnMetrics:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
-        for summary in (self.batch_runs, self.request_outcomes):
-            summary.remove_by_labels({"engine": engine, "version": str(version)})
+        for family in (
+            self.requests,
+            self.request_duration,
+            self.request_outcomes,
+            self.batch_runs,
+            self.rejections,
+        ):
+            family.remove_by_labels({"engine": engine, "version": str(version)})
 
     def statistics(self, engine: str, version: int) -> dict[str, Any]:
         """One version's statistics in Triton's form (the statistics extension), read

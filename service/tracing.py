@@ -9,9 +9,9 @@ timeout, compression; OTLP over gRPC), and the SDK the sampler and
 
 Spans: one server span per request (``traceparent``/``tracestate`` from the
 client continue its trace, and the response carries the span's own
-``traceparent``), a ``queue`` span per request for its wait in the batch queue,
-and one ``batch`` span per engine run, parented to the batch's first request
-and linked to every request it served.
+``traceparent``), ``decode`` and ``encode`` spans for its body, a ``queue``
+span for its wait in the batch queue, and one ``batch`` span per engine run,
+parented to the batch's first request and linked to every request it served.
 
 When tracing is off every hook is a check of one module global: the hot path
 pays nothing measurable (docs/BENCHMARKS.md).
@@ -115,6 +115,14 @@ def request_span(
     if tracer is None:
         return _OFF
     return _request_span(tracer, name, header)
+
+
+def span(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A child span of the current one (``decode``, ``encode``); a no-op when off."""
+    tracer = _tracer
+    if tracer is None:
+        return _OFF
+    return tracer.start_as_current_span(name)
 
 
 def current_context() -> Context | None:

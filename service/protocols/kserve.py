@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from service import tracing
 from service.auth import HeaderLookup, check_key, require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
 from service.lifecycle.registry import EngineVersion, Registry, State
@@ -258,22 +259,24 @@ async def infer_v2(
         record.bind(found)
         assert found.signature is not None and found.batcher is not None
         found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
-        body = decompress_body(body, headers("content-encoding"), settings.max_request_bytes)
-        parsed = parse_infer_request(
-            body,
-            headers(INFERENCE_HEADER.lower()),
-            found.signature,
-            max_json_depth=settings.max_json_depth,
-            max_tensor_elements=settings.max_tensor_elements,
-        )
+        with tracing.span("decode"):
+            body = decompress_body(body, headers("content-encoding"), settings.max_request_bytes)
+            parsed = parse_infer_request(
+                body,
+                headers(INFERENCE_HEADER.lower()),
+                found.signature,
+                max_json_depth=settings.max_json_depth,
+                max_tensor_elements=settings.max_tensor_elements,
+            )
         outputs = await infer(found, parsed.feeds, timeout_ms=parsed.timeout_ms, disconnected=disconnected)
-        return encode_infer_response(
-            outputs,
-            parsed.outputs,
-            model_name=name,
-            model_version=str(found.version),
-            request_id=parsed.request_id,
-        )
+        with tracing.span("encode"):
+            return encode_infer_response(
+                outputs,
+                parsed.outputs,
+                model_name=name,
+                model_version=str(found.version),
+                request_id=parsed.request_id,
+            )
 
 
 router.include_router(model_router)

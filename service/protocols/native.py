@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from service import tracing
 from service.auth import check_key
 from service.errors import BadRequest
 from service.protocols.inference import check_intake, counted, infer
@@ -65,11 +66,13 @@ async def predict_native(
         record.bind(found)
         assert found.signature is not None and found.batcher is not None
         found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
-        feeds = decode_native_inputs(
-            payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
-        )
+        with tracing.span("decode"):
+            feeds = decode_native_inputs(
+                payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
+            )
         outputs = await infer(found, feeds, timeout_ms=timeout_ms, disconnected=disconnected)
-        return dumps({"engine": engine, "version": found.version, "outputs": outputs})
+        with tracing.span("encode"):
+            return dumps({"engine": engine, "version": found.version, "outputs": outputs})
 
 
 @router.post("/predict")

@@ -209,20 +209,22 @@ class InferenceService(services.GRPCInferenceServiceServicer):
             record.bind(found)
             assert found.signature is not None and found.batcher is not None
             found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
-            codec.check_parameters(request)
-            feeds = codec.decode_inputs(request, found.signature, settings.max_tensor_elements)
-            choices = codec.output_choices(request, found.signature)
-            timeout_ms = codec.timeout_ms(request)
+            with tracing.span("decode"):
+                codec.check_parameters(request)
+                feeds = codec.decode_inputs(request, found.signature, settings.max_tensor_elements)
+                choices = codec.output_choices(request, found.signature)
+                timeout_ms = codec.timeout_ms(request)
             if deadline_s is not None:  # the client's own gRPC deadline bounds the queue too
                 timeout_ms = min(timeout_ms or deadline_s * 1000, deadline_s * 1000)
             outputs = await infer(found, feeds, timeout_ms=timeout_ms)
-            return codec.encode_response(
-                outputs,
-                choices,
-                model_name=request.model_name,
-                model_version=str(found.version),
-                request_id=request.id,
-            )
+            with tracing.span("encode"):
+                return codec.encode_response(
+                    outputs,
+                    choices,
+                    model_name=request.model_name,
+                    model_version=str(found.version),
+                    request_id=request.id,
+                )
 
 
 def _serving(state: AppState) -> bool:

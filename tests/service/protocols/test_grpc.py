@@ -5,6 +5,7 @@ OpenTelemetry spans for HTTP and gRPC requests."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from google.rpc import error_details_pb2, status_pb2
@@ -23,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from service import tracing
 from service.app import create_app
+from service.logs import JsonFormatter
 from service.protocols.grpc.server import HealthService
 from service.protocols.grpc.stubs import messages, services
 from service.settings import Settings
@@ -221,12 +224,9 @@ def test_http_and_grpc_requests_trace_request_queue_and_batch(
     stub.ModelInfer(
         raw_request("mlp", {"x": ("FP32", x)}), metadata=[("traceparent", traceparent(grpc_trace))]
     )
-    assert names_in_trace(spans, http_trace) == {"/v2/models/mlp/infer", "queue", "batch"}
-    assert names_in_trace(spans, grpc_trace) == {
-        "/inference.GRPCInferenceService/ModelInfer",
-        "queue",
-        "batch",
-    }
+    phases = {"decode", "queue", "batch", "encode"}
+    assert names_in_trace(spans, http_trace) == {"/v2/models/mlp/infer", *phases}
+    assert names_in_trace(spans, grpc_trace) == {"/inference.GRPCInferenceService/ModelInfer", *phases}
     request_span = next(s for s in spans.get_finished_spans() if s.name == "/v2/models/mlp/infer")
     assert request_span.parent is not None and request_span.parent.span_id == 0x1234
 
@@ -249,6 +249,15 @@ def test_a_batch_links_to_every_request_it_served(stub: Any, spans: InMemorySpan
     assert any(len(batch.links) > 1 for batch in batches), [len(b.links) for b in batches]
     for trace_id in traces:
         assert {"queue", "/inference.GRPCInferenceService/ModelInfer"} <= names_in_trace(spans, trace_id)
+
+
+def test_json_logs_carry_the_trace_id(spans: InMemorySpanExporter) -> None:
+    record = logging.LogRecord("kiln", logging.INFO, __file__, 1, "inside a request", None, None)
+    with tracing.span("request") as span:
+        entry = orjson.loads(JsonFormatter().format(record))
+    assert entry["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    tracing.disable()
+    assert "trace_id" not in orjson.loads(JsonFormatter().format(record))
 
 
 def test_tracing_is_off_by_default(app: TestClient) -> None:
