@@ -125,6 +125,21 @@ def test_malformed_requests_are_invalid_argument(stub: Any, request_: Any, messa
     assert message in error.value.details()
 
 
+def test_stream_answers_each_request_in_order(stub: Any, model_files: dict[str, Path]) -> None:
+    rows = [np.full((1, 16), v, np.float32) for v in (0.5, 1.5)]
+    requests = [
+        raw_request("mlp", {"x": ("FP32", rows[0])}),
+        raw_request("mlp", {"x": ("FP32", np.zeros((1, 15), np.float32))}),
+        raw_request("mlp", {"x": ("FP32", rows[1])}),
+    ]
+    answers = list(stub.ModelStreamInfer(iter(requests)))
+    assert [a.error_message for a in answers][1].startswith("input 'x' has shape [1, 15]")
+    for answer, x in zip((answers[0], answers[2]), rows, strict=True):
+        assert answer.error_message == ""
+        want = reference_outputs(model_files["mlp"], {"x": x})["y"]
+        np.testing.assert_allclose(output(answer.infer_response, 0, np.float32), want, atol=1e-5)
+
+
 def test_raw_and_typed_contents_do_not_mix(stub: Any) -> None:
     request = raw_request("mlp", {"x": ("FP32", np.zeros((1, 16), np.float32))})
     request.raw_input_contents.append(b"extra")
