@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,6 +32,9 @@ from service.protocols.fastpath import FastPathApp
 from service.request_id import RequestIdMiddleware
 from service.settings import Settings
 from service.state import AppState
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("kiln")
 
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await grpc_server.stop(min(settings.drain_timeout_s, 5.0))
             # Under `kiln serve` the drain ran before this; this only bounds what is left.
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
+            tracing.shutdown()
             log.info("kiln stopped")
 
     app = FastPathApp(
@@ -96,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _start_grpc(state: AppState) -> Any:
+async def _start_grpc(state: AppState) -> grpc.aio.Server | None:
     """The gRPC server on this event loop (None when KILN_GRPC_PORT is 0)."""
     if not state.settings.grpc_port:
         return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ log = logging.getLogger("kiln.tracing")
 
 _tracer: Tracer | None = None
 """The tracer while tracing is on; None when off (the hot path checks only this)."""
+_provider: TracerProvider | None = None
 
 _NO_HEADERS: dict[str, str] = {}
 
@@ -61,7 +63,8 @@ def start_from_environment() -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over this default.
-    provider = TracerProvider(resource=Resource.create({"service.name": "kiln"}))
+    # shutdown_on_exit=False: ``shutdown`` below bounds the last export instead.
+    provider = TracerProvider(resource=Resource.create({"service.name": "kiln"}), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     enable(provider)
     log.info("tracing on: OTLP export")
@@ -69,14 +72,30 @@ def start_from_environment() -> None:
 
 def enable(provider: TracerProvider) -> None:
     """Trace with ``provider`` (tests pass one with an in-memory exporter)."""
-    global _tracer
+    global _tracer, _provider
+    _provider = provider
     _tracer = provider.get_tracer("kiln")
 
 
 def disable() -> None:
     """Stop tracing; spans already ended stay with the provider's exporter."""
-    global _tracer
-    _tracer = None
+    global _tracer, _provider
+    _tracer = _provider = None
+
+
+FLUSH_AT_EXIT_S = 2.0
+
+
+def shutdown() -> None:
+    """At server exit: stop tracing and export the spans still buffered, waiting
+    at most ``FLUSH_AT_EXIT_S``: the exporter retries an unreachable collector
+    for up to its own timeout, which must not hold the exit."""
+    provider = _provider
+    disable()
+    if provider is not None:
+        flush = threading.Thread(target=provider.shutdown, name="kiln-trace-flush", daemon=True)
+        flush.start()
+        flush.join(FLUSH_AT_EXIT_S)
 
 
 def enabled() -> bool:
