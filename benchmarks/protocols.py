@@ -5,11 +5,14 @@
 2. gRPC vs HTTP binary with the same Python client over both (tritonclient's
    asyncio clients, `--clients` concurrent callers; no native gRPC load
    generator installs here): the tiny MLP and a conv net on 3x224x224 inputs.
+   With ``--pytriton-python``, Triton (the server the ``nvidia-pytriton`` wheel
+   bundles, ``benchmarks/pytriton_mlp.py``) serves the same MLP beside kiln in
+   sections 1 and 2.
 3. Tracing off vs on (hey, v2 binary, tiny MLP): a second server exports every
    span over OTLP/gRPC to a sink in this process; and what the off-hooks cost
    per request, timed in-process.
 
-    .venv/bin/python -m benchmarks.protocols [--runs 2] [--seconds 8]
+    .venv/bin/python -m benchmarks.protocols [--runs 2] [--seconds 8] [--pytriton-python PY]
 
 Needs `hey` (Debian package).
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
 import tempfile
 import time
 import timeit
@@ -27,9 +32,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from benchmarks.common import Server, free_port, hey, median, start_kiln, upload
+from benchmarks.common import Server, free_port, hey, median, start_kiln, upload, wait_http
 from benchmarks.int8_models import conv_net
 from service.cli.bench import build_request
 from tests.models import mlp
@@ -37,15 +43,29 @@ from tests.models import mlp
 IMAGE = (1, 3, 224, 224)
 
 
-def hey_runs(
-    server: Server, cases: dict[str, tuple[str, Path, dict[str, str]]], runs: int, seconds: float
-) -> dict[str, list[dict[str, float]]]:
+Case = tuple[Server, str, Path, dict[str, str]]
+"""A server, the path to POST to, the body file and extra headers."""
+
+
+def tree_cpu_seconds(server: Server) -> float:
+    """CPU time of the server process and its children (Triton runs its server
+    and Python backend stubs as child processes)."""
+    process = psutil.Process(server.process.pid)
+    total = 0.0
+    for each in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def hey_runs(cases: dict[str, Case], runs: int, seconds: float) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     for _ in range(runs):
-        for name, (path, body, headers) in cases.items():
-            cpu_before = server.cpu_seconds()
+        for name, (server, path, body, headers) in cases.items():
+            cpu_before = tree_cpu_seconds(server)
             run = hey(f"{server.url}{path}", body, seconds=seconds, concurrency=16, headers=headers)
-            run["cpu_us"] = (server.cpu_seconds() - cpu_before) / max(run["ok"], 1) * 1e6
+            run["cpu_us"] = (tree_cpu_seconds(server) - cpu_before) / max(run["ok"], 1) * 1e6
             results[name].append(run)
     return results
 
@@ -66,11 +86,27 @@ def print_table(title: str, results: dict[str, list[dict[str, float]]], referenc
         )
 
 
-def write_body(work: Path, name: str, protocol: str, engine: str, feeds: dict[str, np.ndarray]) -> Any:
+def write_body(
+    server: Server, work: Path, name: str, protocol: str, engine: str, feeds: dict[str, np.ndarray]
+) -> Case:
     path, body, headers = build_request(protocol, engine, None, feeds)
     file = work / f"{name}.body"
     file.write_bytes(body)
-    return path, file, {k: v for k, v in headers.items() if k != "content-type"}
+    return server, path, file, {k: v for k, v in headers.items() if k != "content-type"}
+
+
+def start_pytriton(python: str, model: Path) -> tuple[Server, int]:
+    """``benchmarks/pytriton_mlp.py`` under PyTriton's own Python; (server, gRPC port)."""
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    script = Path(__file__).with_name("pytriton_mlp.py")
+    process = subprocess.Popen(
+        [python, str(script), str(model), str(http_port), str(grpc_port), str(metrics_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(process, f"http://127.0.0.1:{http_port}")
+    wait_http(f"{server.url}/v2/models/tiny/ready", timeout_s=120)
+    return server, grpc_port
 
 
 async def client_run(
@@ -154,6 +190,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--sections", default="http,grpc,tracing", help="which of http, grpc, tracing to run")
+    parser.add_argument(
+        "--pytriton-python", help="Python of a PyTriton venv: runs Triton beside kiln (pytriton_mlp.py)"
+    )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     work = Path(tempfile.mkdtemp(prefix="kiln-protocols-"))
@@ -176,43 +215,49 @@ def main() -> None:
             "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
         },
     )
+    triton: Server | None = None
     try:
         upload(server, mlp(work / "tiny.onnx", 16, 32, 4), "tiny", max_batch_size=8)
         upload(traced, work / "tiny.onnx", "tiny", max_batch_size=8)
         upload(server, conv_net(work / "convnet.onnx", image_size=224, channels=(16, 32, 32, 64)), "convnet")
+        if args.pytriton_python:
+            triton, triton_grpc_port = start_pytriton(args.pytriton_python, work / "tiny.onnx")
 
         feeds = {"x": row}
         http_cases = {
-            "/predict (native JSON)": write_body(work, "native", "native", "tiny", feeds),
-            "v2 JSON": write_body(work, "v2json", "v2-json", "tiny", feeds),
-            "v2 binary": write_body(work, "v2bin", "v2-binary", "tiny", feeds),
+            "/predict (native JSON)": write_body(server, work, "native", "native", "tiny", feeds),
+            "v2 JSON": write_body(server, work, "v2json", "v2-json", "tiny", feeds),
+            "v2 binary": write_body(server, work, "v2bin", "v2-binary", "tiny", feeds),
         }
+        if triton is not None:
+            http_cases["Triton v2 JSON"] = write_body(triton, work, "tjson", "v2-json", "tiny", feeds)
+            http_cases["Triton v2 binary"] = write_body(triton, work, "tbin", "v2-binary", "tiny", feeds)
         print(f"tiny MLP 16->32->4, max batch 8, hey -z {args.seconds}s -c 16, {args.runs} runs (medians)")
         if "http" in sections:
             print_table(
-                "HTTP endpoints",
-                hey_runs(server, http_cases, args.runs, args.seconds),
-                "/predict (native JSON)",
+                "HTTP endpoints", hey_runs(http_cases, args.runs, args.seconds), "/predict (native JSON)"
             )
 
         http_address = server.url.removeprefix("http://")
         grpc_address = f"127.0.0.1:{grpc_port}"
         client_results: dict[str, list[dict[str, float]]] = {}
         for _ in range(args.runs if "grpc" in sections else 0):
-            for engine, array, clients in (("tiny", row, args.clients), ("convnet", image, 4)):
-                for protocol, address in (("HTTP binary", http_address), ("gRPC", grpc_address)):
-                    name = f"{engine} {protocol} (c={clients})"
-                    run = asyncio.run(
-                        client_run(
-                            "grpc" if protocol == "gRPC" else "http",
-                            address,
-                            engine,
-                            array,
-                            clients,
-                            args.seconds,
-                        )
-                    )
-                    client_results.setdefault(name, []).append(run)
+            targets = [
+                ("tiny", row, args.clients, "HTTP binary", http_address),
+                ("tiny", row, args.clients, "gRPC", grpc_address),
+                ("convnet", image, 4, "HTTP binary", http_address),
+                ("convnet", image, 4, "gRPC", grpc_address),
+            ]
+            if triton is not None:
+                targets += [
+                    ("tiny", row, args.clients, "Triton HTTP binary", triton.url.removeprefix("http://")),
+                    ("tiny", row, args.clients, "Triton gRPC", f"127.0.0.1:{triton_grpc_port}"),
+                ]
+            for engine, array, clients, protocol, address in targets:
+                name = f"{engine} {protocol} (c={clients})"
+                kind = "grpc" if protocol.endswith("gRPC") else "http"
+                run = asyncio.run(client_run(kind, address, engine, array, clients, args.seconds))
+                client_results.setdefault(name, []).append(run)
         if client_results:
             print_table(
                 "gRPC vs HTTP, same Python client (tritonclient asyncio)",
@@ -220,18 +265,21 @@ def main() -> None:
                 f"tiny HTTP binary (c={args.clients})",
             )
 
-        binary = http_cases["v2 binary"]
+        _, path, body, headers = http_cases["v2 binary"]
         tracing_results: dict[str, list[dict[str, float]]] = {"tracing off": [], "tracing on (OTLP)": []}
         if "tracing" in sections:
             for _ in range(args.runs):
                 for name, target in (("tracing off", server), ("tracing on (OTLP)", traced)):
-                    tracing_results[name] += hey_runs(target, {name: binary}, 1, args.seconds)[name]
+                    case = {name: (target, path, body, headers)}
+                    tracing_results[name] += hey_runs(case, 1, args.seconds)[name]
             print_table("Tracing, v2 binary", tracing_results, "tracing off")
             print(f"spans received by the OTLP sink: {sink.spans}")
             print(f"tracing hooks while off: {off_hook_cost_ns():.0f} ns per request")
     finally:
         server.stop()
         traced.stop()
+        if triton is not None:
+            triton.stop()
         sink_server.stop(None)
 
 
