@@ -173,7 +173,9 @@ def test_draining_is_unavailable_with_retry_information(app: TestClient, stub: A
 
 
 async def test_health_follows_readiness() -> None:
-    state = SimpleNamespace(ready=False, draining=False)
+    # The fields the one readiness rule (service.health.not_ready_reason) reads.
+    manager = SimpleNamespace(restored=False, pending_restores=list)
+    state = SimpleNamespace(draining=False, manager=manager, settings=SimpleNamespace(require_ready=[]))
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(state), server)  # type: ignore[arg-type]
     port = server.add_insecure_port("127.0.0.1:0")
@@ -187,7 +189,7 @@ async def test_health_follows_readiness() -> None:
                 return int(answer.status)
 
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
-            state.ready = True
+            manager.restored = True
             assert await status() == health_pb2.HealthCheckResponse.SERVING
             watch = health.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
