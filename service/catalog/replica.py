@@ -383,11 +383,14 @@ async def collect_garbage(catalog: PostgresCatalog, store: EngineStore, grace_s:
         for sha in (v.options.get("calibration_sha256"), v.options.get("validation_sha256"))
         if sha
     }
-    for folder, referenced in (("models", models), ("data", data)):
-        for blob in (store.root / folder).iterdir():
-            if blob.stem not in referenced and _older_than(blob, grace_s):
-                blob.unlink(missing_ok=True)
-                removed += 1
+    for model in (store.root / "models").iterdir():  # <sha>.onnx, or a package <sha>/
+        if model.stem not in models and _older_than(model, grace_s):
+            store.remove_model(model.stem)
+            removed += 1
+    for blob in (store.root / "data").iterdir():
+        if blob.stem not in data and _older_than(blob, grace_s):
+            blob.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

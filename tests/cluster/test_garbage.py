@@ -47,6 +47,8 @@ async def test_collect_garbage_removes_only_unreferenced_old_entries(
     await live.start()
     await dead.start()
     await live.create_version(NewVersion("m", KEPT, "m.onnx", OPTIONS, {}), 10)
+    calibrated = {**OPTIONS, "calibration_sha256": "e" * 64}  # keeps its data set
+    await live.create_version(NewVersion("c", KEPT, "m.onnx", calibrated, {}), 10)
     gone_version = await live.create_version(NewVersion("g", GONE, "g.onnx", OPTIONS, {}), 10)
     await _commit(live, KEY_KEPT, KEPT, f"{BUILD_KEPT}/engine.onnx")
     await _commit(live, KEY_GONE, GONE, f"{BUILD_GONE}/engine.onnx")
@@ -56,6 +58,9 @@ async def test_collect_garbage_removes_only_unreferenced_old_entries(
     entries = {
         "kept model": _file(store.model_path(KEPT)),
         "gone model": _file(store.model_path(GONE)),
+        "gone package": _file(tmp_path / "models" / ("c" * 64) / "model.onnx"),
+        "gone data": _file(store.data_path("d" * 64)),
+        "kept data": _file(store.data_path("e" * 64)),
         "kept artifact": _file(store.engine_dir(KEY_KEPT) / BUILD_KEPT / "engine.onnx"),
         "fenced-out artifact": _file(store.engine_dir(KEY_KEPT) / BUILD_LOSER / "engine.onnx"),
         "gone engine": _file(store.engine_dir(KEY_GONE) / BUILD_GONE / "engine.onnx"),
@@ -73,9 +78,9 @@ async def test_collect_garbage_removes_only_unreferenced_old_entries(
     async with await psycopg.AsyncConnection.connect(catalog_url, autocommit=True) as conn:
         await conn.execute("UPDATE builds SET updated_at = now() - interval '1 hour'")
     removed = await collect_garbage(live, store, grace_s=60)
-    assert removed == 4
+    assert removed == 6
     left = {name for name, path in entries.items() if path.exists()}
-    assert left == {"kept model", "kept artifact", "live temp"}
+    assert left == {"kept model", "kept data", "kept artifact", "live temp"}
     assert [b.cache_key for b in await live.builds()] == [KEY_KEPT]
     await live.close()
     await dead.close()
