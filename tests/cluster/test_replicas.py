@@ -21,6 +21,8 @@ from tests.models import mlp
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
+BUILD_PHASES = ("validate", "precision", "build", "accuracy", "profile", "commit")
+
 
 def test_an_upload_on_one_replica_is_served_by_another_within_2_s(
     replicas: Replicas, model_files: dict[str, Path]
@@ -141,7 +143,8 @@ def test_a_killed_lease_holder_is_taken_over_and_one_artifact_is_committed(
     holder = next(s for s in servers if _replica_id(s) == row[1])
     survivor = next(s for s in servers if s is not holder)
     assert holder.stop(signal.SIGKILL) == -signal.SIGKILL
-    waiting = predict(survivor, "m", 1)  # it exists, but the lease has not expired yet
+    # It exists, but the lease has not expired yet: retry later, not "no such version".
+    waiting = wait_until(lambda: (r := predict(survivor, "m", 1)).status_code != 404 and r, 5, "adopted")
     assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "1"
     assert "not ready on this replica yet" in waiting.json()["error"]["message"]
     with survivor.client() as client:
@@ -161,6 +164,8 @@ def test_a_builder_stopped_past_its_lease_cannot_commit(
     row = wait_until(lambda: replicas.build_row("m"), 10, "a build lease")
     stopped = next(s for s in servers if _replica_id(s) == row[1])
     winner = next(s for s in servers if s is not stopped)
+    with stopped.client() as client:  # its build child runs (it goes on while its server is stopped)
+        wait_until(lambda: client.get("/engines/m/versions/1").json()["phase"] in BUILD_PHASES, 30, "a build")
     assert stopped.process is not None
     stopped.process.send_signal(signal.SIGSTOP)
     try:
