@@ -35,7 +35,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-ENGINE_STATES = ("building", "loading", "ready", "failed")
+ENGINE_STATES = ("building", "loading", "baseline", "ready", "failed")
 BUILD_RESULTS = ("succeeded", "failed", "cached")
 
 

@@ -1,5 +1,11 @@
 """Engine lifecycle: upload → build (child process) → load → warm up → serve → unload.
 
+With progressive engines, a version whose optimized engine is not in the store
+first serves on its baseline engine (state ``baseline``); the optimized engine
+then builds, loads and warms up beside it and is swapped into the version's
+batcher (``ready``). If the optimized engine fails, the version stays on the
+baseline (``ready``, with the failure in ``error``).
+
 The manager owns the background tasks of builds and loads (kept in a set so they
 are not garbage-collected), and the rules that connect the store, the registry,
 the build runner and the batchers.
@@ -13,19 +19,28 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from engines.backends.base import Backend
+from engines.backends.base import Backend, Runner
+from engines.backends.onnxruntime import OnnxRuntimeBackend
+from engines.baseline import load_baseline
 from engines.build import BuildJob, overall_progress, synthetic_feeds
 from engines.errors import EngineError, StoreCorrupted
+from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
 from service.lifecycle.jobs import BuildFailure, BuildRunner
 from service.lifecycle.registry import EngineVersion, Registry, State
+from service.lifecycle.serving import Serving
 from service.metrics import KilnMetrics
 from service.settings import Settings
 
 log = logging.getLogger("kiln.engines")
+
+# A build or load task owns versions in these states.
+BUSY = (State.BUILDING, State.LOADING, State.BASELINE)
+# States in which a finished optimized build goes on to load (others: deleted meanwhile).
+BUILT = (State.BUILDING, State.BASELINE)
 
 
 class EngineManager:
@@ -76,6 +91,14 @@ class EngineManager:
             version.phase = None if state == State.READY else version.phase
         if state == State.READY:
             version.progress = 1.0
+        if version.serving is not None:
+            self.metrics.set_serving(
+                version.name,
+                version.version,
+                version.serving.tier,
+                version.serving.backend,
+                version.serving.precision,
+            )
         self.registry.save(version)
         self._refresh_gauges()
         if state in (State.READY, State.FAILED) and not self._shutting_down:
@@ -103,8 +126,11 @@ class EngineManager:
         model_filename: str,
         options: BuildOptions,
         batching: BatchingConfig,
+        *,
+        progressive: bool = True,
     ) -> EngineVersion:
-        """Register the next version of ``name`` and start its build in the background."""
+        """Register the next version of ``name`` and start its build in the background
+        (``progressive``: serving on the baseline engine meanwhile)."""
         self.check_limits(name)
         version = EngineVersion(
             name=name,
@@ -114,6 +140,7 @@ class EngineManager:
             options=options,
             batching=batching,
             cache_key=self.cache_key(model_sha256, options),
+            progressive=progressive,
         )
         self.registry.add(version)
         self._refresh_gauges()
@@ -135,7 +162,7 @@ class EngineManager:
         for version in versions:
             if excess <= 0:
                 break
-            if version.state in (State.BUILDING, State.LOADING) or version is newest_ready:
+            if version.state in BUSY or version is newest_ready:
                 continue
             await self.delete(version)
             excess -= 1
@@ -144,7 +171,7 @@ class EngineManager:
 
     def _progress_handler(self, version: EngineVersion) -> Any:
         def on_progress(phase: str, fraction: float) -> None:
-            if version.state not in (State.BUILDING, State.LOADING):
+            if version.state not in BUSY:
                 return
             version.phase = phase
             version.progress = max(version.progress, overall_progress(phase, fraction, version.progress))
@@ -158,10 +185,14 @@ class EngineManager:
             if meta is not None:
                 self.metrics.builds.labels("cached").inc()
             else:
+                if version.progressive:
+                    await self._serve_baseline(version)
+                    if version.state not in BUILT:
+                        return  # deleted while the baseline loaded
                 meta = await self._build_once(version)
                 self.metrics.builds.labels("succeeded").inc()
                 self.metrics.build_duration.observe(time.monotonic() - started)
-            if version.state != State.BUILDING:
+            if version.state not in BUILT:
                 return  # deleted while building
             try:
                 await self._load(version, meta)
@@ -170,10 +201,11 @@ class EngineManager:
                 # (for example a plan recorded for another device): rebuild it once.
                 log.warning("%s; rebuilding it from the stored model", exc.message)
                 self.store.discard_engine(version.cache_key)
-                version.state = State.BUILDING
+                if version.state == State.LOADING:
+                    version.state = State.BUILDING
                 meta = await self._build_once(version)
                 self.metrics.builds.labels("succeeded").inc()
-                if version.state != State.BUILDING:
+                if version.state not in BUILT:
                     return
                 await self._load(version, meta)
         except BuildFailure as failure:
@@ -182,23 +214,31 @@ class EngineManager:
             self.metrics.builds.labels("failed").inc()
             self.metrics.build_duration.observe(time.monotonic() - started)
             log.warning("build of %s v%d failed: %s", version.name, version.version, failure.message)
-            self._set_state(version, State.FAILED, error=failure.to_dict())
+            self._fail(version, failure.to_dict())
         except EngineError as exc:
             if version.state == State.UNLOADING:
                 return
             log.warning("loading %s v%d failed: %s", version.name, version.version, exc.message)
-            self._set_state(version, State.FAILED, error={"type": exc.kind, "message": exc.message})
+            self._fail(version, {"type": exc.kind, "message": exc.message})
         except Exception as exc:
             log.exception("unexpected error while building %s v%d", version.name, version.version)
             if version.state != State.UNLOADING:
-                self._set_state(
-                    version,
-                    State.FAILED,
-                    error={
-                        "type": "internal",
-                        "message": f"{type(exc).__name__}: {exc}",
-                    },
-                )
+                self._fail(version, {"type": "internal", "message": f"{type(exc).__name__}: {exc}"})
+
+    def _fail(self, version: EngineVersion, error: dict[str, Any]) -> None:
+        """The optimized engine failed: a version on its baseline keeps serving there
+        (ready, with the error); any other fails."""
+        if version.state == State.BASELINE:
+            log.warning(
+                "%s v%d keeps serving on its baseline engine (%s, %s)",
+                version.name,
+                version.version,
+                version.serving.backend if version.serving else "?",
+                version.serving.precision if version.serving else "?",
+            )
+            self._set_state(version, State.READY, error=error)
+        else:
+            self._set_state(version, State.FAILED, error=error)
 
     def _committed_meta(self, cache_key: str) -> dict[str, Any] | None:
         """The stored engine for this key if its checksum holds; a corrupt one is
@@ -246,9 +286,10 @@ class EngineManager:
 
     async def _load(self, version: EngineVersion, meta: dict[str, Any]) -> None:
         version.meta = meta
-        version.state = State.LOADING
+        if version.state == State.BUILDING:
+            version.state = State.LOADING
+            self._refresh_gauges()
         version.phase = "load"
-        self._refresh_gauges()
         signature = Signature.from_dict(meta["signature"])
         artifact = self.store.artifact_path(version.cache_key, meta)
         instances = version.batching.instances
@@ -262,8 +303,11 @@ class EngineManager:
         except Exception:
             runner.close()
             raise
-        if version.state != State.LOADING:  # deleted meanwhile
+        if version.state not in (State.LOADING, State.BASELINE):  # deleted meanwhile
             runner.close()
+            return
+        if version.batcher is not None:
+            await self._swap(version, runner, meta)
             return
         batching = version.batching
         if batching.max_batch_size != max_batch:
@@ -274,20 +318,9 @@ class EngineManager:
                     size for size in batching.preferred_batch_sizes if size <= max_batch
                 ),
             )
-        batcher = DynamicBatcher(
-            # Every protocol checks each request's feeds before queueing it.
-            runner.infer_prechecked,
-            batching,
-            batchable=signature.batchable,
-            observer=self.metrics.engine_observer(version.name, version.version),
-            name=f"{version.name}-v{version.version}",
-            latency_profile_ms={
-                int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()
-            },
-        )
-        batcher.start()
+        version.batcher = self._start_batcher(version, runner, signature, batching, _latency_profile(meta))
         version.runner = runner
-        version.batcher = batcher
+        version.serving = Serving.optimized(meta, runner)
         self._set_state(version, State.READY)
         log.info(
             "engine %s v%d is ready (%s, %s)",
@@ -296,6 +329,100 @@ class EngineManager:
             meta.get("backend"),
             meta.get("precision"),
         )
+
+    async def _serve_baseline(self, version: EngineVersion) -> None:
+        """Load the upload itself as the baseline engine, warm it up and serve on it
+        (``building`` → ``baseline``). A baseline that cannot load is logged and
+        skipped: the optimized build goes on."""
+        version.phase = "baseline"
+        started = time.monotonic()
+        model_path = self.store.model_path(version.model_sha256)
+        try:
+            signature = await asyncio.to_thread(lambda: read_signature(load_model(model_path)))
+            backend = self.backend if isinstance(self.backend, OnnxRuntimeBackend) else None
+            runner = await asyncio.to_thread(
+                load_baseline,
+                model_path,
+                signature,
+                version.options,
+                backend=backend,
+                instances=version.batching.instances,
+            )
+        except EngineError as exc:
+            log.warning(
+                "%s v%d has no baseline engine (%s); it serves once its optimized engine is ready",
+                version.name,
+                version.version,
+                exc.message,
+            )
+            version.phase = "queued"
+            return
+        try:
+            if self.settings.warmup:
+                await asyncio.to_thread(_warm_up, runner, signature, {1, runner.max_batch_size})
+        except Exception:
+            runner.close()
+            raise
+        if version.state != State.BUILDING:  # deleted meanwhile
+            runner.close()
+            return
+        version.batcher = self._start_batcher(version, runner, signature, version.batching, {})
+        version.runner = runner
+        version.serving = Serving.baseline(runner.provider)
+        version.phase = "queued"
+        self._set_state(version, State.BASELINE)
+        log.info(
+            "engine %s v%d serves on its baseline engine (%s on %s, %s) after %.2f s; its optimized "
+            "engine builds",
+            version.name,
+            version.version,
+            version.serving.backend,
+            version.serving.provider,
+            version.serving.precision,
+            time.monotonic() - started,
+        )
+
+    async def _swap(self, version: EngineVersion, runner: Runner, meta: dict[str, Any]) -> None:
+        """Swap the warmed-up optimized engine into the version's batcher: new batches
+        run on it, running ones finish on the baseline, which is then closed."""
+        assert version.batcher is not None
+        previous, before = version.runner, version.serving
+        await version.batcher.swap(runner.infer_prechecked, latency_profile_ms=_latency_profile(meta))
+        version.runner = runner
+        version.serving = Serving.optimized(meta, runner)
+        if previous is not None:
+            await asyncio.to_thread(previous.close)
+        self._set_state(version, State.READY)
+        log.info(
+            "engine %s v%d swapped from its %s engine (%s, %s) to its optimized engine (%s, %s)",
+            version.name,
+            version.version,
+            before.tier if before else "previous",
+            before.backend if before else "?",
+            before.precision if before else "?",
+            version.serving.backend,
+            version.serving.precision,
+        )
+
+    def _start_batcher(
+        self,
+        version: EngineVersion,
+        runner: Runner,
+        signature: Signature,
+        batching: BatchingConfig,
+        latency_ms: dict[int, float],
+    ) -> DynamicBatcher:
+        batcher = DynamicBatcher(
+            # Every protocol checks each request's feeds before queueing it.
+            runner.infer_prechecked,
+            batching,
+            batchable=signature.batchable,
+            observer=self.metrics.engine_observer(version.name, version.version),
+            name=f"{version.name}-v{version.version}",
+            latency_profile_ms=latency_ms,
+        )
+        batcher.start()
+        return batcher
 
     # -- restore, delete, shutdown -----------------------------------------------
 
@@ -327,7 +454,8 @@ class EngineManager:
                         "message": "the server stopped while this version was being built; upload it again",
                     },
                 )
-            elif version.state == State.READY:
+            elif version.state in (State.READY, State.BASELINE):
+                # It was servable: loaded again (its optimized engine rebuilt if need be).
                 version.cache_key = self.cache_key(version.model_sha256, version.options)
                 version.state = State.BUILDING
                 version.phase = "restore"
@@ -347,7 +475,7 @@ class EngineManager:
         """Unload and remove one version; its engine files go when nothing uses them."""
         previous = version.state
         version.state = State.UNLOADING
-        if previous in (State.BUILDING, State.LOADING):
+        if previous in BUSY:
             self.builds.cancel(self._job_id(version))
         batcher, runner = version.batcher, version.runner
         version.batcher = version.runner = None
@@ -383,6 +511,11 @@ class EngineManager:
                 version.runner.close()
             version.runner = None
             version.batcher = None
+
+
+def _latency_profile(meta: dict[str, Any]) -> dict[int, float]:
+    """The build report's latency per batch size (ms), for the adaptive batcher."""
+    return {int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()}
 
 
 def _warm_up(runner: Any, signature: Signature, batch_sizes: set[int]) -> None:

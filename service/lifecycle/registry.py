@@ -18,6 +18,7 @@ from engines.store import EngineStore
 from engines.types import BuildOptions, Signature
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import BadRequest, NotFound, NotReady
+from service.lifecycle.serving import Serving
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -31,9 +32,14 @@ def check_name(name: str) -> str:
 class State(StrEnum):
     BUILDING = "building"
     LOADING = "loading"
+    # Serves on its baseline engine while the optimized engine builds, loads and warms up.
+    BASELINE = "baseline"
     READY = "ready"
     FAILED = "failed"
     UNLOADING = "unloading"
+
+
+SERVABLE = frozenset({State.BASELINE, State.READY})
 
 
 @dataclass
@@ -51,6 +57,8 @@ class EngineVersion:
     meta: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     model_filename: str = ""
+    progressive: bool = True
+    serving: Serving | None = None
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
     _signature: Signature | None = field(default=None, repr=False)
@@ -79,6 +87,7 @@ class EngineVersion:
             "state": str(self.state),
             "error": self.error,
             "created_at": self.created_at,
+            "progressive": self.progressive,
         }
 
     @classmethod
@@ -94,6 +103,7 @@ class EngineVersion:
             state=State(record["state"]),
             error=record.get("error"),
             created_at=float(record.get("created_at", time.time())),
+            progressive=bool(record.get("progressive", True)),
         )
 
     def _adaptive_status(self) -> dict[str, Any] | None:
@@ -125,6 +135,8 @@ class EngineVersion:
             "phase": self.phase,
             "progress": round(self.progress, 4),
             "error": self.error,
+            "progressive": self.progressive,
+            "serving": self.serving.to_dict() if self.serving is not None else None,
             "model_sha256": self.model_sha256,
             "model_filename": self.model_filename,
             "created_at": self.created_at,
@@ -191,14 +203,14 @@ class Registry:
         Raises ``NotFound``, or ``NotReady`` (409) naming the state."""
         if version is not None:
             found = self.get(name, version)
-            if found.state != State.READY or found.batcher is None:
+            if found.state not in SERVABLE or found.batcher is None:
                 raise NotReady(
                     f"engine '{name}' version {version} is {found.state}, not ready",
                 )
             return found
         versions = self.versions(name)
         for candidate in reversed(versions):
-            if candidate.state == State.READY and candidate.batcher is not None:
+            if candidate.state in SERVABLE and candidate.batcher is not None:
                 return candidate
         latest = versions[-1]
         raise NotReady(f"engine '{name}' has no ready version; version {latest.version} is {latest.state}")

@@ -11,7 +11,7 @@ from engines.onnx_model import load_model, read_signature
 from engines.types import Precision, Signature
 from service.auth import require_management_key
 from service.errors import BadRequest, Unavailable
-from service.lifecycle.options import parse_upload_fields, to_options
+from service.lifecycle.options import parse_upload_fields, progressive_of, to_options
 from service.lifecycle.registry import check_name
 from service.lifecycle.uploads import ParsedForm, parse_multipart
 from service.protocols.responses import JSONResponse
@@ -86,7 +86,14 @@ async def upload_engine(request: Request) -> JSONResponse:
             state.store.add_data(calibration.path, calibration.sha256)
         if validation:
             state.store.add_data(validation.path, validation.sha256)
-        version = state.manager.create(name, model.sha256, model.filename, options, batching)
+        version = state.manager.create(
+            name,
+            model.sha256,
+            model.filename,
+            options,
+            batching,
+            progressive=progressive_of(fields, settings),
+        )
     finally:
         form.discard()
     return JSONResponse(

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from service.auth import require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
-from service.lifecycle.registry import EngineVersion, Registry, State
+from service.lifecycle.registry import SERVABLE, EngineVersion, Registry
 from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
 from service.protocols.kserve_codec import (
     INFERENCE_HEADER,
@@ -74,9 +74,7 @@ def _ready_version(registry: Registry, name: str, version: str | None) -> Engine
 
 
 def _ready_versions(registry: Registry, name: str) -> list[str]:
-    return [
-        str(v.version) for v in registry.versions(name) if v.state == State.READY and v.batcher is not None
-    ]
+    return [str(v.version) for v in registry.versions(name) if v.state in SERVABLE and v.batcher is not None]
 
 
 def _backend(found: EngineVersion) -> str:
