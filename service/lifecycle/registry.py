@@ -65,9 +65,12 @@ class EngineVersion:
 
     @property
     def signature(self) -> Signature | None:
-        """The built engine's signature (parsed once; None before the build ends)."""
+        """The engine's signature: the built engine's (parsed once), else the baseline
+        engine's while it serves; None before either."""
         if self._signature is None and self.meta is not None:
             self._signature = Signature.from_dict(self.meta["signature"])
+        if self._signature is None and self.runner is not None:
+            return self.runner.signature
         return self._signature
 
     @property
