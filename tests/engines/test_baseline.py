@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
@@ -23,6 +21,7 @@ from engines.baseline import (
 )
 from engines.errors import UnsupportedModel
 from engines.types import BuildOptions
+from tests.fakes.onnxruntime_gpu import GpuOrtSession, install_fake_onnxruntime_gpu
 from tests.models import reference_outputs
 from tests.precision_models import DIGITS_INPUT, DIGITS_OUTPUT, signature_of, train_digits_classifier
 
@@ -35,39 +34,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     return path, x_test
 
 
-class GpuOrtSession:
-    """ONNX Runtime's InferenceSession as onnxruntime-gpu behaves on a GPU host: it
-    takes the providers it is given and reports them as in use. It computes with a
-    real CPU session, so outputs are real. ``fail_on_cuda`` raises as ONNX Runtime
-    does when the CUDA provider cannot start (no device)."""
-
-    created: ClassVar[list[list[Any]]] = []
-    fail_on_cuda = False
-    real_session = onnxruntime.InferenceSession
-
-    def __init__(self, path: str, sess_options: Any = None, providers: list[Any] | None = None) -> None:
-        providers = list(providers or [CPU_PROVIDER])
-        GpuOrtSession.created.append(providers)
-        names = [p[0] if isinstance(p, tuple) else p for p in providers]
-        if CUDA_PROVIDER in names and GpuOrtSession.fail_on_cuda:
-            raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
-        self._names = names
-        self._session = GpuOrtSession.real_session(path, sess_options, providers=[CPU_PROVIDER])
-
-    def get_providers(self) -> list[str]:
-        return self._names
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
-
-
 @pytest.fixture
 def gpu_ort(monkeypatch: pytest.MonkeyPatch) -> type[GpuOrtSession]:
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
-    monkeypatch.setattr(onnxruntime, "InferenceSession", GpuOrtSession)
-    GpuOrtSession.created = []
-    GpuOrtSession.fail_on_cuda = False
-    return GpuOrtSession
+    return install_fake_onnxruntime_gpu(monkeypatch)
 
 
 def test_cuda_provider_comes_first_with_quick_start_options_when_listed() -> None:
