@@ -322,13 +322,7 @@ class EngineManager:
         version.runner = runner
         version.serving = Serving.optimized(meta, runner)
         self._set_state(version, State.READY)
-        log.info(
-            "engine %s v%d is ready (%s, %s)",
-            version.name,
-            version.version,
-            meta.get("backend"),
-            meta.get("precision"),
-        )
+        _log_ready(version, meta)
 
     async def _serve_baseline(self, version: EngineVersion) -> None:
         """Load the upload itself as the baseline engine, warm it up and serve on it
@@ -388,10 +382,11 @@ class EngineManager:
         assert version.batcher is not None
         previous, before = version.runner, version.serving
         await version.batcher.swap(runner.infer_prechecked, latency_profile_ms=_latency_profile(meta))
+        if version.state != State.BASELINE:  # deleted during the swap: the delete closed the baseline
+            await asyncio.to_thread(runner.close)
+            return
         version.runner = runner
         version.serving = Serving.optimized(meta, runner)
-        if previous is not None:
-            await asyncio.to_thread(previous.close)
         self._set_state(version, State.READY)
         log.info(
             "engine %s v%d swapped from its %s engine (%s, %s) to its optimized engine (%s, %s)",
@@ -403,6 +398,9 @@ class EngineManager:
             version.serving.backend,
             version.serving.precision,
         )
+        _log_ready(version, meta)
+        if previous is not None:
+            await asyncio.to_thread(previous.close)
 
     def _start_batcher(
         self,
@@ -511,6 +509,16 @@ class EngineManager:
                 version.runner.close()
             version.runner = None
             version.batcher = None
+
+
+def _log_ready(version: EngineVersion, meta: dict[str, Any]) -> None:
+    log.info(
+        "engine %s v%d is ready (%s, %s)",
+        version.name,
+        version.version,
+        meta.get("backend"),
+        meta.get("precision"),
+    )
 
 
 def _latency_profile(meta: dict[str, Any]) -> dict[int, float]:

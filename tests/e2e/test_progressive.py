@@ -4,6 +4,7 @@ request; a restart starts on the stored INT8 engine directly."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.precision_models import CNN_INPUT, CNN_OUTPUT, small_cnn
 pytestmark = pytest.mark.slow
 
 CLIENTS = 2
+UPLOAD_ID = "upload-cnn-int8"
 # INT8's gate on this model (engines.accuracy defaults): mean cosine similarity.
 INT8_COSINE = 0.99
 
@@ -93,11 +95,12 @@ def test_int8_upload_serves_on_the_baseline_at_once_and_swaps_without_a_failed_r
     reference = reference_outputs(cnn, {CNN_INPUT: image})[CNN_OUTPUT]
     body = {"engine": "cnn", "inputs": {CNN_INPUT: image.tolist()}}
     store = tmp_path / "store"
-    with ServerProcess(store) as server, server.client() as client:
+    with ServerProcess(store, KILN_LOG_JSON="true") as server, server.client() as client:
         response = client.post(
             "/engines",
             files={"model": ("cnn.onnx", cnn.read_bytes())},
             data={"name": "cnn", "precision": "int8", "calibration": "synthetic"},
+            headers={"X-Request-ID": UPLOAD_ID},
         )
         assert response.status_code == 202, response.text
         uploaded_at = time.time()
@@ -146,7 +149,11 @@ def test_int8_upload_serves_on_the_baseline_at_once_and_swaps_without_a_failed_r
 
     assert sample_value(metrics, "kiln_engine_serving", engine="cnn", tier="optimized", precision="int8") == 1
     assert sample_value(metrics, "kiln_engine_serving", engine="cnn", tier="baseline") == 0
-    assert "serves on its baseline engine" in log and "swapped from its baseline engine" in log
+    # The baseline and the swap are logged under the upload's request id.
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    for text in ("serves on its baseline engine", "swapped from its baseline engine"):
+        (line,) = [line for line in lines if text in line["message"]]
+        assert line["request_id"] == UPLOAD_ID, line
 
     # Restart on the same store: straight onto the stored INT8 engine, no baseline step.
     with ServerProcess(store) as server, server.client() as client:

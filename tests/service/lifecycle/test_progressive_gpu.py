@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from engines.backends.tensorrt import TensorRTBackend
 from engines.baseline import CUDA_QUICK_START
-from engines.build import BuildJob, run_build
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions
 from service.batching import BatchingConfig
@@ -29,25 +26,7 @@ from tests.fakes.install import install_fake_gpu
 from tests.fakes.onnxruntime_gpu import CPU_PROVIDER, CUDA_PROVIDER, install_fake_onnxruntime_gpu
 from tests.models import reference_outputs
 from tests.precision_models import DIGITS_INPUT, DIGITS_OUTPUT, train_digits_classifier
-
-
-class HeldBuilds:
-    """The build runner's interface, building in a thread of this process (where the
-    fakes are installed) once ``release`` is set, so the baseline phase can be watched."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.active = 0
-
-    async def run(self, job: BuildJob, on_progress: Any, *, job_id: str) -> dict[str, Any]:
-        await asyncio.to_thread(self.release.wait, 30)
-        return await asyncio.to_thread(run_build, job)
-
-    def cancel(self, job_id: str) -> None:
-        self.release.set()
-
-    async def shutdown(self) -> None:
-        self.release.set()
+from tests.service.lifecycle.held_builds import HeldBuilds
 
 
 async def wait_for(version: EngineVersion, state: State, timeout_s: float = 60.0) -> None:
