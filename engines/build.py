@@ -13,6 +13,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ import numpy as np
 
 from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
+from engines.calibration import opt_dims
 from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidModel
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore, sha256_file
-from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
+from engines.types import BuildOptions, CalibrationMethod, Precision, ShapeRange, Signature
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
 SYNTHETIC_VALIDATION_SAMPLES = 32
@@ -150,7 +152,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     continue  # it will not be served, so its speed does not matter
                 runner = backend.load(candidate.artifact_path, signature, options)
                 try:
-                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes)
+                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes, options.shapes)
                 finally:
                     runner.close()
         chosen, choice_reason = _choose(candidates, options.precision)
@@ -228,7 +230,7 @@ def _precision_plan(options: BuildOptions, signature: Signature, store: EngineSt
             "method": str(options.calibration_method),
         }
     elif options.synthetic_calibration:
-        samples = calib.synthetic_samples(signature, SYNTHETIC_CALIBRATION_SAMPLES)
+        samples = calib.synthetic_samples(signature, SYNTHETIC_CALIBRATION_SAMPLES, shapes=options.shapes)
         calibration_report = {
             "source": "synthetic",
             "method": str(options.calibration_method),
@@ -262,7 +264,9 @@ def _precision_plan(options: BuildOptions, signature: Signature, store: EngineSt
         validation_report = {"source": "held out from the calibration data"}
     else:
         try:
-            validation = calib.synthetic_samples(signature, SYNTHETIC_VALIDATION_SAMPLES, seed=1)
+            validation = calib.synthetic_samples(
+                signature, SYNTHETIC_VALIDATION_SAMPLES, seed=1, shapes=options.shapes
+            )
         except CalibrationError as exc:
             if requested != Precision.AUTO:
                 raise CalibrationError(
@@ -368,11 +372,13 @@ def _check_accuracy(
             reference.close()
 
 
-def profile_latency(runner: Runner, signature: Signature, batch_sizes: tuple[int, ...]) -> dict[int, float]:
-    """Median milliseconds per run at each batch size, on random inputs."""
+def profile_latency(
+    runner: Runner, signature: Signature, batch_sizes: tuple[int, ...], shapes: Sequence[ShapeRange] = ()
+) -> dict[int, float]:
+    """Median milliseconds per run at each batch size, on random inputs at the profile's opt."""
     result = {}
     for batch in batch_sizes:
-        feeds = synthetic_feeds(signature, batch)
+        feeds = synthetic_feeds(signature, batch, shapes=shapes)
         for _ in range(2):
             runner.infer(feeds)
         samples: list[float] = []
@@ -386,13 +392,14 @@ def profile_latency(runner: Runner, signature: Signature, batch_sizes: tuple[int
 
 
 def synthetic_feeds(
-    signature: Signature, batch: int, *, dynamic_dim: int = 1, seed: int = 0
+    signature: Signature, batch: int, *, shapes: Sequence[ShapeRange] = (), seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random inputs of ``batch`` rows (zeros for integer inputs, which are often indices)."""
+    """Random inputs of ``batch`` rows (zeros for integer inputs, which are often indices);
+    other dynamic dims at the opt of their ``shapes`` range (``opt_dims``)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in signature.inputs:
-        shape = [dynamic_dim if d < 0 else d for d in spec.shape]
+        shape = opt_dims(spec, shapes)
         if signature.batchable:
             shape[0] = batch
         dtype = np.dtype(spec.dtype)

@@ -15,13 +15,13 @@ axis (scalars, a fixed first dimension above 1) cannot be stacked and are refuse
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from engines.errors import CalibrationError
-from engines.types import DYNAMIC, Signature, TensorSpec
+from engines.types import DYNAMIC, ShapeRange, Signature, TensorSpec
 
 Samples = dict[str, np.ndarray]
 
@@ -68,11 +68,26 @@ def load_samples(
     return samples
 
 
-def synthetic_samples(signature: Signature, count: int, *, seed: int = 0, dynamic_dim: int = 1) -> Samples:
+def opt_dims(spec: TensorSpec, shapes: Sequence[ShapeRange] = ()) -> list[int]:
+    """``spec``'s shape with each dynamic dim at the opt of its ``shapes`` range, else 1.
+
+    An engine only accepts shapes inside its profile (TensorRT), so made-up inputs
+    use the size it was tuned for.
+    """
+    given = next((r for r in shapes if r.input_name == spec.name and len(r.opt) == spec.rank), None)
+    return [
+        dim if dim != DYNAMIC else (given.opt[axis] if given is not None else 1)
+        for axis, dim in enumerate(spec.shape)
+    ]
+
+
+def synthetic_samples(
+    signature: Signature, count: int, *, seed: int = 0, shapes: Sequence[ShapeRange] = ()
+) -> Samples:
     """Random samples shaped for the signature: ``count`` samples on axis 0.
 
     Floats are standard normal, integers are drawn from [0, SYNTHETIC_INT_HIGH), bools
-    are fair coin flips. Dynamic dims other than the sample axis get ``dynamic_dim``.
+    are fair coin flips. Dynamic dims other than the sample axis are at ``opt_dims``.
     Deterministic for a given seed. Raises ``CalibrationError`` for an input that has no
     sample axis or a dtype that cannot be made up.
     """
@@ -82,7 +97,7 @@ def synthetic_samples(signature: Signature, count: int, *, seed: int = 0, dynami
     samples: Samples = {}
     for spec in signature.inputs:
         _check_sample_axis(spec, "synthetic data")
-        shape = (count, *(dynamic_dim if dim == DYNAMIC else dim for dim in spec.shape[1:]))
+        shape = (count, *opt_dims(spec, shapes)[1:])
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
             samples[spec.name] = rng.standard_normal(shape).astype(dtype)

@@ -44,6 +44,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from engines.errors import DeviceLost
+from service.device_lost import device_lost
 from service.errors import BadRequest, DeadlineExceeded, Unavailable
 
 log = logging.getLogger("kiln.batching")
@@ -568,6 +570,8 @@ class DynamicBatcher:
             for pending in batch:
                 self._finish(pending, exc=exc)
             log.debug("batch of %d requests on %s failed: %s", len(batch), self.name, exc)
+            if isinstance(exc, DeviceLost):
+                device_lost(exc)
             return
         finally:
             self._running -= 1

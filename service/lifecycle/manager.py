@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from engines.build import BuildJob, overall_progress, synthetic_feeds
 from engines.errors import EngineError, StoreCorrupted
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore
-from engines.types import BuildOptions, Signature, engine_cache_key
+from engines.types import BuildOptions, ShapeRange, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
 from service.lifecycle.jobs import BuildFailure, BuildRunner
@@ -299,7 +300,7 @@ class EngineManager:
         try:
             max_batch = int(meta["max_batch_size"])
             if self.settings.warmup:
-                await asyncio.to_thread(_warm_up, runner, signature, {1, max_batch})
+                await asyncio.to_thread(_warm_up, runner, signature, {1, max_batch}, version.options.shapes)
         except Exception:
             runner.close()
             raise
@@ -353,7 +354,9 @@ class EngineManager:
             return
         try:
             if self.settings.warmup:
-                await asyncio.to_thread(_warm_up, runner, signature, {1, runner.max_batch_size})
+                await asyncio.to_thread(
+                    _warm_up, runner, signature, {1, runner.max_batch_size}, version.options.shapes
+                )
         except Exception:
             runner.close()
             raise
@@ -526,6 +529,9 @@ def _latency_profile(meta: dict[str, Any]) -> dict[int, float]:
     return {int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()}
 
 
-def _warm_up(runner: Any, signature: Signature, batch_sizes: set[int]) -> None:
+def _warm_up(
+    runner: Any, signature: Signature, batch_sizes: set[int], shapes: Sequence[ShapeRange] = ()
+) -> None:
+    # At the profile's opt: an engine only accepts shapes inside its profile.
     for batch in sorted(batch_sizes):
-        runner.infer(synthetic_feeds(signature, batch))
+        runner.infer(synthetic_feeds(signature, batch, shapes=shapes))

@@ -16,7 +16,7 @@ from engines.calibration import (
     synthetic_samples,
 )
 from engines.errors import CalibrationError
-from engines.types import DYNAMIC, Signature, TensorSpec
+from engines.types import DYNAMIC, ShapeRange, Signature, TensorSpec
 
 IMAGE = TensorSpec("image", "float32", (DYNAMIC, 1, 8, 8))
 TOKENS = TensorSpec("tokens", "int64", (DYNAMIC, DYNAMIC))
@@ -229,16 +229,19 @@ def test_input_without_a_sample_axis_is_refused(tmp_path: Path) -> None:
 
 
 def test_synthetic_samples_follow_the_signature() -> None:
-    samples = synthetic_samples(BATCHABLE, 7, dynamic_dim=3)
+    # Dynamic dims take the opt of the engine's `shapes` range: inside its profile.
+    shapes = (ShapeRange("tokens", (1, 2), (1, 3), (1, 9)),)
+    samples = synthetic_samples(BATCHABLE, 7, shapes=shapes)
 
     assert samples["image"].shape == (7, 1, 8, 8)
     assert samples["image"].dtype == np.float32
     assert samples["tokens"].shape == (7, 3)
     assert samples["tokens"].dtype == np.int64
     assert samples["tokens"].min() >= 0 and samples["tokens"].max() < 4
-    again = synthetic_samples(BATCHABLE, 7, dynamic_dim=3)
+    again = synthetic_samples(BATCHABLE, 7, shapes=shapes)
     np.testing.assert_array_equal(samples["image"], again["image"])
-    other = synthetic_samples(BATCHABLE, 7, seed=1, dynamic_dim=3)
+    other = synthetic_samples(BATCHABLE, 7, seed=1, shapes=shapes)
+    assert synthetic_samples(BATCHABLE, 2)["tokens"].shape == (2, 1), "1 without a range"
     assert not np.array_equal(samples["image"], other["image"])
 
 
