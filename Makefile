@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STORE ?= data/store
 
-.PHONY: install serve test test-fast lint format example bench clean
+.PHONY: install serve test test-fast lint format example bench clean hey
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ example: install examples/mlp.onnx
 examples/mlp.onnx: examples/make_example.py
 	$(PY) examples/make_example.py $@
 
-test: install
+# hey drives the SIGTERM-under-load test and the benchmarks (Debian package).
+hey:
+	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; } \
+		|| echo "hey could not be installed: its tests skip"
+
+test: install hey
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q -ra
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -37,6 +36,7 @@ import onnx
 
 from engines.calibration import iter_batches, sample_count
 from engines.errors import BuildFailed, CalibrationError, UnsupportedModel
+from engines.store import atomic_output
 from engines.types import CalibrationMethod
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def convert_fp16(onnx_path: Path, output_path: Path) -> dict[str, Any]:
     repaired = _restore_io_types(model_types, converted.graph)
     _sort_topologically(converted.graph)
 
-    with _atomic_output(output_path) as temp_path:
+    with atomic_output(output_path) as temp_path:
         _save(converted, temp_path, "fp16")
         _check(temp_path, "fp16")
         _smoke_run(temp_path, "fp16", feeds=None)
@@ -184,7 +184,7 @@ def quantize_int8(
 
     with (
         tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent) as workdir,
-        _atomic_output(output_path) as temp_path,
+        atomic_output(output_path) as temp_path,
     ):
         work = Path(workdir)
         source = onnx_path
@@ -509,22 +509,6 @@ _ORT_TYPES: dict[str, Any] = {
     "tensor(uint64)": np.uint64,
     "tensor(bool)": np.bool_,
 }
-
-
-@contextlib.contextmanager
-def _atomic_output(output_path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``output_path``; move it into place only on success."""
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{output_path.name}.", dir=output_path.parent)
-    os.close(handle)
-    temp_path = Path(name)
-    try:
-        yield temp_path
-        with temp_path.open("rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp_path, output_path)
-    finally:
-        temp_path.unlink(missing_ok=True)
 
 
 def _restore_io_types(original: Mapping[str, int], graph: onnx.GraphProto) -> list[str]:

@@ -1,7 +1,8 @@
 """``create_app(settings)``: assembles routers, error handlers and the lifespan.
 
-The lifespan owns the lifecycle: open the store → pick the backend → restore
-engines (load, warm up, start batchers) → serve; on shutdown: readiness off,
+The lifespan owns the lifecycle: open the store → pick the backend → start
+restoring engines (load, warm up, start batchers in the background: readiness
+waits for them) → serve; on shutdown: readiness off,
 drain the batchers, stop builds, close runners. Nothing is built at import time.
 """
 
@@ -59,8 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             api_keys=settings.all_api_keys(),
         )
         app.state.kiln = state
+        # Loads run in the background; /health/ready answers 503 until they end.
         await manager.restore()
-        state.ready = True
         try:
             yield
         finally:

@@ -12,6 +12,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.lifecycle.states import VersionState
+
 # Millisecond-scale inference on CPUs and GPUs: 100 µs up to 10 s.
 LATENCY_BUCKETS = (
     0.0001,
@@ -35,7 +37,6 @@ LATENCY_BUCKETS = (
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-ENGINE_STATES = ("building", "loading", "baseline", "ready", "failed")
 BUILD_RESULTS = ("succeeded", "failed", "cached")
 
 
@@ -137,8 +138,8 @@ class KilnMetrics:
         self._serving_labels: dict[tuple[str, str], tuple[str, ...]] = {}
         for result in BUILD_RESULTS:
             self.builds.labels(result)
-        for state in ENGINE_STATES:
-            self.engines.labels(state).set(0)
+        for state in VersionState:
+            self.engines.labels(str(state)).set(0)
 
     def engine_observer(self, engine: str, version: int) -> EngineObserver:
         return EngineObserver(self, engine, str(version))

@@ -81,8 +81,12 @@ class Settings(BaseSettings):
     protect_predict: bool = False
     allow_unauthenticated: bool = False
     drain_timeout_s: float = Field(30.0, ge=0)
+    require_ready: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="engine names that must have a ready version before /health/ready answers 200",
+    )
 
-    _split_keys = field_validator("api_keys", mode="before")(_split_csv)
+    _split_keys = field_validator("api_keys", "require_ready", mode="before")(_split_csv)
 
     @field_validator("preferred_batch_sizes", mode="before")
     @classmethod

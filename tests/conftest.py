@@ -65,3 +65,11 @@ def upload(client: Any, path: Path, name: str, **fields: Any) -> dict[str, Any]:
     response = client.post("/engines", files=files, data={"name": name, **fields})
     assert response.status_code == 202, response.text
     return dict(response.json())
+
+
+@pytest.fixture(scope="session")
+def dynamo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.onnx`` + ``model.onnx.data`` as torch's dynamo exporter writes them."""
+    from tests.external_data_models import dynamo_cnn
+
+    return dynamo_cnn(tmp_path_factory.mktemp("dynamo"))

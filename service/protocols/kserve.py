@@ -19,7 +19,8 @@ from starlette.responses import Response
 
 from service.auth import require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
-from service.lifecycle.registry import SERVABLE, EngineVersion, Registry
+from service.health import not_ready_reason
+from service.lifecycle.registry import EngineVersion, Registry
 from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
 from service.protocols.kserve_codec import (
     INFERENCE_HEADER,
@@ -74,7 +75,7 @@ def _ready_version(registry: Registry, name: str, version: str | None) -> Engine
 
 
 def _ready_versions(registry: Registry, name: str) -> list[str]:
-    return [str(v.version) for v in registry.versions(name) if v.state in SERVABLE and v.batcher is not None]
+    return [str(v.version) for v in registry.versions(name) if v.servable]
 
 
 def _backend(found: EngineVersion) -> str:
@@ -100,9 +101,8 @@ async def server_live() -> Response:
 
 @router.get("/health/ready")
 async def server_ready(request: Request) -> Response:
-    """200 once stored engines are restored and while not draining; 400 otherwise."""
-    state = get_state(request)
-    return _empty(state.ready and not state.draining)
+    """200 when /health/ready is (restored engines servable, not draining); 400 otherwise."""
+    return _empty(not_ready_reason(get_state(request)) is None)
 
 
 # -- models -------------------------------------------------------------------

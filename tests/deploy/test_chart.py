@@ -87,7 +87,8 @@ def test_probes_use_kiln_health_endpoints(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == int(env_of(container)["KILN_PORT"]) == 8000
 
-    assert container["startupProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    # Start-up ends when restored engines serve, not when the process answers.
+    assert container["startupProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     startup = container["startupProbe"]
@@ -416,3 +417,9 @@ def test_server_settings_come_from_values(cpu_docs: Docs, tools: Tools) -> None:
     assert one(docs, "PersistentVolumeClaim")["spec"]["storageClassName"] == ""
     assert env_of(kiln_container(docs))["KILN_BACKEND"] == "auto"
     assert "KILN_MAX_UPLOAD_BYTES" not in env_of(kiln_container(docs))
+
+
+def test_require_ready_names_reach_the_server(tools: Tools) -> None:
+    assert "KILN_REQUIRE_READY" not in env_of(kiln_container(tools.render(GPU_VALUES)))
+    docs = tools.render(GPU_VALUES, set_values=["server.requireReady={resnet,bert}"])
+    assert env_of(kiln_container(docs))["KILN_REQUIRE_READY"] == "resnet,bert"

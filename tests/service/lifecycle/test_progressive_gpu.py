@@ -18,7 +18,8 @@ from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions
 from service.batching import BatchingConfig
 from service.lifecycle.manager import EngineManager
-from service.lifecycle.registry import EngineVersion, Registry, State
+from service.lifecycle.registry import EngineVersion, Registry
+from service.lifecycle.states import VersionState
 from service.metrics import KilnMetrics
 from service.protocols.inference import infer
 from service.settings import Settings
@@ -29,10 +30,10 @@ from tests.precision_models import DIGITS_INPUT, DIGITS_OUTPUT, train_digits_cla
 from tests.service.lifecycle.held_builds import HeldBuilds
 
 
-async def wait_for(version: EngineVersion, state: State, timeout_s: float = 60.0) -> None:
+async def wait_for(version: EngineVersion, state: VersionState, timeout_s: float = 60.0) -> None:
     async with asyncio.timeout(timeout_s):
         while version.state != state:
-            assert version.state != State.FAILED, version.error
+            assert version.state != VersionState.FAILED, version.error
             await asyncio.sleep(0.01)
 
 
@@ -53,10 +54,15 @@ async def test_cuda_provider_baseline_then_a_tensorrt_engine_swaps_in(
     builds = HeldBuilds()
     manager = EngineManager(settings, store, registry, TensorRTBackend(), KilnMetrics(), builds)  # type: ignore[arg-type]
     version = manager.create(
-        "digits", sha256, "digits.onnx", BuildOptions(max_batch_size=8), BatchingConfig(max_batch_size=8)
+        "digits",
+        sha256,
+        "digits.onnx",
+        BuildOptions(max_batch_size=8),
+        BatchingConfig(max_batch_size=8),
+        progressive=True,
     )
 
-    await wait_for(version, State.BASELINE)
+    await wait_for(version, VersionState.BASELINE)
     assert version.serving is not None
     assert (version.serving.tier, version.serving.backend, version.serving.provider) == (
         "baseline",
@@ -75,7 +81,7 @@ async def test_cuda_provider_baseline_then_a_tensorrt_engine_swaps_in(
 
     clients = [asyncio.create_task(client()) for _ in range(4)]
     builds.release.set()
-    await wait_for(version, State.READY)
+    await wait_for(version, VersionState.READY)
     served_before = len(answers)
     await asyncio.sleep(0.05)
     stop.set()

@@ -18,7 +18,8 @@ from engines.types import BuildOptions, Precision
 from service.batching import BatchingConfig
 from service.lifecycle.jobs import BuildFailure
 from service.lifecycle.manager import EngineManager
-from service.lifecycle.registry import EngineVersion, Registry, State
+from service.lifecycle.registry import EngineVersion, Registry
+from service.lifecycle.states import VersionState
 from service.metrics import KilnMetrics
 from service.protocols.inference import infer
 from service.settings import Settings
@@ -49,7 +50,9 @@ class Setup:
         )
 
     def create(self) -> EngineVersion:
-        return self.manager.create("digits", self.sha256, "digits.onnx", OPTIONS, BatchingConfig())
+        return self.manager.create(
+            "digits", self.sha256, "digits.onnx", OPTIONS, BatchingConfig(), progressive=True
+        )
 
 
 @pytest.fixture
@@ -60,7 +63,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     await result.manager.shutdown(0.5)
 
 
-async def wait_for(version: EngineVersion, state: State, timeout_s: float = 60.0) -> None:
+async def wait_for(version: EngineVersion, state: VersionState, timeout_s: float = 60.0) -> None:
     async with asyncio.timeout(timeout_s):
         while version.state != state:
             await asyncio.sleep(0.01)
@@ -74,7 +77,7 @@ async def test_deleting_a_version_on_its_baseline_cancels_its_build_and_closes_t
     setup: Setup,
 ) -> None:
     version = setup.create()
-    await wait_for(version, State.BASELINE)
+    await wait_for(version, VersionState.BASELINE)
     runner = version.runner
     assert runner is not None and version.batcher is not None
     await infer(version, rows())
@@ -88,9 +91,9 @@ async def test_deleting_a_version_on_its_baseline_cancels_its_build_and_closes_t
 async def test_a_failed_build_keeps_the_baseline_serving_with_the_error(setup: Setup) -> None:
     setup.builds.fail = BuildFailure("build_crashed", "the build process was terminated by SIGKILL")
     version = setup.create()
-    await wait_for(version, State.BASELINE)
+    await wait_for(version, VersionState.BASELINE)
     setup.builds.release.set()
-    await wait_for(version, State.READY)
+    await wait_for(version, VersionState.READY)
     assert version.error == {
         "type": "build_crashed",
         "message": "the build process was terminated by SIGKILL",
@@ -105,7 +108,7 @@ async def test_a_failed_build_keeps_the_baseline_serving_with_the_error(setup: S
 
 async def test_a_version_on_its_baseline_when_the_server_stopped_comes_back_servable(setup: Setup) -> None:
     version = setup.create()
-    await wait_for(version, State.BASELINE)
+    await wait_for(version, VersionState.BASELINE)
     assert setup.store.load_records()[0][0]["state"] == "baseline"
     await setup.manager.shutdown(0.5)  # the held build never ran
 
@@ -113,10 +116,10 @@ async def test_a_version_on_its_baseline_when_the_server_stopped_comes_back_serv
     setup.manager = setup.start()
     await setup.manager.restore()
     (restored,) = setup.manager.registry.all_versions()
-    await wait_for(restored, State.BASELINE)
+    await wait_for(restored, VersionState.BASELINE)
     await infer(restored, rows())
     setup.builds.release.set()
-    await wait_for(restored, State.READY)
+    await wait_for(restored, VersionState.READY)
     assert restored.serving is not None
     assert (restored.serving.tier, restored.serving.precision) == ("optimized", "int8")
     await infer(restored, rows())
