@@ -69,11 +69,11 @@ def cases(names: list[str], work: Path) -> list[Case]:
         shape = [1, 3, 320, 320]
         found.append(
             Case(
-                "YOLOv8n 320x320 (nudenet), INT8",
+                "YOLOv8n 320x320 (nudenet), auto",
                 Path(nudenet.__file__).with_name("320n.onnx"),
                 {"images": rng.random(shape).astype(np.float32)},
                 {
-                    "precision": "int8",
+                    "precision": "auto",
                     "calibration": "synthetic",
                     "max_batch_size": "4",
                     "shapes": json.dumps({"images": {"min": shape, "opt": shape, "max": [4, 3, 320, 320]}}),
@@ -104,6 +104,7 @@ def measure(case: Case, progressive: bool, work: Path) -> Run:
                     time.sleep(0.01)
 
     sampler = threading.Thread(target=sample_memory, daemon=True)
+    sender = threading.Thread(target=send, daemon=True)
     sampler.start()
     time.sleep(0.5)
     try:
@@ -115,7 +116,6 @@ def measure(case: Case, progressive: bool, work: Path) -> Run:
             )
             response.raise_for_status()
             run.uploaded_at = time.time()
-            sender = threading.Thread(target=send, daemon=True)
             sender.start()
             while True:
                 status = client.get("/engines/m").json()
@@ -126,6 +126,8 @@ def measure(case: Case, progressive: bool, work: Path) -> Run:
             time.sleep(2.0)  # load goes on after the swap
     finally:
         done.set()
+        if sender.is_alive():
+            sender.join(60)  # its last request is answered before the server drains
         server.stop()
     return run
 
@@ -140,11 +142,11 @@ def summary(run: Run) -> dict[str, Any]:
     optimized_since = (
         final["serving"]["since"] if (final["serving"] or {}).get("tier") == "optimized" else None
     )
-    load_started = next(
-        (t for t, s in run.statuses if s["state"] == "baseline" and s["phase"] == "load"), optimized_since
-    )
+    # The optimized engine loads and warms up (beside the baseline, with progressive engines).
+    load_started = next((t for t, s in run.statuses if s["phase"] == "load"), optimized_since)
+    baseline_until = load_started or run.statuses[-1][0]
     before = [rss for t, rss in run.rss if t < run.uploaded_at]
-    on_baseline = [rss for t, rss in run.rss if baseline_since and baseline_since < t < (load_started or 0)]
+    on_baseline = [rss for t, rss in run.rss if baseline_since and baseline_since < t < baseline_until]
     window = [
         rss for t, rss in run.rss if load_started and load_started - 0.1 <= t <= (optimized_since or 0) + 0.5
     ]
@@ -158,6 +160,7 @@ def summary(run: Run) -> dict[str, Any]:
         "optimized_s": None if optimized_since is None else optimized_since - run.uploaded_at,
         "requests_from_first_200": 0 if first is None else len(codes) - first,
         "errors_from_first_200": 0 if first is None else sum(1 for c in codes[first:] if c != 200),
+        "error_codes": sorted({c for c in codes[first or 0 :] if c != 200}) if first is not None else [],
         "rss_mib": {
             "before_upload": round(max(before) / MIB) if before else None,
             "on_baseline": round(max(on_baseline) / MIB) if on_baseline else None,
