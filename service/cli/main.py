@@ -33,6 +33,7 @@ UPLOAD_OPTIONS = (
     "latency_target_ms",
     "workspace_bytes",
     "optimization_level",
+    "progressive",
 )
 """Every option an upload takes (the fields of ``UploadFields`` and the data files);
 ``kiln build`` offers each as a flag and passes it on as the same text."""
@@ -149,7 +150,13 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
     registry = Registry(store)
     registry.load()
     manager = EngineManager(
-        settings, store, registry, backend, KilnMetrics(), BuildRunner(1, settings.build_timeout_s)
+        settings,
+        store,
+        registry,
+        backend,
+        KilnMetrics(),
+        BuildRunner(1, settings.build_timeout_s),
+        baselines=False,  # it serves nothing; the record keeps the progressive choice for servers
     )
     files: dict[str, UploadedFile] = {}
     try:
@@ -159,7 +166,7 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
             files[purpose] = UploadedFile(
                 purpose, path.name, staged, staged.stat().st_size, sha256_file(staged)
             )
-        version = await register_version(manager, fields, files, model_on_disk=model, progressive=False)
+        version = await register_version(manager, fields, files, model_on_disk=model)
         with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
             while version.state in WORKING:
                 bar.set_description_str(version.phase or "")

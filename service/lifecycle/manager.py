@@ -71,13 +71,18 @@ class EngineManager:
         backend: Backend,
         metrics: KilnMetrics,
         builds: BuildRunner,
+        *,
+        baselines: bool = True,
     ) -> None:
+        """``baselines=False``: never serve a baseline engine (a process that only
+        builds), whatever the versions' ``progressive``."""
         self.settings = settings
         self.store = store
         self.registry = registry
         self.backend = backend
         self.metrics = metrics
         self.builds = builds
+        self.baselines = baselines
         self.device = backend.device_signature()
         self._tasks: set[asyncio.Task[None]] = set()
         self._builds: dict[str, SharedBuild] = {}
@@ -221,7 +226,7 @@ class EngineManager:
             if meta is not None:
                 self.metrics.builds.labels("cached").inc()
             else:
-                if version.progressive:
+                if version.progressive and self.baselines:
                     await self._serve_baseline(version)
                     if version.state not in BUILT:
                         return  # deleted while the baseline loaded

@@ -43,7 +43,6 @@ async def register_version(
     *,
     model_data: Sequence[tuple[str, Path]] = (),
     model_on_disk: Path | None = None,
-    progressive: bool = True,
 ) -> EngineVersion:
     """Validate an upload and register its next version (building in the background).
 
@@ -51,9 +50,7 @@ async def register_version(
     ``validation`` to files under the store's ``tmp/``; ``model_data`` names the
     model's external data files as ``(location, path)``. ``model_on_disk`` is a
     graph with its data beside it, or an archive (``kiln build``). Everything is
-    published into the store on success (the caller removes what is left).
-    ``progressive=False`` (``kiln build``, which serves nothing) skips the baseline
-    engine whatever the upload or the settings say."""
+    published into the store on success (the caller removes what is left)."""
     settings = manager.settings
     if "model" not in files and model_on_disk is None:
         raise BadRequest("the upload needs a 'model' file field holding the .onnx model")
@@ -107,5 +104,5 @@ async def register_version(
         filename,
         options,
         batching,
-        progressive=progressive and progressive_of(upload, settings),
+        progressive=progressive_of(upload, settings),
     )
