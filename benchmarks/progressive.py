@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--models", default="convnet,yolov8n")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-progressive-"))
+    os.chdir(work)  # the servers' build children may leave temporary files in their directory
     for case in cases(args.models.split(","), work):
         for progressive in (True, False):
             result = summary(measure(case, progressive, work / f"{case.model.stem}"))
