@@ -32,6 +32,7 @@ from service.protocols.fastpath import FastPathApp
 from service.request_id import RequestIdMiddleware
 from service.settings import Settings
 from service.state import AppState
+from service.ui import router as ui_router
 
 log = logging.getLogger("kiln")
 
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Inference server for ONNX models: optimized engines, dynamic batching, KServe v2.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # service.ui serves /docs from a local Swagger UI; ReDoc needs a CDN: off
+        redoc_url=None,
     )
     install_error_handlers(app)
     # Outermost middleware: every answer carries X-Request-ID (the fast path sets its own).
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(engines.router)
     app.include_router(predict.router)
     app.include_router(kserve.router)
+    app.include_router(ui_router)
 
     @app.get("/metrics", tags=["metrics"], include_in_schema=True)
     async def metrics_endpoint(request: Request) -> Response:
