@@ -73,13 +73,14 @@ def load_baseline(
     backend = backend or OnnxRuntimeBackend()
     providers = baseline_providers(available_providers())
     try:
-        try:
-            return backend.load(model_path, signature, options, instances=instances, providers=providers)
-        except StoreCorrupted as exc:
-            if len(providers) == 1:
-                raise
-            # Listed but unable to start here (no device, a CUDA or cuDNN library missing).
-            log.warning("the CUDA provider cannot start (%s); the baseline runs on the CPU", exc.message)
-            return backend.load(model_path, signature, options, instances=instances, providers=[CPU_PROVIDER])
+        return backend.load(model_path, signature, options, instances=instances, providers=providers)
     except StoreCorrupted as exc:
-        raise UnsupportedModel(exc.message.replace("the engine", "the model")) from exc
+        failure = exc
+    if providers != [CPU_PROVIDER]:
+        # Listed but unable to start here (no device, a CUDA or cuDNN library missing).
+        log.warning("the CUDA provider cannot start (%s); the baseline runs on the CPU", failure.message)
+        try:
+            return backend.load(model_path, signature, options, instances=instances, providers=[CPU_PROVIDER])
+        except StoreCorrupted as exc:
+            failure = exc
+    raise UnsupportedModel(failure.message.replace("the engine", "the model")) from failure
