@@ -27,7 +27,8 @@ ROWS = [[0.25] * 16, [-0.5] * 16]
 def test_readiness_waits_until_restored_engines_serve(tmp_path: Path, model_files: dict[str, Path]) -> None:
     store = tmp_path / "store"
     with ServerProcess(store) as server, server.client() as client:
-        upload(client, model_files["mlp"], "mlp")
+        # Without a baseline engine, which would serve while the engine is rebuilt.
+        upload(client, model_files["mlp"], "mlp", progressive="false")
         assert wait_for_state(client, "mlp")["state"] == "ready"
     # As after a GPU or backend change: the engine must be rebuilt before it can serve.
     for engine in (store / "engines").iterdir():
