@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the KServe v2 gRPC service (Triton's GRPCInferenceService and "
+        "grpc.health.v1) on the same host as HTTP; 0 turns gRPC off",
+    )
     store: Path = Path("data/store")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -14,6 +14,8 @@ import pytest
 from tests import models
 
 os.environ.setdefault("KILN_BACKEND", "onnxruntime")
+# Servers under test serve gRPC only where a test gives them a port (8001 is shared).
+os.environ.setdefault("KILN_GRPC_PORT", "0")
 
 MODEL_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "mlp": models.mlp,

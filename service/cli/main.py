@@ -64,7 +64,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
     from service.server import run_server
 
-    settings = _settings({"host": args.host, "port": args.port, "store": args.store, "backend": args.backend})
+    settings = _settings(
+        {
+            "host": args.host,
+            "port": args.port,
+            "grpc_port": args.grpc_port,
+            "store": args.store,
+            "backend": args.backend,
+        }
+    )
     configure_logging(settings.log_level, settings.log_json)
     try:
         keys = settings.all_api_keys()
@@ -211,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server (flags override KILN_* settings)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (KILN_GRPC_PORT, default 8001; 0 = off)")
     serve.add_argument("--store", help="store directory (KILN_STORE)")
     serve.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
     serve.set_defaults(func=cmd_serve)

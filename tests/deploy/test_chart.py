@@ -375,10 +375,34 @@ def test_pdb_network_policy_and_service(gpu_docs: Docs, default_docs: Docs) -> N
         assert pdb["spec"]["selector"]["matchLabels"] == selector
         policy = one(docs, "NetworkPolicy")
         assert policy["spec"]["podSelector"]["matchLabels"] == selector
-        assert policy["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+        assert policy["spec"]["ingress"][0]["ports"] == [
+            {"port": "http", "protocol": "TCP"},
+            {"port": "grpc", "protocol": "TCP"},
+        ]
         service = one(docs, "Service")
         assert service["spec"]["selector"] == selector
-        assert service["spec"]["ports"][0]["targetPort"] == "http"
+        assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+            ("http", "http"),
+            ("grpc", "grpc"),
+        ]
+
+
+def test_grpc_port_and_grpc_readiness_probe(default_docs: Docs, tools: Tools) -> None:
+    container = kiln_container(default_docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == int(env_of(container)["KILN_GRPC_PORT"]) == 8001
+    assert container["args"][container["args"].index("--grpc-port") + 1] == "8001"
+
+    docs = tools.render(set_values=["probes.readiness.protocol=grpc"])
+    container = kiln_container(docs)
+    assert container["readinessProbe"]["grpc"] == {"port": 8001}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"  # liveness stays HTTP
+
+    docs = tools.render(set_values=["server.grpcPort=0"])
+    assert [p["name"] for p in kiln_container(docs)["ports"]] == ["http"]
+    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["http"]
+    proc = tools.template(set_values=["server.grpcPort=0", "probes.readiness.protocol=grpc"])
+    assert proc.returncode != 0 and "needs server.grpcPort" in proc.stderr, output_of(proc)
 
 
 def test_dashboard_configmap_carries_the_dashboard(gpu_docs: Docs) -> None:
