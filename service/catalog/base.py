@@ -61,6 +61,7 @@ class NewVersion:
     model_filename: str
     options: dict[str, Any]
     batching: dict[str, Any]
+    progressive: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class VersionRecord:
     state: str = CatalogState.PENDING
     error: dict[str, Any] | None = None
     created_at: float = 0.0
+    progressive: bool = False
 
     @property
     def key(self) -> tuple[str, int]:

@@ -52,6 +52,7 @@ def read_store(store: EngineStore) -> tuple[list[VersionRecord], list[ImportedBu
                     state=CatalogState.READY if state == "ready" else CatalogState.FAILED,
                     error=record.get("error"),
                     created_at=float(record.get("created_at", 0.0)),
+                    progressive=bool(record.get("progressive", False)),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -56,6 +56,10 @@ MIGRATIONS: list[str] = [
         expires_at timestamptz NOT NULL
     );
     """,
+    # 2: progressive versions (served on a baseline engine while theirs builds)
+    """
+    ALTER TABLE versions ADD COLUMN progressive boolean NOT NULL DEFAULT false;
+    """,
 ]
 
 

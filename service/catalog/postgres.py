@@ -108,8 +108,8 @@ class PostgresCatalog:
                 allocated = await cur.fetchone()
                 assert allocated is not None
                 await cur.execute(
-                    "INSERT INTO versions (name, version, model_sha256, model_filename, options, batching) "
-                    f"VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_VERSION_COLUMNS}",
+                    "INSERT INTO versions (name, version, model_sha256, model_filename, options, batching,"
+                    f" progressive) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_VERSION_COLUMNS}",
                     (
                         spec.name,
                         allocated["version"],
@@ -117,6 +117,7 @@ class PostgresCatalog:
                         spec.model_filename,
                         Jsonb(spec.options),
                         Jsonb(spec.batching),
+                        spec.progressive,
                     ),
                 )
                 row = await cur.fetchone()
@@ -187,8 +188,8 @@ class PostgresCatalog:
                 for v in versions:
                     await conn.execute(
                         "INSERT INTO versions (name, version, model_sha256, model_filename, options,"
-                        " batching, state, error, created_at)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s))",
+                        " batching, state, error, created_at, progressive)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), %s)",
                         (
                             v.name,
                             v.version,
@@ -199,6 +200,7 @@ class PostgresCatalog:
                             v.state,
                             _json(v.error),
                             v.created_at,
+                            v.progressive,
                         ),
                     )
                 for build in builds:
@@ -406,7 +408,7 @@ class ImportedBuild:
 
 
 _VERSION_COLUMNS = (
-    "name, version, model_sha256, model_filename, options, batching, state, error, "
+    "name, version, model_sha256, model_filename, options, batching, state, error, progressive, "
     "extract(epoch FROM created_at) AS created_at"
 )
 _BUILD_COLUMNS = "cache_key, state, holder, generation, meta, error"
@@ -447,6 +449,7 @@ def _version(row: dict[str, Any]) -> VersionRecord:
         state=row["state"],
         error=row["error"],
         created_at=float(row["created_at"]),
+        progressive=bool(row["progressive"]),
     )
 
 

@@ -151,10 +151,11 @@ class ClusterReplica:
         model_filename: str,
         options: dict[str, Any],
         batching: dict[str, Any],
+        progressive: bool,
     ) -> Allocation:
         """A new version in the catalog (numbered and pruned there); others hear of it."""
         allocation = await self.catalog.create_version(
-            NewVersion(name, model_sha256, model_filename, options, batching),
+            NewVersion(name, model_sha256, model_filename, options, batching, progressive),
             self.manager.settings.max_versions_per_engine,
         )
         self.wake.set()
@@ -210,13 +211,21 @@ class ClusterReplica:
 
     # -- engines ---------------------------------------------------------------
 
+    async def is_committed(self, version: EngineVersion) -> bool:
+        """Whether the engine of ``version`` is built already (False while unreachable)."""
+        try:
+            status = await self.catalog.build_status(version.cache_key)
+        except CatalogUnavailable:
+            return False
+        return status is not None and status.state == BuildState.COMMITTED
+
     async def obtain_engine(self, version: EngineVersion) -> dict[str, Any]:
         """The committed engine for ``version.cache_key``: loaded as committed, built here
         under the lease, or waited for while another replica builds it. Raises
         ``BuildFailure`` for a failed build or a version unloaded meanwhile."""
         waited_for_another = False
         while True:
-            if version.state != VersionState.BUILDING:
+            if version.state not in (VersionState.BUILDING, VersionState.BASELINE):
                 raise BuildFailure("cancelled", "the version was removed")
             try:
                 outcome = await self.catalog.acquire_build(
