@@ -170,3 +170,21 @@ async def test_an_unreachable_database_is_a_catalog_error_not_a_hang(postgres: P
     )
     with pytest.raises(CatalogUnavailable, match="catalog is unavailable"):
         await asyncio.wait_for(catalog.start(), 10)
+
+
+async def test_a_version_keeps_what_it_was_uploaded_with(catalog_url: str) -> None:
+    catalog = await opened(catalog_url)
+    progressive = NewVersion(
+        "p", SHA, "p.onnx", {"precision": "auto"}, {"max_batch_size": 4}, progressive=True
+    )
+    await catalog.create_version(progressive, 10)
+    await catalog.create_version(spec("q"), 10)
+    by_name = {v.name: v for v in await catalog.versions()}
+    assert by_name["p"].progressive and not by_name["q"].progressive
+    assert (by_name["p"].options, by_name["p"].batching, by_name["p"].model_filename) == (
+        {"precision": "auto"},
+        {"max_batch_size": 4},
+        "p.onnx",
+    )
+    assert by_name["p"].state == "pending" and by_name["p"].created_at > 0
+    await catalog.close()
