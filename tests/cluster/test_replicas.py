@@ -263,3 +263,18 @@ def _replica_id(server: ServerProcess) -> str:
         if "cluster mode: replica " in line:
             return line.split("cluster mode: replica ", 1)[1].split(",", 1)[0]
     raise AssertionError(f"no replica id in {server.log}")
+
+
+def test_a_progressive_upload_serves_on_baselines_everywhere_and_builds_once(
+    replicas: Replicas, model_files: dict[str, Path]
+) -> None:
+    a, b = replicas.start(), replicas.start()
+    with a.client() as client:
+        upload(client, model_files["cnn"], "m", progressive="true")
+    for server in (a, b):
+        with server.client() as client:
+            status = wait_for_state(client, "m", 1, timeout_s=120, states=("ready", "failed"))
+            assert status["state"] == "ready" and status["serving"]["tier"] == "optimized", status
+        assert "serves on its baseline engine" in server.log.read_text()
+    assert sum(metric(s, "kiln_engine_builds_total", result="succeeded") for s in (a, b)) == 1
+    assert outputs(a, "m") == outputs(b, "m")
