@@ -21,7 +21,8 @@ import numpy as np
 
 from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
-from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidModel
+from engines import shapes
+from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidInput, InvalidModel
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
@@ -107,13 +108,17 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
             )
         model = load_model(model_path)
         signature = read_signature(model)
+        names = shapes.dim_names(model)
+        from engines.precision import already_quantized
+
+        quantized_ops = already_quantized(model)
         del model
     batch_sizes = job.batch_sizes if signature.batchable else (1,)
 
     workdir = Path(tempfile.mkdtemp(dir=store.root / "tmp", prefix="build-"))
     try:
         with phase_timer("precision"):
-            plan = _precision_plan(options, signature, store)
+            plan = _precision_plan(options, signature, store, model_path, names, batch_sizes, quantized_ops)
             candidates, dropped = _transform(
                 plan,
                 model_path,
@@ -124,6 +129,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 # TensorRT only takes symmetric (zero-point 0) quantization.
                 symmetric_activations=backend.name == "tensorrt",
                 method=options.calibration_method,
+                signature=signature,
             )
         with phase_timer("build"):
             timing_cache = store.timing_cache_path(backend.device_signature().key())
@@ -146,11 +152,11 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
             _check_accuracy(candidates, backend, signature, options, model_path, plan, batch_sizes)
         with phase_timer("profile"):
             for candidate in candidates:
-                if not candidate.accepted:
-                    continue  # it will not be served, so its speed does not matter
+                if not candidate.accepted or plan.synthetic_rejected:
+                    continue  # not served, or no inputs the model is known to accept
                 runner = backend.load(candidate.artifact_path, signature, options)
                 try:
-                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes)
+                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes, plan.shapes)
                 finally:
                     runner.close()
         chosen, choice_reason = _choose(candidates, options.precision)
@@ -168,6 +174,9 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     "choice": choice_reason,
                     "calibration": plan.calibration_report,
                     "validation": plan.validation_report,
+                    "shapes": shapes.report(plan.shapes),
+                    "skipped": _skipped_phases(plan),
+                    **({"note": plan.note} if plan.note else {}),
                     "candidates": [_candidate_summary(c) for c in candidates] + dropped,
                     **chosen.report,
                     "latency_ms": {str(k): v for k, v in chosen.latency_ms.items()},
@@ -208,27 +217,86 @@ class _PrecisionPlan:
     validation: dict[str, np.ndarray] | None
     calibration_report: dict[str, Any]
     validation_report: dict[str, Any]
+    shapes: dict[str, shapes.ResolvedShape]
+    synthetic_rejected: str | None = None
+    """Why the model refused kiln's synthetic inputs (None when it took them)."""
+    note: str | None = None
 
 
-def _precision_plan(options: BuildOptions, signature: Signature, store: EngineStore) -> _PrecisionPlan:
-    """Which precisions to build, and the calibration and validation samples for them."""
-    requested = options.precision
-    if requested == Precision.FP32:
-        return _PrecisionPlan([Precision.FP32], None, None, {}, {})
+def _skipped_phases(plan: _PrecisionPlan) -> dict[str, str]:
+    if not plan.synthetic_rejected:
+        return {}
+    reason = (
+        f"the model rejected kiln's synthetic inputs ({plan.synthetic_rejected}); "
+        f"to enable it, {shapes.HOW_TO_GIVE_SHAPES}"
+    )
+    return {"profile": reason, "warmup": reason}
 
+
+def _precision_plan(
+    options: BuildOptions,
+    signature: Signature,
+    store: EngineStore,
+    model_path: Path,
+    names: dict[str, tuple[str | None, ...]],
+    batch_sizes: tuple[int, ...],
+    quantized_ops: list[str],
+) -> _PrecisionPlan:
+    """Which precisions to build, the calibration and validation samples for them, and
+    the shapes of dynamic dims (from that data first, see ``engines.shapes``)."""
     from engines import calibration as calib
 
-    samples = None
+    requested = options.precision
+    calibration = validation = None
     calibration_report: dict[str, Any] = {}
-    if options.calibration_sha256:
-        samples = calib.load_samples(store.data_path(options.calibration_sha256), signature)
+    validation_report: dict[str, Any] = {}
+    if requested != Precision.FP32 and options.calibration_sha256:
+        calibration = calib.load_samples(store.data_path(options.calibration_sha256), signature)
         calibration_report = {
             "source": "uploaded",
             "sha256": options.calibration_sha256,
             "method": str(options.calibration_method),
         }
-    elif options.synthetic_calibration:
-        samples = calib.synthetic_samples(signature, SYNTHETIC_CALIBRATION_SAMPLES)
+    if requested != Precision.FP32 and options.validation_sha256:
+        validation = calib.load_samples(
+            store.data_path(options.validation_sha256), signature, purpose="validation"
+        )
+        validation_report = {"source": "uploaded", "sha256": options.validation_sha256}
+    resolved = shapes.resolve_shapes(
+        signature,
+        options.shapes,
+        [data for data in (calibration, validation) if data is not None],
+        names=names,
+        batch=(1, options.opt_batch_size or max(1, max(batch_sizes) // 2), max(batch_sizes)),
+    )
+    rejected = _synthetic_rejected(model_path, signature, resolved)
+
+    def plan(precisions: list[Precision], note: str | None = None) -> _PrecisionPlan:
+        if calibration is not None:
+            calibration_report["samples"] = calib.sample_count(calibration)
+        if validation is not None:
+            validation_report["samples"] = calib.sample_count(validation)
+        return _PrecisionPlan(
+            precisions, calibration, validation, calibration_report, validation_report, resolved, rejected, note
+        )
+
+    if requested == Precision.FP32:
+        return plan([Precision.FP32])
+    if quantized_ops:
+        return plan(
+            [Precision.FP32],
+            f"the model is already quantized ({', '.join(quantized_ops)}): served as uploaded, "
+            f"not converted to {requested}",
+        )
+
+    how = f"{shapes.HOW_TO_GIVE_SHAPES}"
+    if calibration is None and options.synthetic_calibration:
+        if rejected:
+            raise CalibrationError(
+                f"calibration=synthetic: the model rejects kiln's synthetic inputs ({rejected}); "
+                "upload a 'calibration' .npz of real inputs instead"
+            )
+        calibration = calib.synthetic_samples(signature, SYNTHETIC_CALIBRATION_SAMPLES, resolved)
         calibration_report = {
             "source": "synthetic",
             "method": str(options.calibration_method),
@@ -238,53 +306,67 @@ def _precision_plan(options: BuildOptions, signature: Signature, store: EngineSt
     precisions: list[Precision]
     if requested == Precision.AUTO:
         precisions = [Precision.FP32, Precision.FP16]
-        if samples is not None:
+        if calibration is not None:
             precisions.append(Precision.INT8)
         else:
             calibration_report = {"int8": "skipped: no calibration data was given"}
     else:
         precisions = [requested]
-    if Precision.INT8 in precisions and samples is None:
+    if Precision.INT8 in precisions and calibration is None:
         raise CalibrationError(
             "int8 needs calibration data: upload a 'calibration' .npz with samples of each "
             "input, or pass calibration=synthetic to calibrate on random data"
         )
 
-    validation = None
-    validation_report: dict[str, Any]
-    if options.validation_sha256:
-        validation = calib.load_samples(
-            store.data_path(options.validation_sha256), signature, purpose="validation"
-        )
-        validation_report = {"source": "uploaded", "sha256": options.validation_sha256}
-    elif samples is not None and options.calibration_sha256 and calib.sample_count(samples) >= 2:
-        samples, validation = calib.split_holdout(samples)
-        validation_report = {"source": "held out from the calibration data"}
-    else:
+    if validation is None and calibration is not None and options.calibration_sha256:
+        if calib.sample_count(calibration) >= 2:
+            calibration, validation = calib.split_holdout(calibration)
+            validation_report = {"source": "held out from the calibration data"}
+        else:
+            validation = calibration
+            validation_report = {"source": "the calibration data (a single sample)"}
+    if validation is None:
+        if rejected:
+            message = (
+                f"checking the {requested} engine needs inputs the model accepts, and it rejects "
+                f"kiln's synthetic ones ({rejected}): {how}"
+            )
+            if requested != Precision.AUTO:
+                raise CalibrationError(message)
+            # Nothing to check a candidate against: auto serves FP32.
+            validation_report = {"source": "none", "note": f"reduced precision skipped: {message}"}
+            return plan([Precision.FP32])
         try:
-            validation = calib.synthetic_samples(signature, SYNTHETIC_VALIDATION_SAMPLES, seed=1)
+            validation = calib.synthetic_samples(signature, SYNTHETIC_VALIDATION_SAMPLES, resolved, seed=1)
         except CalibrationError as exc:
             if requested != Precision.AUTO:
                 raise CalibrationError(
                     f"cannot make validation inputs for this model ({exc.message}); "
                     "upload a 'validation' .npz to check the reduced-precision engine"
                 ) from exc
-            # Nothing to check a candidate against: auto serves FP32.
-            return _PrecisionPlan(
-                [Precision.FP32],
-                None,
-                None,
-                calibration_report,
-                {
-                    "source": "none",
-                    "note": f"reduced precision skipped: {exc.message}",
-                },
-            )
+            validation_report = {"source": "none", "note": f"reduced precision skipped: {exc.message}"}
+            return plan([Precision.FP32])
         validation_report = {"source": "synthetic"}
-    if samples is not None:
-        calibration_report["samples"] = calib.sample_count(samples)
-    validation_report["samples"] = calib.sample_count(validation)
-    return _PrecisionPlan(precisions, samples, validation, calibration_report, validation_report)
+    return plan(precisions)
+
+
+def _synthetic_rejected(model_path: Path, signature: Signature, resolved: dict[str, Any]) -> str | None:
+    """Run the original model once on kiln's synthetic inputs at the ``opt`` shapes;
+    return the model's complaint, or None when it took them."""
+    from engines.backends.onnxruntime import OnnxRuntimeBackend
+
+    try:
+        feeds = shapes.synthetic_inputs(signature, resolved, 1)
+    except ValueError as exc:
+        return str(exc)
+    runner = OnnxRuntimeBackend(intra_op_threads=1).load(model_path, signature, BuildOptions())
+    try:
+        runner.infer(feeds)
+    except EngineError as exc:
+        return exc.message
+    finally:
+        runner.close()
+    return None
 
 
 def _transform(
@@ -296,6 +378,7 @@ def _transform(
     auto: bool,
     symmetric_activations: bool,
     method: CalibrationMethod,
+    signature: Signature,
 ) -> tuple[list[_Candidate], list[dict[str, Any]]]:
     """The candidates' ONNX files, and (for auto) the candidates whose transform
     failed, with the reason: a model with nothing to quantize still serves FP32."""
@@ -310,8 +393,12 @@ def _transform(
             else:
                 from engines import precision as transforms
 
+                from engines.calibration import iter_batches
+
+                assert plan.validation is not None
                 if precision == Precision.FP16:
-                    report["transform"] = transforms.convert_fp16(model_path, onnx_path)
+                    first = next(iter_batches(plan.validation, 1, signature))
+                    report["transform"] = transforms.convert_fp16(model_path, onnx_path, feeds=first)
                 else:
                     assert plan.calibration is not None
                     report["transform"] = transforms.quantize_int8(
@@ -320,6 +407,7 @@ def _transform(
                         plan.calibration,
                         method=method,
                         symmetric_activations=symmetric_activations,
+                        signature=signature,
                     )
         except EngineError as exc:
             if not auto or precision == Precision.FP32:
@@ -368,11 +456,17 @@ def _check_accuracy(
             reference.close()
 
 
-def profile_latency(runner: Runner, signature: Signature, batch_sizes: tuple[int, ...]) -> dict[int, float]:
-    """Median milliseconds per run at each batch size, on random inputs."""
+def profile_latency(
+    runner: Runner,
+    signature: Signature,
+    batch_sizes: tuple[int, ...],
+    resolved: dict[str, shapes.ResolvedShape] | None = None,
+) -> dict[int, float]:
+    """Median milliseconds per run at each batch size, on synthetic inputs at the
+    ``opt`` shapes."""
     result = {}
     for batch in batch_sizes:
-        feeds = synthetic_feeds(signature, batch)
+        feeds = shapes.synthetic_inputs(signature, resolved, batch)
         for _ in range(2):
             runner.infer(feeds)
         samples: list[float] = []
@@ -385,22 +479,24 @@ def profile_latency(runner: Runner, signature: Signature, batch_sizes: tuple[int
     return result
 
 
-def synthetic_feeds(
-    signature: Signature, batch: int, *, dynamic_dim: int = 1, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Random inputs of ``batch`` rows (zeros for integer inputs, which are often indices)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in signature.inputs:
-        shape = [dynamic_dim if d < 0 else d for d in spec.shape]
-        if signature.batchable:
-            shape[0] = batch
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+def warm_up(runner: Runner, meta: dict[str, Any], batch_sizes: set[int]) -> str | None:
+    """Run a freshly loaded engine once per batch size at the shapes its build resolved.
+    Returns why warm-up was skipped (the model rejects synthetic inputs), else None."""
+    report = meta.get("report", {})
+    skipped = report.get("skipped", {}).get("warmup")
+    if skipped:
+        return str(skipped)
+    signature = Signature.from_dict(meta["signature"])
+    resolved = {
+        name: shapes.ResolvedShape(tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]), s["source"])
+        for name, s in report.get("shapes", {}).items()
+    }
+    try:
+        for batch in sorted(batch_sizes):
+            runner.infer(shapes.synthetic_inputs(signature, resolved or None, batch))
+    except InvalidInput as exc:
+        return f"the model rejected kiln's synthetic inputs ({exc.message})"
+    return None
 
 
 def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candidate, str]:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from engines.backends.base import Backend
-from engines.build import BuildJob, overall_progress, synthetic_feeds
+from engines.build import BuildJob, overall_progress, warm_up
 from engines.errors import EngineError, StoreCorrupted
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
@@ -258,7 +258,7 @@ class EngineManager:
         try:
             max_batch = int(meta["max_batch_size"])
             if self.settings.warmup:
-                await asyncio.to_thread(_warm_up, runner, signature, {1, max_batch})
+                await asyncio.to_thread(warm_up, runner, meta, {1, max_batch})
         except Exception:
             runner.close()
             raise
@@ -384,7 +384,3 @@ class EngineManager:
             version.runner = None
             version.batcher = None
 
-
-def _warm_up(runner: Any, signature: Signature, batch_sizes: set[int]) -> None:
-    for batch in sorted(batch_sizes):
-        runner.infer(synthetic_feeds(signature, batch))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.build import BuildJob, run_build, synthetic_feeds
+from engines.build import BuildJob, run_build
+from engines.shapes import synthetic_inputs
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions, Signature, engine_cache_key
 from tests.models import reference_outputs
@@ -44,7 +45,7 @@ def test_engine_outputs_equal_onnxruntime_on_the_original(
     )
     try:
         for batch in (1, 3) if signature.batchable else (1,):
-            feeds = synthetic_feeds(signature, batch, seed=batch)
+            feeds = synthetic_inputs(signature, None, batch, seed=batch)
             if signature.inputs[0].dtype == "int64":
                 feeds = {k: np.random.default_rng(0).integers(0, 50, v.shape) for k, v in feeds.items()}
             got = runner.infer(feeds)
