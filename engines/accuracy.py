@@ -16,7 +16,8 @@ whole output for engines served unbatched):
 - ``top1_agreement``: the fraction of argmaxes over the last axis that agree, for
   floating-point outputs of rank 2 or more whose last axis has more than one element:
   one per row of a [batch, classes] output, one per position of a [batch, seq, vocab]
-  output. A flip between two values that the reference puts within TOP1_TIE of that
+  output (only when the model declares that last axis fixed: a vocabulary or class
+  axis, not one that grows with the input, like a detector's anchors). A flip between two values that the reference puts within TOP1_TIE of that
   row's range counts as agreement: it is a near-tie, not a changed decision (the box
   coordinates of a detector's anchors are full of them). Must be >= its threshold.
 - ``exact_match``: the fraction of samples that are identical, for integer and bool
@@ -46,7 +47,7 @@ import numpy as np
 
 from engines.backends.base import Runner
 from engines.calibration import iter_batches, sample_count
-from engines.types import Precision
+from engines.types import DYNAMIC, Precision
 
 HIGHER_IS_BETTER = {
     "cosine_similarity": (-1.0, 1.0),
@@ -162,10 +163,14 @@ def compare(
         if batched and not 1 <= size <= limit:
             raise ValueError(f"batch size {size} is outside the engines' range 1..{limit}")
     output_names = [spec.name for spec in reference.signature.outputs]
+    # Top-1 over the last axis of a rank-3+ output only where that axis has a fixed size.
+    class_axis = {
+        spec.name: spec.rank <= 2 or (spec.shape[-1] != DYNAMIC) for spec in reference.signature.outputs
+    }
 
     results = []
     for size in sizes:
-        stats = {name: _OutputStats() for name in output_names}
+        stats = {name: _OutputStats(top1_applies=class_axis[name]) for name in output_names}
         for feeds in iter_batches(samples, size, reference.signature):
             expected = reference.infer(feeds)
             got = candidate.infer(feeds)
@@ -226,6 +231,7 @@ class _OutputStats:
     top1_rows: int = 0
     top1_agreeing: int = 0
     top1_rank: int = 0
+    top1_applies: bool = True
     exact_samples: int = 0
     exact_matching: int = 0
     nonfinite: int = 0
@@ -256,7 +262,7 @@ class _OutputStats:
                 self.max_abs = max(self.max_abs, float(difference.max()))
             return
         self._add_floating(reference.astype(np.float64), candidate.astype(np.float64))
-        if expected.ndim >= 2 and expected.shape[-1] > 1:
+        if self.top1_applies and expected.ndim >= 2 and expected.shape[-1] > 1:
             self.top1_rank = expected.ndim
             self._add_top1(expected.reshape(-1, expected.shape[-1]), got.reshape(-1, got.shape[-1]))
 

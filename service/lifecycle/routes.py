@@ -80,6 +80,7 @@ async def upload_engine(request: Request) -> JSONResponse:
             settings,
             calibration_sha256=calibration.sha256 if calibration else None,
             validation_sha256=validation.sha256 if validation else None,
+            signature=signature,
         )
         state.store.add_model(model.path, model.sha256)
         if calibration:
