@@ -133,7 +133,8 @@ def iter_batches(
     count = sample_count(samples)
     for start in range(0, count, batch_size):
         yield {
-            name: array[start] if name in indexed else array[start : start + batch_size]
+            # [start, ...] keeps a scalar sample a 0-d array, not a numpy scalar.
+            name: array[start, ...] if name in indexed else array[start : start + batch_size]
             for name, array in samples.items()
         }
 

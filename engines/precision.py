@@ -336,8 +336,9 @@ def _check_quantizable(model: onnx.ModelProto) -> None:
     ops = sorted({node.op_type for node in model.graph.node})
     raise UnsupportedModel(
         "int8: nothing to quantize: the model has no "
-        f"{', '.join(QUANTIZED_OP_TYPES)} with float weights (its ops: {', '.join(ops[:12])}"
-        f"{'...' if len(ops) > 12 else ''}); serve it as fp32 or fp16"
+        f"{', '.join(QUANTIZED_OP_TYPES)} with float weights in its main graph (its ops: "
+        f"{', '.join(ops[:12])}{'...' if len(ops) > 12 else ''}; ops inside If or Loop "
+        "subgraphs are not quantized); serve it as fp32 or fp16"
     )
 
 
