@@ -17,9 +17,9 @@ whole output for engines served unbatched):
   floating-point outputs of rank 2 or more whose last axis has more than one element:
   one per row of a [batch, classes] output, one per position of a [batch, seq, vocab]
   output (only when the model declares that last axis fixed: a vocabulary or class
-  axis, not one that grows with the input, like a detector's anchors). A flip between two values that the reference puts within TOP1_TIE of that
-  row's range counts as agreement: it is a near-tie, not a changed decision (the box
-  coordinates of a detector's anchors are full of them). Must be >= its threshold.
+  axis, not one that grows with the input, like a detector's anchors). A flip between
+  two values that the reference puts within TOP1_TIE of that row's range counts as
+  agreement: it is a near-tie, not a changed decision. Must be >= its threshold.
 - ``exact_match``: the fraction of samples that are identical, for integer and bool
   outputs (class labels, indices). Must be >= its threshold.
 - ``max_abs_error``: the largest |candidate - reference| over all elements. Must be

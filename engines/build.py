@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from engines import shapes
 from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
-from engines import shapes
 from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidInput, InvalidModel
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore, sha256_file
@@ -277,7 +277,14 @@ def _precision_plan(
         if validation is not None:
             validation_report["samples"] = calib.sample_count(validation)
         return _PrecisionPlan(
-            precisions, calibration, validation, calibration_report, validation_report, resolved, rejected, note
+            precisions,
+            calibration,
+            validation,
+            calibration_report,
+            validation_report,
+            resolved,
+            rejected,
+            note,
         )
 
     if requested == Precision.FP32:
@@ -392,7 +399,6 @@ def _transform(
                 shutil.copyfile(model_path, onnx_path)
             else:
                 from engines import precision as transforms
-
                 from engines.calibration import iter_batches
 
                 assert plan.validation is not None

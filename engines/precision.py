@@ -67,7 +67,16 @@ leaves ONNX Runtime a dequantize-Relu-quantize chain; with calibrated zero point
 recipe also quantizes ORT_CHAIN_OP_TYPES."""
 
 ORT_CHAIN_OP_TYPES = (
-    "Relu", "Clip", "Add", "Mul", "Sigmoid", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize"
+    "Relu",
+    "Clip",
+    "Add",
+    "Mul",
+    "Sigmoid",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Concat",
+    "Resize",
 )
 """Ops between weighted ops that ONNX Runtime runs in int8 when they carry calibrated
 zero points, so a conv chain stays int8. Normalisations, reductions, Softmax, Div and
@@ -322,12 +331,7 @@ def _check_quantizable(model: onnx.ModelProto) -> None:
         for init in model.graph.initializer
         if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     }
-    constants = {
-        output
-        for node in model.graph.node
-        if node.op_type == "Constant"
-        for output in node.output
-    }
+    constants = {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
     for node in model.graph.node:
         if node.op_type in QUANTIZED_OP_TYPES and any(
             name in float_initializers or name in constants for name in node.input[1:2]

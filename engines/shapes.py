@@ -43,7 +43,7 @@ SOURCES = ("data", "shapes option", "graph", "default")
 HOW_TO_GIVE_SHAPES = (
     "give the model's real input shapes with the `shapes` option "
     '(e.g. shapes={"images": {"min": [1, 3, 320, 320], "opt": [1, 3, 640, 640], '
-    '"max": [1, 3, 1280, 1280]}}) or upload a \'validation\' .npz of real inputs'
+    "\"max\": [1, 3, 1280, 1280]}}) or upload a 'validation' .npz of real inputs"
 )
 
 
@@ -74,7 +74,9 @@ def dim_names(model: Any) -> dict[str, tuple[str | None, ...]]:
     names = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        names[value.name] = tuple(d.dim_param if d.HasField("dim_param") and d.dim_param else None for d in dims)
+        names[value.name] = tuple(
+            d.dim_param if d.HasField("dim_param") and d.dim_param else None for d in dims
+        )
     return names
 
 
@@ -105,7 +107,8 @@ def validate_shapes_option(signature: Signature, shapes: Iterable[ShapeRange]) -
                 )
             if not 1 <= low <= opt <= high:
                 raise ValueError(
-                    f"{where}: dimension {axis} needs 1 <= min <= opt <= max, got min={low}, opt={opt}, max={high}"
+                    f"{where}: dimension {axis} needs 1 <= min <= opt <= max, "
+                    f"got min={low}, opt={opt}, max={high}"
                 )
 
 
@@ -134,7 +137,9 @@ def resolve_shapes(
         return signature.batchable and axis == 0
 
     for spec in signature.inputs:
-        from_data = [_sample_shape(spec, sample_set[spec.name]) for sample_set in samples if spec.name in sample_set]
+        from_data = [
+            _sample_shape(spec, sample_set[spec.name]) for sample_set in samples if spec.name in sample_set
+        ]
         given = option.get(spec.name)
         if not from_data and given is None:
             continue
@@ -222,7 +227,9 @@ def synthetic_inputs(
         elif dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
         else:
-            raise ValueError(f"input '{spec.name}' has dtype {spec.dtype}, for which kiln cannot make up values")
+            raise ValueError(
+                f"input '{spec.name}' has dtype {spec.dtype}, for which kiln cannot make up values"
+            )
     return feeds
 
 

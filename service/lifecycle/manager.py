@@ -383,4 +383,3 @@ class EngineManager:
                 version.runner.close()
             version.runner = None
             version.batcher = None
-

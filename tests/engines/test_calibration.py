@@ -252,7 +252,9 @@ def test_an_input_without_a_sample_axis_needs_the_extra_axis(tmp_path: Path) -> 
     signature = Signature((TensorSpec("table", "float32", (3, 4)),), (LOGITS,), False, "fixed")
     path = write_npz(tmp_path / "c.npz", table=np.zeros((3, 4), dtype=np.float32))
 
-    with pytest.raises(CalibrationError, match=r"input 'table' has shape \[3, 4\] \(rank 2\), expected \[N, 3, 4\]"):
+    with pytest.raises(
+        CalibrationError, match=r"input 'table' has shape \[3, 4\] \(rank 2\), expected \[N, 3, 4\]"
+    ):
         load_samples(path, signature)
 
 

@@ -9,14 +9,20 @@ import pytest
 from engines.shapes import DEFAULT_DIM, resolve_shapes, synthetic_inputs, validate_shapes_option
 from engines.types import ShapeRange, Signature, TensorSpec
 
-IMAGES = Signature((TensorSpec("images", "float32", (-1, 3, -1, -1)),), (TensorSpec("y", "float32", (-1, 5)),), True)
+IMAGES = Signature(
+    (TensorSpec("images", "float32", (-1, 3, -1, -1)),), (TensorSpec("y", "float32", (-1, 5)),), True
+)
 TEXT = Signature(
     (TensorSpec("ids", "int64", (-1, -1)), TensorSpec("mask", "int64", (-1, -1))),
     (TensorSpec("y", "float32", (-1, -1, 8)),),
     True,
 )
 STATEFUL = Signature(
-    (TensorSpec("input", "float32", (-1, -1)), TensorSpec("state", "float32", (2, -1, 128)), TensorSpec("sr", "int64", ())),
+    (
+        TensorSpec("input", "float32", (-1, -1)),
+        TensorSpec("state", "float32", (2, -1, 128)),
+        TensorSpec("sr", "int64", ()),
+    ),
     (TensorSpec("y", "float32", (-1, 1)),),
     False,
     "scalar",

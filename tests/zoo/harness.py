@@ -87,14 +87,21 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
     backend = OnnxRuntimeBackend()
     key = engine_cache_key(model_sha, options, backend.device_signature())
     try:
-        meta = run_build(BuildJob(str(store.root), model_sha, options.to_dict(), backend.name, key, BATCH_SIZES))
+        meta = run_build(
+            BuildJob(str(store.root), model_sha, options.to_dict(), backend.name, key, BATCH_SIZES)
+        )
     except EngineError as exc:
         return Cell(model.name, precision, "refused", message=f"{exc.kind}: {exc.message}")
     signature = Signature.from_dict(meta["signature"])
     report = meta["report"]
     latency = report.get("latency_ms", {}).get("1")
     cell = Cell(
-        model.name, precision, "ready", served=meta["precision"], latency_ms=latency, signature=signature,
+        model.name,
+        precision,
+        "ready",
+        served=meta["precision"],
+        latency_ms=latency,
+        signature=signature,
         report=report,
     )
     cell.message = report.get("note", "") or "; ".join(report.get("skipped", {}).values())
@@ -122,7 +129,9 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
 _SHOWN = ("cosine_similarity", "top1_agreement", "exact_match", "decided_by")
 
 
-def _fp32_agreement(reference: Any, engine: Any, samples: dict[str, np.ndarray], signature: Signature) -> dict:
+def _fp32_agreement(
+    reference: Any, engine: Any, samples: dict[str, np.ndarray], signature: Signature
+) -> dict:
     worst: dict[str, float] = {}
     for feeds in iter_batches(samples, 1, signature):
         want = reference.infer(feeds)
@@ -130,7 +139,11 @@ def _fp32_agreement(reference: Any, engine: Any, samples: dict[str, np.ndarray],
         for name, expected in want.items():
             expected = np.asarray(expected, dtype=np.float64)
             scale = max(float(np.abs(expected).max()), 1e-12) if expected.size else 1.0
-            error = float(np.abs(np.asarray(got[name], dtype=np.float64) - expected).max()) / scale if expected.size else 0.0
+            error = (
+                float(np.abs(np.asarray(got[name], dtype=np.float64) - expected).max()) / scale
+                if expected.size
+                else 0.0
+            )
             worst[name] = max(worst.get(name, 0.0), error)
     return {name: {"max_error_relative_to_scale": error} for name, error in worst.items()}
 

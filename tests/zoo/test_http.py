@@ -30,14 +30,18 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         yield test_client
 
 
-def upload(client: TestClient, model: Path, name: str, precision: str, files: dict[str, bytes], **fields: str):
+def upload(
+    client: TestClient, model: Path, name: str, precision: str, files: dict[str, bytes], **fields: str
+):
     parts = {"model": (model.name, model.read_bytes(), "application/octet-stream")}
     parts.update({k: (f"{k}.npz", v, "application/octet-stream") for k, v in files.items()})
     return client.post("/engines", data={"name": name, "precision": precision, **fields}, files=parts)
 
 
 def predict(client: TestClient, engine: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    response = client.post("/predict", json={"engine": engine, "inputs": {k: v.tolist() for k, v in feeds.items()}})
+    response = client.post(
+        "/predict", json={"engine": engine, "inputs": {k: v.tolist() for k, v in feeds.items()}}
+    )
     assert response.status_code == 200, response.text
     return {k: np.asarray(v) for k, v in response.json()["outputs"].items()}
 
@@ -64,7 +68,9 @@ def test_yolov8n_with_dynamic_height_and_width(client: TestClient, tmp_path: Pat
     assert status["state"] == "ready", status
     image = zoo.samples(np.random.default_rng(9), 1)["images"]
     got = predict(client, f"yolo-{precision}", {"images": image})["output0"]
-    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"images": image})[0]
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"images": image})[
+        0
+    ]
     assert got.shape == want.shape == (1, 22, 2100)
     if precision == "fp32":
         np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()))
@@ -125,7 +131,9 @@ def test_sklearn_mlp_classifier(client: TestClient, tmp_path: Path, precision: s
     assert status["state"] == "ready", status
     x = zoo.samples(np.random.default_rng(3), 64)["X"]
     got = predict(client, f"mlp-{precision}", {"X": x})
-    label, probabilities = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"X": x})
+    label, probabilities = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(
+        None, {"X": x}
+    )
     assert got["label"].dtype.kind == "i"
     agreement = float(np.mean(got["label"] == label))
     if precision == "fp32":
