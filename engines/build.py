@@ -13,6 +13,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,16 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     )
                 )
         with phase_timer("accuracy"):
-            _check_accuracy(candidates, backend, signature, options, model_path, plan, batch_sizes)
+            _check_accuracy(
+                candidates,
+                backend,
+                signature,
+                options,
+                model_path,
+                plan,
+                batch_sizes,
+                _RepairSetup(workdir, timing_cache, backend.name == "tensorrt"),
+            )
         with phase_timer("profile"):
             for candidate in candidates:
                 if not candidate.accepted or plan.synthetic_rejected:
@@ -425,6 +435,13 @@ def _transform(
     return candidates, dropped
 
 
+@dataclass(frozen=True)
+class _RepairSetup:
+    workdir: Path
+    timing_cache: Path
+    symmetric_activations: bool
+
+
 def _check_accuracy(
     candidates: list[_Candidate],
     backend: Backend,
@@ -433,6 +450,7 @@ def _check_accuracy(
     model_path: Path,
     plan: _PrecisionPlan,
     batch_sizes: tuple[int, ...],
+    repair_setup: _RepairSetup,
 ) -> None:
     reference: Runner | None = None
     try:
@@ -445,21 +463,125 @@ def _check_accuracy(
                 from engines.backends.onnxruntime import OnnxRuntimeBackend
 
                 reference = OnnxRuntimeBackend().load(model_path, signature, options)
-            runner = backend.load(candidate.artifact_path, signature, options)
-            try:
+            assert plan.validation is not None
+            tolerance = accuracy.parse_tolerance(None, candidate.precision)
+            tolerance.update(dict(options.tolerance))
+
+            def gate(
+                artifact: Path, tolerance: dict[str, float] = tolerance, reference: Runner = reference
+            ) -> tuple[dict[str, Any], list[str]]:
                 assert plan.validation is not None
-                tolerance = accuracy.parse_tolerance(None, candidate.precision)
-                tolerance.update(dict(options.tolerance))
-                comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
-                candidate.report["accuracy"] = comparison
-                candidate.report["tolerance"] = tolerance
-                candidate.rejection = accuracy.check(comparison, tolerance)
-                candidate.accepted = not candidate.rejection
-            finally:
-                runner.close()
+                runner = backend.load(artifact, signature, options)
+                try:
+                    comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
+                finally:
+                    runner.close()
+                return comparison, accuracy.check(comparison, tolerance)
+
+            comparison, candidate.rejection = gate(candidate.artifact_path)
+            candidate.report["accuracy"] = comparison
+            candidate.report["tolerance"] = tolerance
+            if candidate.rejection and options.repair:
+                _repair(
+                    candidate,
+                    candidates,
+                    backend,
+                    signature,
+                    options,
+                    model_path,
+                    plan,
+                    batch_sizes,
+                    gate,
+                    repair_setup,
+                )
+            candidate.accepted = not candidate.rejection
     finally:
         if reference is not None:
             reference.close()
+
+
+def _repair(
+    candidate: _Candidate,
+    candidates: list[_Candidate],
+    backend: Backend,
+    signature: Signature,
+    options: BuildOptions,
+    model_path: Path,
+    plan: _PrecisionPlan,
+    batch_sizes: tuple[int, ...],
+    gate: Callable[[Path], tuple[dict[str, Any], list[str]]],
+    setup: _RepairSetup,
+) -> None:
+    """Repair a candidate that failed the gate (see ``engines.repair``); on success it
+    takes the repaired files and reports, and the repair report goes in either way."""
+    from engines import precision as transforms
+    from engines import repair
+    from engines.calibration import iter_batches
+
+    assert plan.validation is not None
+    validation = plan.validation
+    method = options.calibration_method if candidate.precision == Precision.INT8 else None
+
+    def convert(onnx_path: Path, kept: frozenset[str], method: CalibrationMethod | None) -> dict[str, Any]:
+        if candidate.precision == Precision.FP16:
+            first = next(iter_batches(validation, 1, signature))
+            return transforms.convert_fp16(model_path, onnx_path, feeds=first, keep_fp32=kept)
+        assert plan.calibration is not None and method is not None
+        return transforms.quantize_int8(
+            model_path,
+            onnx_path,
+            plan.calibration,
+            method=method,
+            symmetric_activations=setup.symmetric_activations,
+            exclude_nodes=kept,
+            signature=signature,
+        )
+
+    def build(onnx_path: Path, artifact: Path) -> dict[str, Any]:
+        return backend.build(onnx_path, signature, options, artifact, timing_cache_path=setup.timing_cache)
+
+    def profile(artifact: Path) -> dict[int, float]:
+        runner = backend.load(artifact, signature, options)
+        try:
+            return profile_latency(runner, signature, batch_sizes, plan.shapes)
+        finally:
+            runner.close()
+
+    def fp32_artifact() -> Path:
+        fp32 = next((c for c in candidates if c.precision == Precision.FP32), None)
+        if fp32 is not None:
+            return fp32.artifact_path
+        artifact = setup.workdir / "fp32-reference.engine"
+        if not artifact.exists():
+            build(model_path, artifact)
+        return artifact
+
+    failed = repair.Attempt(
+        candidate.onnx_path,
+        candidate.artifact_path,
+        candidate.report.get("transform", {}),
+        {},
+        candidate.report["accuracy"],
+        candidate.rejection,
+        method,
+    )
+    budget = repair.Budget(
+        options.repair_max_nodes or repair.default_node_budget(repair.weighted_node_count(model_path)),
+        options.repair_seconds,
+    )
+    tools = repair.RepairTools(
+        convert, build, gate, None if plan.synthetic_rejected else profile, fp32_artifact
+    )
+    result, report = repair.repair(
+        candidate.precision, model_path, validation, signature, failed, tools, budget, setup.workdir
+    )
+    candidate.report["repair"] = report
+    if result.passed:
+        candidate.onnx_path, candidate.artifact_path = result.onnx_path, result.artifact_path
+        candidate.report.update(result.build)
+        candidate.report["transform"] = result.transform
+        candidate.report["accuracy"] = result.comparison
+        candidate.rejection = []
 
 
 def profile_latency(
@@ -515,6 +637,7 @@ def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candid
                 details={
                     "accuracy": candidate.report.get("accuracy"),
                     "tolerance": candidate.report.get("tolerance"),
+                    **({"repair": candidate.report["repair"]} if "repair" in candidate.report else {}),
                 },
             )
         return candidate, f"{requested} was requested"
@@ -551,4 +674,8 @@ def _candidate_summary(candidate: _Candidate) -> dict[str, Any]:
     }
     if candidate.rejection:
         summary["rejection"] = candidate.rejection
+    if "repair" in candidate.report:
+        repair = candidate.report["repair"]
+        summary["repaired"] = repair["passed"]
+        summary["kept_fp32"] = [node["name"] for node in repair["kept_fp32"]]
     return summary

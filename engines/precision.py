@@ -151,6 +151,7 @@ def convert_fp16(
     # converted nodes; ONNX Runtime refuses such graphs.
     del converted.graph.value_info[:]
     repaired = _restore_io_types(model_types, converted.graph)
+    _drop_float16_round_trips(converted.graph)
     _sort_topologically(converted.graph)
 
     with _atomic_output(output_path) as temp_path:
@@ -689,6 +690,52 @@ def _restore_io_types(original: Mapping[str, int], graph: onnx.GraphProto) -> li
         tensor_type.elem_type = wanted
         repaired.append(value.name)
     return repaired
+
+
+def _drop_float16_round_trips(graph: onnx.GraphProto) -> None:
+    """Join neighbouring float32 nodes that the converter split with a float16 round trip.
+
+    The converter casts every block-listed node's outputs to float16 and back for the
+    next block-listed node, so a value kept in float32 because it leaves float16's range
+    still overflows between two kept nodes. A Cast to float32 of a Cast to float16 is
+    dropped and its readers read the float32 value; the float16 Cast stays only while
+    something else reads it.
+    """
+    producer = {output: node for node in graph.node for output in node.output}
+    graph_outputs = {value.name for value in graph.output}
+    replaced: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_target(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if (
+            first is not None
+            and first.op_type == "Cast"
+            and _cast_target(first) == onnx.TensorProto.FLOAT16
+            and node.output[0] not in graph_outputs
+        ):
+            replaced[node.output[0]] = first.input[0]
+    if not replaced:
+        return
+    kept = [node for node in graph.node if not (node.op_type == "Cast" and node.output[0] in replaced)]
+    for node in kept:
+        node.input[:] = [replaced.get(name, name) for name in node.input]
+    read = {name for node in kept for name in node.input} | graph_outputs
+    kept = [
+        node
+        for node in kept
+        if not (
+            node.op_type == "Cast"
+            and _cast_target(node) == onnx.TensorProto.FLOAT16
+            and node.output[0] not in read
+        )
+    ]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _cast_target(node: onnx.NodeProto) -> int | None:
+    return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
 
 
 def _sort_topologically(graph: onnx.GraphProto) -> None:
