@@ -106,7 +106,7 @@ def test_silero_vad_stateful_with_a_scalar_input(client: TestClient, tmp_path: P
         return
     assert status["state"] == "ready", status
     sample = zoo.samples(np.random.default_rng(5), 1)
-    feeds = {"input": sample["input"], "state": sample["state"][0], "sr": sample["sr"][0]}
+    feeds = {"input": sample["input"], "state": sample["state"][0], "sr": sample["sr"][0, ...]}
     got = predict(client, f"vad-{precision}", feeds)
     want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["output"], feeds)[0]
     tolerance = 1e-4 if precision == "fp32" else 0.05
