@@ -1,0 +1,230 @@
+"""Precision repair on models built to fail FP16 and INT8 (tests/repair_models.py):
+rejected with numbers without repair, served with the offending nodes kept in FP32
+with it, within the node and time budgets, and on both backends."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from engines import accuracy
+from engines.backends.onnxruntime import OnnxRuntimeBackend
+from engines.backends.tensorrt import split_artifact
+from engines.build import BuildJob, run_build
+from engines.calibration import load_samples
+from engines.errors import AccuracyRejected
+from engines.precision import convert_fp16
+from engines.repair import default_node_budget
+from engines.store import EngineStore, sha256_file
+from engines.types import BuildOptions, Precision, Signature, engine_cache_key
+from tests import repair_models
+from tests.fakes.install import TENSORRT_11, install_fake_gpu
+from tests.fakes.tensorrt import PLAN_MAGIC
+
+BATCH_SIZES = (1, 8)
+OVERFLOW_LAYER = {"MatMul1", "Add1", "Relu1", "MatMul2"}
+"""The layer whose activations leave float16's range, and the MatMul that scales them back."""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("repair-models")
+    return {
+        "fp16": repair_models.fp16_overflow_mlp(directory),
+        "int8": repair_models.int8_outlier_mlp(directory),
+    }
+
+
+def npz(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{repair_models.INPUT: samples})
+    return buffer.getvalue()
+
+
+def _put(store: EngineStore, data: bytes, *, model: bool = False) -> str:
+    temp = store.temp_path()
+    temp.write_bytes(data)
+    sha = sha256_file(temp)
+    (store.add_model if model else store.add_data)(temp, sha)
+    return sha
+
+
+def build(root: Path, model: Path, backend: str = "onnxruntime", **fields: Any) -> dict[str, Any]:
+    """Build ``model`` with calibration and validation data from the digits."""
+    store = EngineStore(root)
+    calibration, validation = repair_models.digits_split()
+    options = BuildOptions(
+        max_batch_size=max(BATCH_SIZES),
+        calibration_sha256=_put(store, npz(calibration)),
+        validation_sha256=_put(store, npz(validation)),
+        **fields,
+    )
+    model_sha = _put(store, model.read_bytes(), model=True)
+    if backend == "onnxruntime":
+        device = OnnxRuntimeBackend().device_signature()
+    else:
+        from engines.backends.tensorrt import TensorRTBackend
+
+        device = TensorRTBackend().device_signature()
+    key = engine_cache_key(model_sha, options, device)
+    return run_build(BuildJob(str(root), model_sha, options.to_dict(), backend, key, BATCH_SIZES))
+
+
+def served_outputs_match_fp32(root: Path, meta: dict[str, Any], model: Path) -> None:
+    """The committed engine passes the gate again, on its own, at every batch size."""
+    signature = Signature.from_dict(meta["signature"])
+    options = BuildOptions(max_batch_size=max(BATCH_SIZES))
+    backend = OnnxRuntimeBackend()
+    path = root / "judge.npz"
+    path.write_bytes(npz(repair_models.digits_split()[1]))
+    samples = load_samples(path, signature)
+    reference = backend.load(model, signature, options)
+    engine = backend.load(EngineStore(root).artifact_path(meta["cache_key"], meta), signature, options)
+    try:
+        comparison = accuracy.compare(reference, engine, samples, list(BATCH_SIZES))
+    finally:
+        reference.close()
+        engine.close()
+    tolerance = accuracy.parse_tolerance(None, Precision(meta["precision"]))
+    assert accuracy.check(comparison, tolerance) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_without_repair_the_candidate_is_rejected_with_its_numbers(
+    precision: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(AccuracyRejected) as caught:
+        build(tmp_path, models[precision], precision=Precision(precision), repair=False)
+    assert f"the {precision} engine is outside tolerance" in caught.value.message
+    assert "top1_agreement" in caught.value.message
+    details = caught.value.details
+    assert details["accuracy"]["batch_sizes"] == list(BATCH_SIZES)
+    assert "repair" not in details
+
+
+def test_fp16_repair_keeps_the_overflowing_layer_in_fp32(models: dict[str, Path], tmp_path: Path) -> None:
+    meta = build(tmp_path, models["fp16"], precision=Precision.FP16)
+    report = meta["report"]
+    repair = report["repair"]
+    assert meta["precision"] == "fp16" and repair["passed"]
+    # The numbers it failed with first, at every served batch size.
+    first = repair["failed_at_first"]
+    assert first["violations"] and first["accuracy"]["batch_sizes"] == list(BATCH_SIZES)
+    kept = {node["name"]: node for node in repair["kept_fp32"]}
+    assert set(kept) == OVERFLOW_LAYER
+    assert {node["op_type"] for node in kept.values()} == {"MatMul", "Add", "Relu"}
+    assert all(node["reason"].startswith("overflow:") for node in kept.values())
+    assert len(kept) <= repair["node_budget"] == default_node_budget(4)
+    # The served graph keeps exactly those nodes (and the converter's own list) in FP32.
+    assert set(report["transform"]["fp32_nodes"]) >= OVERFLOW_LAYER
+    assert accuracy.check(report["accuracy"], report["tolerance"]) == []
+    assert set(repair["latency_ms"]) == {"unrepaired", "repaired", "fp32"}
+    assert repair["latency_vs_fp32"] > 0 and repair["latency_vs_unrepaired"] > 0
+    assert repair["seconds"] > 0
+    served_outputs_match_fp32(tmp_path, meta, models["fp16"])
+
+
+def test_int8_repair_tries_calibration_methods_then_excludes_the_outlier_layer(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    meta = build(tmp_path, models["int8"], precision=Precision.INT8)
+    repair = meta["report"]["repair"]
+    assert meta["precision"] == "int8" and repair["passed"]
+    tried = [entry["method"] for entry in repair["calibration_methods"]]
+    assert tried == ["minmax", "percentile", "entropy"]
+    assert not any(entry["passed"] for entry in repair["calibration_methods"])
+    assert repair["calibration_method"] in tried
+    kept = [node["name"] for node in repair["kept_fp32"]]
+    # Only the layers on either side of the outlier channels, named as the quantizer
+    # names them after fusing MatMul+Add (MatMul2 reads the outliers).
+    assert 1 <= len(kept) <= repair["node_budget"]
+    assert any(name.startswith(repair_models.THIRD_LAYER_MATMUL) for name in kept), kept
+    assert set(meta["report"]["transform"]["excluded_nodes"]) == set(kept)
+    assert meta["report"]["transform"]["method"] == repair["calibration_method"]
+    served_outputs_match_fp32(tmp_path, meta, models["int8"])
+
+
+def test_auto_treats_repaired_candidates_like_any_other(models: dict[str, Path], tmp_path: Path) -> None:
+    meta = build(tmp_path, models["fp16"], precision=Precision.AUTO)
+    report = meta["report"]
+    candidates = {c["precision"]: c for c in report["candidates"]}
+    assert candidates["fp16"]["accepted"] and candidates["fp16"]["repaired"]
+    assert set(candidates["fp16"]["kept_fp32"]) == OVERFLOW_LAYER
+
+    def cost(candidate: dict[str, Any]) -> float:
+        fp32 = candidates["fp32"]["latency_ms"]
+        ratios = [candidate["latency_ms"][b] / fp32[b] for b in fp32]
+        return float(np.exp(np.mean(np.log(ratios))))
+
+    fastest = min((c for c in candidates.values() if c["accepted"]), key=cost)
+    assert meta["precision"] == fastest["precision"], report["choice"]
+    if meta["precision"] == "fp16":
+        assert report["repair"]["passed"]
+
+
+def test_node_budget_stops_the_repair_and_says_so(models: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(AccuracyRejected) as caught:
+        build(tmp_path, models["fp16"], precision=Precision.FP16, repair_max_nodes=2)
+    repair = caught.value.details["repair"]
+    assert not repair["passed"] and repair["node_budget"] == 2
+    assert "node budget (2 nodes) is spent" in repair["stopped"]
+
+
+def test_time_budget_stops_the_repair_and_says_so(models: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(AccuracyRejected) as caught:
+        build(tmp_path, models["fp16"], precision=Precision.FP16, repair_seconds=1e-6)
+    repair = caught.value.details["repair"]
+    assert not repair["passed"] and repair["kept_fp32"] == []
+    assert "time budget of 1e-06 s ran out" in repair["stopped"]
+
+
+def test_kept_neighbours_exchange_float32_without_a_float16_round_trip(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "kept.onnx"
+    convert_fp16(models["fp16"], out, keep_fp32=OVERFLOW_LAYER)
+    graph = onnx.load(out).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        if node.name in OVERFLOW_LAYER - {"MatMul1"}:
+            feeding = producer[node.input[0]]
+            assert feeding.name in OVERFLOW_LAYER, (node.name, feeding.name, feeding.op_type)
+
+
+def test_tensorrt_receives_the_repaired_onnx_with_kept_nodes_in_fp32(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contract: the strongly typed network is parsed from the repaired graph, in which
+    the kept nodes read and write float32 and the rest float16."""
+    gpu = install_fake_gpu(monkeypatch, tensorrt_version=TENSORRT_11)
+    meta = build(tmp_path, models["fp16"], backend="tensorrt", precision=Precision.FP16)
+    assert gpu.violations() == []
+    repair = meta["report"]["repair"]
+    assert repair["passed"] and {node["name"] for node in repair["kept_fp32"]} == OVERFLOW_LAYER
+    assert all(
+        network._flags & (1 << int(gpu.trt.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        for network in gpu.trt.networks
+    )
+    # The fake's plan carries the ONNX its network was parsed from.
+    artifact = EngineStore(tmp_path).artifact_path(meta["cache_key"], meta).read_bytes()
+    plan = bytes(split_artifact(artifact)[1])
+    (length,) = struct.unpack_from("<I", plan, len(PLAN_MAGIC))
+    served = onnx.load_model_from_string(plan[len(PLAN_MAGIC) + 4 + length :])
+    parsed = onnx.shape_inference.infer_shapes(served)
+    types = {value.name: value.type.tensor_type.elem_type for value in parsed.graph.value_info}
+    initializers = {init.name: init.data_type for init in parsed.graph.initializer}
+    types.update(initializers)
+    for node in parsed.graph.node:
+        if node.op_type == "MatMul":
+            weight_type = types[node.input[1]]
+            if node.name in OVERFLOW_LAYER:
+                assert weight_type == onnx.TensorProto.FLOAT, node.name
+                assert types[node.output[0]] == onnx.TensorProto.FLOAT, node.name
+            else:
+                assert weight_type == onnx.TensorProto.FLOAT16, node.name
