@@ -284,11 +284,12 @@ def _keep_nodes(
             if len(progress.kept) + len(chosen) + len(new) > budget.max_nodes:
                 break
             chosen.update(dict.fromkeys(new, blame.reason))
-        pending = []
         if not chosen:
             return current, (
-                f"the node budget ({budget.max_nodes} nodes) is spent: keeping the next node would exceed it"
+                f"the node budget is spent: {len(progress.kept)} of {budget.max_nodes} nodes kept, "
+                f"and the next culprit measured ({', '.join(pending[0].nodes)}) does not fit"
             )
+        pending = []
         progress.kept.update(chosen)
         started = time.perf_counter()
         current = attempt(frozenset(progress.kept), current.method)

@@ -15,6 +15,8 @@ by skl2onnx, then edited in a way FP32 does not notice and FP16 or INT8 does:
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,18 @@ SECOND_LAYER = ("MatMul1", "Add1", "Relu1")
 THIRD_LAYER_MATMUL = "MatMul2"
 
 
-def _trained(hidden: tuple[int, ...] = (64, 64, 64)) -> Any:
+def _trained() -> Any:
+    """A fresh copy of the trained classifier (trained once per process)."""
+    return copy.deepcopy(_train())
+
+
+@functools.cache
+def _train() -> Any:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     x_train, _, y_train, _ = digits_data()
-    classifier = MLPClassifier(hidden_layer_sizes=hidden, max_iter=40, random_state=0)
+    classifier = MLPClassifier(hidden_layer_sizes=(64, 64, 64), max_iter=40, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier.fit(x_train[:600], y_train[:600])

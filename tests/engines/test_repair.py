@@ -173,7 +173,7 @@ def test_node_budget_stops_the_repair_and_says_so(models: dict[str, Path], tmp_p
         build(tmp_path, models["fp16"], precision=Precision.FP16, repair_max_nodes=2)
     repair = caught.value.details["repair"]
     assert not repair["passed"] and repair["node_budget"] == 2
-    assert "node budget (2 nodes) is spent" in repair["stopped"]
+    assert "the node budget is spent: 2 of 2 nodes kept" in repair["stopped"]
 
 
 def test_time_budget_stops_the_repair_and_says_so(models: dict[str, Path], tmp_path: Path) -> None:
