@@ -91,11 +91,16 @@ _ORT_METHODS = {
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum")
+FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum", "GRU", "LSTM", "RNN")
 """Ops kept in float32 besides the converter's defaults (the ``ai.onnx.ml`` ops, TopK,
 Range, CumSum, NonMaxSuppression...): index results (ArgMax/ArgMin, NonZero) should not
 turn on float16 rounding, Resize's scales must be float32, and ONNX Runtime's CPU has no
-float16 Einsum."""
+float16 Einsum or recurrent kernels."""
+
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")
+"""In a graph with one of these, Transposes and the recurrent ops' direct neighbours stay
+float32 too: torch's float16 Transposes around a GRU crash ONNX Runtime 1.32's full graph
+optimization (a segmentation fault at session creation)."""
 
 
 def convert_fp16(
@@ -127,10 +132,18 @@ def convert_fp16(
     _name_nodes(model.graph)
     size_before = onnx_path.stat().st_size
     block_ops = set(DEFAULT_OP_BLOCK_LIST) | set(FP16_EXTRA_BLOCKED_OPS)
+    recurrent_io = {
+        name for node in model.graph.node if node.op_type in RECURRENT_OPS for name in (*node.input, *node.output)
+    }
+    if recurrent_io:
+        block_ops.add("Transpose")
     kept_fp32 = [
         node
         for node in model.graph.node
-        if node.op_type in block_ops or node.domain not in ("", "ai.onnx") or node.name in set(keep_fp32)
+        if node.op_type in block_ops
+        or node.domain not in ("", "ai.onnx")
+        or node.name in set(keep_fp32)
+        or recurrent_io & {*node.input, *node.output}
     ]
     casts_before = sum(node.op_type == "Cast" for node in model.graph.node)
     clamped = _values_outside_fp16_range(model)
