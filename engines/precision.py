@@ -133,7 +133,10 @@ def convert_fp16(
     size_before = onnx_path.stat().st_size
     block_ops = set(DEFAULT_OP_BLOCK_LIST) | set(FP16_EXTRA_BLOCKED_OPS)
     recurrent_io = {
-        name for node in model.graph.node if node.op_type in RECURRENT_OPS for name in (*node.input, *node.output)
+        name
+        for node in model.graph.node
+        if node.op_type in RECURRENT_OPS
+        for name in (*node.input, *node.output)
     }
     if recurrent_io:
         block_ops.add("Transpose")
@@ -164,8 +167,8 @@ def convert_fp16(
     # converted nodes; ONNX Runtime refuses such graphs.
     del converted.graph.value_info[:]
     repaired = _restore_io_types(model_types, converted.graph)
-    _drop_float16_round_trips(converted.graph)
     _sort_topologically(converted.graph)
+    _drop_float16_round_trips(converted)  # after sorting: shape inference reads in order
 
     with _atomic_output(output_path) as temp_path:
         _save(converted, temp_path, "fp16")
@@ -705,17 +708,31 @@ def _restore_io_types(original: Mapping[str, int], graph: onnx.GraphProto) -> li
     return repaired
 
 
-def _drop_float16_round_trips(graph: onnx.GraphProto) -> None:
+def _drop_float16_round_trips(model: onnx.ModelProto) -> None:
     """Join neighbouring float32 nodes that the converter split with a float16 round trip.
 
     The converter casts every block-listed node's outputs to float16 and back for the
     next block-listed node, so a value kept in float32 because it leaves float16's range
-    still overflows between two kept nodes. A Cast to float32 of a Cast to float16 is
-    dropped and its readers read the float32 value; the float16 Cast stays only while
-    something else reads it.
+    still overflows between two kept nodes. A Cast to float32 of a Cast to float16 of a
+    float32 value is dropped and its readers read the float32 value; the float16 Cast
+    stays only while something else reads it. Types come from ONNX shape inference; a
+    graph it cannot type is left as it is.
     """
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference fails on some custom domains: nothing is dropped
+        return
+    float32 = {
+        value.name
+        for value in (*inferred.value_info, *inferred.input, *inferred.output)
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    } | {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
     producer = {output: node for node in graph.node for output in node.output}
-    graph_outputs = {value.name for value in graph.output}
+    # Values read inside If/Loop bodies or leaving the graph keep their Casts.
+    untouchable = {value.name for value in graph.output}
+    for node in graph.node:
+        untouchable |= _subgraph_inputs(node)
     replaced: dict[str, str] = {}
     for node in graph.node:
         if node.op_type != "Cast" or _cast_target(node) != onnx.TensorProto.FLOAT:
@@ -725,7 +742,8 @@ def _drop_float16_round_trips(graph: onnx.GraphProto) -> None:
             first is not None
             and first.op_type == "Cast"
             and _cast_target(first) == onnx.TensorProto.FLOAT16
-            and node.output[0] not in graph_outputs
+            and first.input[0] in float32
+            and node.output[0] not in untouchable
         ):
             replaced[node.output[0]] = first.input[0]
     if not replaced:
@@ -733,7 +751,7 @@ def _drop_float16_round_trips(graph: onnx.GraphProto) -> None:
     kept = [node for node in graph.node if not (node.op_type == "Cast" and node.output[0] in replaced)]
     for node in kept:
         node.input[:] = [replaced.get(name, name) for name in node.input]
-    read = {name for node in kept for name in node.input} | graph_outputs
+    read = {name for node in kept for name in node.input} | untouchable
     kept = [
         node
         for node in kept
