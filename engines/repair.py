@@ -340,6 +340,19 @@ def _rank(
     graph = onnx.load(current.onnx_path, load_external_data=False).graph
     measured = _intermediates(current.onnx_path, samples, signature)
     error = {name: _relative_error(reference[name], measured[name]) for name in measured if name in reference}
+    # A node whose output the conversion renamed (a graph output behind a Cast) is
+    # measured where that value leaves through Cast or Q/DQ nodes under its old name.
+    forward = {node.input[0]: node.output[0] for node in graph.node if node.op_type in _PASS_THROUGH}
+
+    def output_error(name: str) -> float | None:
+        for _ in range(4):
+            if name in error:
+                return error[name]
+            if name not in forward:
+                break
+            name = forward[name]
+        return None
+
     sources = _sources_of(graph)
     producer = {output: node for node in graph.node for output in node.output}
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
@@ -355,7 +368,7 @@ def _rank(
     for node in graph.node:
         if node.op_type in _PASS_THROUGH:
             continue
-        out = max((error[name] for name in node.output if name in error), default=None)
+        out = max((e for name in node.output if (e := output_error(name)) is not None), default=None)
         if out is None:
             continue
         added = out - max((error.get(name, 0.0) for name in sources.get(node.name, ())), default=0.0)
@@ -395,7 +408,7 @@ def _intermediates(
     model_path: Path, samples: Mapping[str, np.ndarray], signature: Signature
 ) -> dict[str, np.ndarray]:
     """Every float tensor of the model on the first MEASURE_SAMPLES samples, flattened
-    per tensor, as float64."""
+    per tensor, as float32."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         modify_model_output_intermediate_tensors,
@@ -408,7 +421,7 @@ def _intermediates(
         modify_model_output_intermediate_tensors(model_path, augmented)
         activations = collect_activations(str(augmented), list(iter_batches(first, batch, signature)))
     return {
-        name: np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+        name: np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
         for name, arrays in activations.items()
     }
 
@@ -419,7 +432,7 @@ def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     finite = np.isfinite(reference)
     if np.any(finite & ~np.isfinite(candidate)):
         return ERROR_CAP
-    reference, candidate = reference[finite], candidate[finite]
+    reference, candidate = reference[finite].astype(np.float64), candidate[finite].astype(np.float64)
     norm = float(np.linalg.norm(reference))
     difference = float(np.linalg.norm(reference - candidate))
     if norm == 0.0:
