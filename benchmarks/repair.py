@@ -39,6 +39,7 @@ DEEP_CHANNELS = 16
 DEEP_SIZE = 16
 DEFECT_LAYER = 50
 BATCH_SIZES = (1, 8)
+SHOWN = ("precision", "accepted", "repaired", "kept_fp32", "latency_ms")
 
 
 def build(
@@ -159,9 +160,11 @@ def run_deep(work: Path) -> None:
     print(f"deep CNN: {weighted_node_count(healthy)} weighted nodes")
     for precision in ("fp16", "int8"):
         defective = deep_cnn(work / f"{precision}-defect.onnx", precision)
-        base, base_s = build(work / "store", healthy, precision, calibration, validation, repair=False)
-        rejected, rejected_s = build(work / "store", defective, precision, calibration, validation, repair=False)
-        repaired, repaired_s = build(work / "store", defective, precision, calibration, validation, repair=True)
+        store = work / "store"
+        base, base_s = build(store, healthy, precision, calibration, validation, repair=False)
+        rejected, rejected_s = build(store, defective, precision, calibration, validation, repair=False)
+        repaired, repaired_s = build(store, defective, precision, calibration, validation, repair=True)
+        auto, auto_s = build(store, defective, "auto", calibration, validation, repair=True)
         print(
             json.dumps(
                 {
@@ -170,6 +173,12 @@ def run_deep(work: Path) -> None:
                     "defective, repair=false": summary(rejected, rejected_s),
                     "defective, repaired": summary(repaired, repaired_s),
                     "repaired build / unrepaired build": round(repaired_s / base_s, 2),
+                    "defective, auto": {
+                        "seconds": round(auto_s, 2),
+                        "served": auto["precision"],
+                        "choice": auto["choice"],
+                        "candidates": [{k: c.get(k) for k in SHOWN} for c in auto["candidates"]],
+                    },
                 },
                 indent=1,
             )

@@ -104,6 +104,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             calibration_sha256=calibration_sha,
             synthetic_calibration=args.calibration == "synthetic",
+            repair=not args.no_repair,
         )
         batching = BatchingConfig(max_batch_size=args.max_batch_size)
         key = engine_cache_key(sha, options, backend.device_signature())
@@ -152,6 +153,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         "latency_ms": meta["report"].get("latency_ms"),
         "artifact_bytes": meta["artifact_bytes"],
     }
+    if "repair" in meta["report"]:
+        summary["kept_fp32"] = [node["name"] for node in meta["report"]["repair"]["kept_fp32"]]
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -183,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", help=".npz calibration data for int8, or 'synthetic' to calibrate on random data"
     )
     build.add_argument("--max-batch-size", type=int, default=8)
+    build.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="reject an fp16/int8 engine that fails the accuracy check instead of keeping "
+        "the nodes responsible in fp32",
+    )
     build.set_defaults(func=cmd_build)
 
     bench = sub.add_parser("bench", help="load-test a running kiln server")

@@ -95,3 +95,24 @@ def test_bad_repair_fields_are_a_400_naming_the_field(
     response = client.post("/engines", files=files, data={"name": "bad", "precision": "fp16", field: value})
     assert response.status_code == 400, response.text
     assert expected in response.json()["error"]["message"]
+
+
+def test_kiln_build_repairs_unless_told_not_to(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli.main import main
+
+    command = [
+        "build",
+        str(model),
+        "--store",
+        str(tmp_path),
+        "--precision",
+        "fp16",
+        "--backend",
+        "onnxruntime",
+    ]
+    assert main([*command, "--no-repair"]) == 1
+    assert "the fp16 engine is outside tolerance" in capsys.readouterr().err
+    assert main(command) == 0
+    assert '"kept_fp32": [' in capsys.readouterr().out
