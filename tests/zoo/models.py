@@ -274,12 +274,14 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
             names, outputs = ["pixel_values"], ["logits"]
             dynamic = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
         else:
-            config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+            config = transformers.GPT2Config(
+                vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+            config._attn_implementation = "eager"
             model = transformers.GPT2LMHeadModel(config)
-            model.config.use_cache = False
             inputs = (torch.randint(0, 100, (2, 16)),)
             names, outputs = ["input_ids"], ["logits"]
-            dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+            dynamic = {}
         model.eval()
 
         class Logits(torch.nn.Module):
@@ -288,20 +290,37 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
                 self.inner = model
 
             def forward(self, *args: torch.Tensor) -> torch.Tensor:
+                if kind == "gpt2":
+                    return self.inner(*args, return_dict=False, use_cache=False)[0]
                 return self.inner(*args, return_dict=False)[0]
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                Logits(),
-                inputs,
-                str(path),
-                dynamo=False,
-                input_names=names,
-                output_names=outputs,
-                dynamic_axes=dynamic,
-                opset_version=17,
-            )
+            if kind == "gpt2":
+                # The legacy exporter has no aten::diff, which transformers' causal mask uses.
+                batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
+                program = torch.onnx.export(
+                    Logits(),
+                    inputs,
+                    dynamo=True,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_shapes={"args": ({0: batch, 1: sequence},)},
+                    verbose=False,
+                )
+                assert program is not None
+                onnx.save(program.model_proto, path)
+            else:
+                torch.onnx.export(
+                    Logits(),
+                    inputs,
+                    str(path),
+                    dynamo=False,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_axes=dynamic,
+                    opset_version=17,
+                )
         return path
 
     return make
@@ -384,7 +403,7 @@ ZOO: tuple[ZooModel, ...] = (
     ),
     ZooModel(
         "hf-gpt2",
-        "transformers GPT2LMHeadModel (random config)",
+        "transformers GPT2LMHeadModel (random config), dynamo exporter",
         transformers_model("gpt2"),
         lambda rng, count: {"input_ids": rng.integers(0, 100, (count, 16)).astype(np.int64)},
     ),
