@@ -79,7 +79,7 @@ ORT_CHAIN_OP_TYPES = (
     "Resize",
 )
 """Ops between weighted ops that ONNX Runtime runs in int8 when they carry calibrated
-zero points, so a conv chain stays int8. Normalisations, reductions, Softmax, Div and
+zero points, so a conv chain stays int8 (conv nets only). Normalisations, reductions, Softmax, Div and
 shape or index ops stay float: int8 there costs accuracy and gains nothing."""
 
 _ORT_METHODS = {
@@ -235,6 +235,7 @@ def quantize_int8(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8")
     _check_quantizable(model)
+    convolutional = any(node.op_type in ("Conv", "ConvTranspose") for node in model.graph.node)
     count = _check_samples(model, samples)
     batch_size = _calibration_batch_size(model)
     opset_before = _opset(model)
@@ -264,7 +265,7 @@ def quantize_int8(
         report["pre_process"] = _pre_process(source, prepared)
 
         tensor_ranges = work / "ranges.json"
-        op_types = _op_types_to_quantize(symmetric_activations)
+        op_types = _op_types_to_quantize(symmetric_activations, convolutional)
         unusable = _calibrate(prepared, samples, method, op_types, batch_size, work, tensor_ranges, signature)
         kept_float = _touching(prepared, unusable)
         if kept_float:
@@ -512,8 +513,10 @@ def _touching(path: Path, tensors: Collection[str]) -> list[str]:
     return [node.name for node in model.graph.node if wanted & {*node.input, *node.output}]
 
 
-def _op_types_to_quantize(symmetric_activations: bool) -> list[str]:
-    if symmetric_activations:
+def _op_types_to_quantize(symmetric_activations: bool, convolutional: bool) -> list[str]:
+    """The weighted ops; for ONNX Runtime's recipe on a conv net, the chain ops too (in a
+    transformer, int8 residual Adds and Muls cost accuracy: there the weighted ops only)."""
+    if symmetric_activations or not convolutional:
         return list(QUANTIZED_OP_TYPES)
     return sorted({*QUANTIZED_OP_TYPES, *ORT_CHAIN_OP_TYPES})
 
