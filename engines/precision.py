@@ -137,6 +137,10 @@ def convert_fp16(
     }
     if recurrent_io:
         block_ops.add("Transpose")
+    # Constants float16 cannot hold (a BatchNormalization variance of 1e8) stay float32
+    # with the nodes that read them, instead of being clamped to 65504.
+    out_of_range = _constants_outside_fp16(model)
+    _constants_to_initializers(model, out_of_range)
     kept_fp32 = [
         node
         for node in model.graph.node
@@ -144,6 +148,7 @@ def convert_fp16(
         or node.domain not in ("", "ai.onnx")
         or node.name in set(keep_fp32)
         or recurrent_io & {*node.input, *node.output}
+        or out_of_range & {*node.input, *node.output}
     ]
     casts_before = sum(node.op_type == "Cast" for node in model.graph.node)
     clamped = _values_outside_fp16_range(model)
@@ -180,6 +185,7 @@ def convert_fp16(
         "fp32_nodes": [node.name for node in kept_fp32],
         "cast_nodes_added": sum(node.op_type == "Cast" for node in converted.graph.node) - casts_before,
         "initializer_values_clamped": clamped,
+        "fp32_constants_outside_fp16_range": sorted(out_of_range),
         "io_types_restored": repaired,
         "size_before_bytes": size_before,
         "size_after_bytes": output_path.stat().st_size,
@@ -759,6 +765,42 @@ def _values_outside_fp16_range(model: onnx.ModelProto) -> int:
         values = np.abs(numpy_helper.to_array(init))
         count += int(np.count_nonzero((values > 65504.0) | ((values > 0) & (values < 5.96e-08))))
     return count
+
+
+def _constants_outside_fp16(model: onnx.ModelProto) -> set[str]:
+    """Names of float initializers and Constant outputs with a finite value beyond
+    float16's largest (65504)."""
+    from onnx import numpy_helper
+
+    tensors = [(init.name, init) for init in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    tensors.append((node.output[0], attribute.t))
+    names = set()
+    for name, tensor in tensors:
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        values = np.abs(numpy_helper.to_array(tensor))
+        if np.any(np.isfinite(values) & (values > 65504.0)):
+            names.add(name)
+    return names
+
+
+def _constants_to_initializers(model: onnx.ModelProto, names: Collection[str]) -> None:
+    """Turn the Constant nodes making ``names`` into initializers: the converter keeps an
+    initializer float32 when only blocked nodes read it, but converts Constant nodes
+    (clamping their values) whatever the block list says."""
+    wanted = set(names)
+    constants = [node for node in model.graph.node if node.op_type == "Constant" and node.output[0] in wanted]
+    for node in constants:
+        value = next(attribute.t for attribute in node.attribute if attribute.name == "value")
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        model.graph.node.remove(node)
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:

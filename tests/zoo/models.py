@@ -46,6 +46,27 @@ def images(size: tuple[int, int], channels: int = 3) -> Callable[[np.random.Gene
     return make
 
 
+def documents(size: tuple[int, int]) -> Callable[[np.random.Generator, int], Samples]:
+    """White pages with dark glyph-like strokes in a few text lines, normalised the way
+    PaddleOCR feeds its models (ImageNet mean and std)."""
+
+    def make(rng: np.random.Generator, count: int) -> Samples:
+        height, width = size
+        pages = np.ones((count, 3, height, width), np.float32)
+        for page in pages:
+            for _ in range(max(1, height // 24)):
+                top = rng.integers(0, max(1, height - 12))
+                left = rng.integers(0, max(1, width - 48))
+                bottom, right = top + rng.integers(6, 12), left + rng.integers(24, width // 2 + 25)
+                line = page[:, top:bottom, left:right]
+                line[:, :, :: rng.integers(2, 4)] = rng.uniform(0.0, 0.3)
+        mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+        std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+        return {"x": (pages - mean) / std}
+
+    return make
+
+
 def named(make: Callable[[np.random.Generator, int], Samples], name: str) -> Callable[..., Samples]:
     def rename(rng: np.random.Generator, count: int) -> Samples:
         (array,) = make(rng, count).values()
@@ -344,19 +365,19 @@ ZOO: tuple[ZooModel, ...] = (
         "pp-ocr-det",
         "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
-        images((160, 160)),
+        documents((160, 160)),
     ),
     ZooModel(
         "pp-ocr-rec",
         "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
-        images((48, 160)),
+        documents((48, 160)),
     ),
     ZooModel(
         "pp-ocr-cls",
         "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        images((48, 192)),
+        documents((48, 192)),
     ),
     ZooModel(
         "magika",
