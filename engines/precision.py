@@ -133,7 +133,10 @@ def convert_fp16(
     size_before = onnx_path.stat().st_size
     block_ops = set(DEFAULT_OP_BLOCK_LIST) | set(FP16_EXTRA_BLOCKED_OPS)
     recurrent_io = {
-        name for node in model.graph.node if node.op_type in RECURRENT_OPS for name in (*node.input, *node.output)
+        name
+        for node in model.graph.node
+        if node.op_type in RECURRENT_OPS
+        for name in (*node.input, *node.output)
     }
     if recurrent_io:
         block_ops.add("Transpose")
