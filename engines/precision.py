@@ -60,27 +60,11 @@ TRT_QDQ_OPTIONS: dict[str, Any] = {
 }
 
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""The weighted ops, where int8 pays. TensorRT's recipe quantizes their inputs only and
-lets TensorRT fuse the rest. On the CPU, symmetric Q/DQ with a Relu between two convs
-leaves ONNX Runtime a dequantize-Relu-quantize chain; with calibrated zero points
-(``symmetric_activations=False``) ORT drops the Relu and keeps the chain in int8, so that
-recipe also quantizes ORT_CHAIN_OP_TYPES."""
-
-ORT_CHAIN_OP_TYPES = (
-    "Relu",
-    "Clip",
-    "Add",
-    "Mul",
-    "Sigmoid",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "Concat",
-    "Resize",
-)
-"""Ops between weighted ops that ONNX Runtime runs in int8 when they carry calibrated
-zero points, so a conv chain stays int8 (conv nets only). Normalisations, reductions, Softmax, Div and
-shape or index ops stay float: int8 there costs accuracy and gains nothing."""
+"""The weighted ops, where int8 pays; only their inputs get Q/DQ. For TensorRT that is
+NVIDIA's recipe (TensorRT fuses the rest). On this CPU, quantizing the ops between them
+too (Relu, Add, Mul, Sigmoid, pooling, Concat) was slower: with uint8 activations on
+one thread, YOLOv8n ran 2.3x FP32's speed (1.7x with those ops quantized) and a Relu
+conv net 5.3x (2.3x)."""
 
 _ORT_METHODS = {
     CalibrationMethod.MINMAX: "MinMax",
@@ -218,12 +202,12 @@ def quantize_int8(
     leaving out the nodes named in ``exclude_nodes``; run ``onnx.checker`` and run the
     model in ONNX Runtime on the first samples.
 
-    ``symmetric_activations=True`` is NVIDIA's recipe for TensorRT: Q/DQ on the inputs
-    of QUANTIZED_OP_TYPES only, their outputs left in float unless a consumer is
-    quantized, every zero point 0 (checked). ``False`` is for models only ONNX Runtime
-    runs: activations get calibrated zero points, which lets ONNX Runtime fold a Relu or
-    Clip into the preceding int8 convolution, and every op type ORT can quantize is
-    quantized; weights stay symmetric.
+    Q/DQ go on the inputs of QUANTIZED_OP_TYPES only, their outputs left in float unless
+    a consumer is quantized. ``symmetric_activations=True`` is NVIDIA's recipe for
+    TensorRT: int8 activations, every zero point 0 (checked). ``False`` is for models
+    only ONNX Runtime runs: uint8 activations with calibrated zero points and int8
+    weights (U8S8, the fastest int8 kernels on x86; int8 activations ran slower than
+    FP32 here).
 
     ORT's quantization tools write scratch files into the working directory and the
     system temp dir; both point at a work dir beside ``output_path`` while they run,
@@ -244,7 +228,6 @@ def quantize_int8(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8")
     _check_quantizable(model)
-    convolutional = any(node.op_type in ("Conv", "ConvTranspose") for node in model.graph.node)
     count = _check_samples(model, samples)
     batch_size = _calibration_batch_size(model)
     opset_before = _opset(model)
@@ -274,7 +257,7 @@ def quantize_int8(
         report["pre_process"] = _pre_process(source, prepared)
 
         tensor_ranges = work / "ranges.json"
-        op_types = _op_types_to_quantize(symmetric_activations, convolutional)
+        op_types = list(QUANTIZED_OP_TYPES)
         unusable = _calibrate(prepared, samples, method, op_types, batch_size, work, tensor_ranges, signature)
         kept_float = _touching(prepared, unusable)
         if kept_float:
@@ -286,9 +269,9 @@ def quantize_int8(
             # has nothing to do, and it crashes on per-channel MatMul weights.
             "QDQDisableWeightAdjustForInt32Bias": True,
         }
-        if symmetric_activations:
-            # NVIDIA's recipe: quantize the inputs of weighted ops, not their outputs.
-            extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+        # Quantize the inputs of weighted ops, not their outputs (NVIDIA's recipe; on the
+        # CPU a float output feeding a float op needs no Q/DQ either).
+        extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
         try:
             with _quiet_logger("root"), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
@@ -298,7 +281,7 @@ def quantize_int8(
                     calibration_cache_path=str(tensor_ranges),
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
-                    activation_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=_ort_method(method),
                     op_types_to_quantize=op_types,
@@ -520,14 +503,6 @@ def _touching(path: Path, tensors: Collection[str]) -> list[str]:
     wanted = set(tensors)
     model = onnx.load(path, load_external_data=False)
     return [node.name for node in model.graph.node if wanted & {*node.input, *node.output}]
-
-
-def _op_types_to_quantize(symmetric_activations: bool, convolutional: bool) -> list[str]:
-    """The weighted ops; for ONNX Runtime's recipe on a conv net, the chain ops too (in a
-    transformer, int8 residual Adds and Muls cost accuracy: there the weighted ops only)."""
-    if symmetric_activations or not convolutional:
-        return list(QUANTIZED_OP_TYPES)
-    return sorted({*QUANTIZED_OP_TYPES, *ORT_CHAIN_OP_TYPES})
 
 
 def _ort_method(method: CalibrationMethod) -> Any:
