@@ -60,8 +60,8 @@ TRT_QDQ_OPTIONS: dict[str, Any] = {
 }
 
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""The weighted ops, where int8 pays; only their inputs get Q/DQ. For TensorRT that is
-NVIDIA's recipe (TensorRT fuses the rest). On this CPU, quantizing the ops between them
+"""The weighted ops, where int8 pays. For TensorRT only their inputs get Q/DQ (NVIDIA's
+recipe; TensorRT fuses the rest). On this CPU, quantizing the ops between them
 too (Relu, Add, Mul, Sigmoid, pooling, Concat) was slower: with uint8 activations on
 one thread, YOLOv8n ran 2.3x FP32's speed (1.7x with those ops quantized) and a Relu
 conv net 5.3x (2.3x)."""
@@ -202,12 +202,12 @@ def quantize_int8(
     leaving out the nodes named in ``exclude_nodes``; run ``onnx.checker`` and run the
     model in ONNX Runtime on the first samples.
 
-    Q/DQ go on the inputs of QUANTIZED_OP_TYPES only, their outputs left in float unless
-    a consumer is quantized. ``symmetric_activations=True`` is NVIDIA's recipe for
-    TensorRT: int8 activations, every zero point 0 (checked). ``False`` is for models
-    only ONNX Runtime runs: uint8 activations with calibrated zero points and int8
-    weights (U8S8, the fastest int8 kernels on x86; int8 activations ran slower than
-    FP32 here).
+    Only QUANTIZED_OP_TYPES are quantized. ``symmetric_activations=True`` is NVIDIA's
+    recipe for TensorRT: Q/DQ on their inputs, their outputs left float, int8
+    activations, every zero point 0 (checked). ``False`` is for models only ONNX
+    Runtime runs: their outputs are quantized too (ONNX Runtime fuses DQ-Conv-Q into a
+    QLinearConv), uint8 activations with calibrated zero points and int8 weights
+    (U8S8, the fastest int8 kernels on x86; int8 activations ran slower than FP32).
 
     ORT's quantization tools write scratch files into the working directory and the
     system temp dir; both point at a work dir beside ``output_path`` while they run,
@@ -269,9 +269,10 @@ def quantize_int8(
             # has nothing to do, and it crashes on per-channel MatMul weights.
             "QDQDisableWeightAdjustForInt32Bias": True,
         }
-        # Quantize the inputs of weighted ops, not their outputs (NVIDIA's recipe; on the
-        # CPU a float output feeding a float op needs no Q/DQ either).
-        extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+        if symmetric_activations:
+            # NVIDIA's recipe: quantize the inputs of weighted ops, not their outputs.
+            # ONNX Runtime needs the Q after a Conv to fuse it into a QLinearConv.
+            extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
         try:
             with _quiet_logger("root"), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
