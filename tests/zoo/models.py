@@ -46,6 +46,27 @@ def images(size: tuple[int, int], channels: int = 3) -> Callable[[np.random.Gene
     return make
 
 
+def documents(size: tuple[int, int]) -> Callable[[np.random.Generator, int], Samples]:
+    """White pages with dark glyph-like strokes in a few text lines, normalised the way
+    PaddleOCR feeds its models (ImageNet mean and std)."""
+
+    def make(rng: np.random.Generator, count: int) -> Samples:
+        height, width = size
+        pages = np.ones((count, 3, height, width), np.float32)
+        for page in pages:
+            for _ in range(max(1, height // 24)):
+                top = rng.integers(0, max(1, height - 12))
+                left = rng.integers(0, max(1, width - 48))
+                bottom, right = top + rng.integers(6, 12), left + rng.integers(24, width // 2 + 25)
+                line = page[:, top:bottom, left:right]
+                line[:, :, :: rng.integers(2, 4)] = rng.uniform(0.0, 0.3)
+        mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+        std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+        return {"x": (pages - mean) / std}
+
+    return make
+
+
 def named(make: Callable[[np.random.Generator, int], Samples], name: str) -> Callable[..., Samples]:
     def rename(rng: np.random.Generator, count: int) -> Samples:
         (array,) = make(rng, count).values()
@@ -274,12 +295,14 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
             names, outputs = ["pixel_values"], ["logits"]
             dynamic = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
         else:
-            config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+            config = transformers.GPT2Config(
+                vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+            config._attn_implementation = "eager"
             model = transformers.GPT2LMHeadModel(config)
-            model.config.use_cache = False
             inputs = (torch.randint(0, 100, (2, 16)),)
             names, outputs = ["input_ids"], ["logits"]
-            dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+            dynamic = {}
         model.eval()
 
         class Logits(torch.nn.Module):
@@ -288,20 +311,37 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
                 self.inner = model
 
             def forward(self, *args: torch.Tensor) -> torch.Tensor:
+                if kind == "gpt2":
+                    return self.inner(*args, return_dict=False, use_cache=False)[0]
                 return self.inner(*args, return_dict=False)[0]
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                Logits(),
-                inputs,
-                str(path),
-                dynamo=False,
-                input_names=names,
-                output_names=outputs,
-                dynamic_axes=dynamic,
-                opset_version=17,
-            )
+            if kind == "gpt2":
+                # The legacy exporter has no aten::diff, which transformers' causal mask uses.
+                batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
+                program = torch.onnx.export(
+                    Logits(),
+                    inputs,
+                    dynamo=True,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_shapes={"args": ({0: batch, 1: sequence},)},
+                    verbose=False,
+                )
+                assert program is not None
+                onnx.save(program.model_proto, path)
+            else:
+                torch.onnx.export(
+                    Logits(),
+                    inputs,
+                    str(path),
+                    dynamo=False,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_axes=dynamic,
+                    opset_version=17,
+                )
         return path
 
     return make
@@ -325,19 +365,19 @@ ZOO: tuple[ZooModel, ...] = (
         "pp-ocr-det",
         "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
-        images((160, 160)),
+        documents((160, 160)),
     ),
     ZooModel(
         "pp-ocr-rec",
         "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
-        images((48, 160)),
+        documents((48, 160)),
     ),
     ZooModel(
         "pp-ocr-cls",
         "paddle2onnx (rapidocr-onnxruntime 1.4.4)",
         packaged("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        images((48, 192)),
+        documents((48, 192)),
     ),
     ZooModel(
         "magika",
@@ -384,7 +424,7 @@ ZOO: tuple[ZooModel, ...] = (
     ),
     ZooModel(
         "hf-gpt2",
-        "transformers GPT2LMHeadModel (random config)",
+        "transformers GPT2LMHeadModel (random config), dynamo exporter",
         transformers_model("gpt2"),
         lambda rng, count: {"input_ids": rng.integers(0, 100, (count, 16)).astype(np.int64)},
     ),
