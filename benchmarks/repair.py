@@ -152,13 +152,13 @@ def summary(result: dict[str, Any], seconds: float) -> dict[str, Any]:
     return row
 
 
-def run_deep(work: Path) -> None:
+def run_deep(work: Path, precisions: list[str]) -> None:
     rng = np.random.default_rng(0)
     calibration = {"image": rng.random((64, 3, DEEP_SIZE, DEEP_SIZE), dtype=np.float32)}
     validation = {"image": rng.random((32, 3, DEEP_SIZE, DEEP_SIZE), dtype=np.float32)}
     healthy = deep_cnn(work / "healthy.onnx", None)
     print(f"deep CNN: {weighted_node_count(healthy)} weighted nodes")
-    for precision in ("fp16", "int8"):
+    for precision in precisions:
         defective = deep_cnn(work / f"{precision}-defect.onnx", precision)
         store = work / "store"
         base, base_s = build(store, healthy, precision, calibration, validation, repair=False)
@@ -212,10 +212,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("deep", "zoo"))
     parser.add_argument("--models", help="comma-separated zoo model names (default: all)")
+    parser.add_argument("--precisions", default="fp16,int8", help="deep: which defects to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kiln-repair-") as scratch:
         if args.part == "deep":
-            run_deep(Path(scratch))
+            run_deep(Path(scratch), args.precisions.split(","))
         else:
             run_zoo(Path(scratch), args.models.split(",") if args.models else None)
 

@@ -17,9 +17,10 @@ served batch size, and stops at the first candidate that passes, when a budget r
    outputs minus the largest relative error of its inputs, each input traced back
    through Cast and Q/DQ nodes to the tensor both graphs share: the error the node
    itself adds.
-4. Keep the worst nodes in FP32 (FP16: the converter's node block list; INT8: left out
-   of Q/DQ insertion, together with the quantized nodes whose Q/DQ feeds them), 1, 1,
-   2, 4... at a time, measuring the new candidate again each round.
+4. Keep the worst nodes in FP32 (FP16: the converter's node block list; INT8: the
+   weighted ops left out of Q/DQ insertion, a blamed node together with the quantized
+   nodes whose Q/DQ pairs feed it, through a Relu or pooling between them), 1, 1, 2,
+   4... at a time, measuring the new candidate again each round.
 
 The repair owns no build step: the pipeline lends it ``RepairTools`` (convert, build,
 gate, profile), so a repaired candidate is made exactly like any other.
@@ -366,8 +367,23 @@ def _rank(
         if node.op_type in _PASS_THROUGH or node.name in kept:
             return False
         if precision == Precision.INT8:
-            return any(name in dequantized for name in node.input)
+            return node.op_type in WEIGHTED_OP_TYPES and any(name in dequantized for name in node.input)
         return node.name not in set(current.transform.get("fp32_nodes", ()))
+
+    def quantizing_producers(node: onnx.NodeProto, depth: int = 0) -> list[str]:
+        """The quantized nodes whose Q/DQ pairs feed ``node``: a weighted op quantizes
+        its output too, and a Relu or pooling between two weighted ops passes the
+        error of both pairs on."""
+        found = []
+        for name, source in zip(node.input, sources.get(node.name, ()), strict=True):
+            if name not in dequantized or source not in producer:
+                continue
+            feeding = producer[source]
+            if eligible(feeding):
+                found.append(feeding.name)
+            elif depth < 3 and feeding.op_type not in _PASS_THROUGH:
+                found += quantizing_producers(feeding, depth + 1)
+        return found
 
     blames = []
     for node in graph.node:
@@ -381,13 +397,8 @@ def _rank(
             continue
         nodes = [node.name] if eligible(node) else []
         if precision == Precision.INT8:
-            # The Q/DQ pair feeding this node may be its producer's: ORT quantizes the
-            # outputs of the ops it runs in int8, whoever reads them.
-            nodes += [
-                producer[source].name
-                for name, source in zip(node.input, sources.get(node.name, ()), strict=True)
-                if name in dequantized and source in producer and eligible(producer[source])
-            ]
+            nodes += quantizing_producers(node)
+        nodes = list(dict.fromkeys(nodes))
         if nodes:
             blames.append(_Blame(tuple(nodes), added, f"adds relative error {added:.3g}"))
     return sorted(blames, key=lambda blame: -blame.score)
