@@ -75,16 +75,18 @@ _ORT_METHODS = {
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum", "GRU", "LSTM", "RNN")
+FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum")
 """Ops kept in float32 besides the converter's defaults (the ``ai.onnx.ml`` ops, TopK,
 Range, CumSum, NonMaxSuppression...): index results (ArgMax/ArgMin, NonZero) should not
 turn on float16 rounding, Resize's scales must be float32, and ONNX Runtime's CPU has no
-float16 Einsum or recurrent kernels."""
+float16 Einsum."""
 
 RECURRENT_OPS = ("GRU", "LSTM", "RNN")
-"""In a graph with one of these, Transposes and the recurrent ops' direct neighbours stay
-float32 too: torch's float16 Transposes around a GRU crash ONNX Runtime 1.32's full graph
-optimization (a segmentation fault at session creation)."""
+"""In a main graph with one of these, the recurrent ops, their direct neighbours and the
+Transposes stay float32: torch's float16 Transposes around a GRU crash ONNX Runtime
+1.32's full graph optimization (a segmentation fault at session creation). Only by node
+name, in the main graph: blocking them inside an If or Loop body makes the converter put
+their Casts in the outer graph, before the values exist."""
 
 
 def convert_fp16(
@@ -122,8 +124,6 @@ def convert_fp16(
         if node.op_type in RECURRENT_OPS
         for name in (*node.input, *node.output)
     }
-    if recurrent_io:
-        block_ops.add("Transpose")
     # Constants float16 cannot hold (a BatchNormalization variance of 1e8) stay float32
     # with the nodes that read them, instead of being clamped to 65504.
     out_of_range = _constants_outside_fp16(model)
@@ -134,6 +134,7 @@ def convert_fp16(
         if node.op_type in block_ops
         or node.domain not in ("", "ai.onnx")
         or node.name in set(keep_fp32)
+        or (recurrent_io and node.op_type == "Transpose")
         or recurrent_io & {*node.input, *node.output}
         or out_of_range & {*node.input, *node.output}
     ]
@@ -696,8 +697,13 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
     """Order nodes so each comes after the producers of its inputs (stable otherwise).
 
     Names used inside a node's subgraphs count as its inputs, since a subgraph may read
-    outer-scope values. A graph with a cycle is left as it is for the checker to report.
+    outer-scope values; subgraphs (If and Loop bodies) are sorted too. A graph with a
+    cycle is left as it is for the checker to report.
     """
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]:
+                _sort_topologically(subgraph)
     nodes = list(graph.node)
     producer = {output: index for index, node in enumerate(nodes) for output in node.output}
     depends_on: list[set[int]] = []
