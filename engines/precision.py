@@ -200,7 +200,8 @@ def quantize_int8(
     with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one batch when the
     model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ with
     ``quantize_static`` (QDQ, QInt8/QInt8, per-channel weights, biases in float32),
-    leaving out the nodes named in ``exclude_nodes``; run ``onnx.checker`` and run the
+    leaving out the nodes named in ``exclude_nodes`` (unnamed nodes are named
+    ``<op type>_<index>``, as in ``convert_fp16``); run ``onnx.checker`` and run the
     model in ONNX Runtime on the first samples.
 
     Only QUANTIZED_OP_TYPES are quantized. ``symmetric_activations=True`` is NVIDIA's
@@ -251,7 +252,12 @@ def quantize_int8(
         source = onnx_path
         if per_channel and opset_before < PER_CHANNEL_MIN_OPSET:
             source = work / "upgraded.onnx"
-            _save(_upgrade_opset(model, PER_CHANNEL_MIN_OPSET), source, "int8")
+            model = _upgrade_opset(model, PER_CHANNEL_MIN_OPSET)
+            _name_nodes(model.graph)
+            _save(model, source, "int8")
+        elif _name_nodes(model.graph):
+            source = work / "named.onnx"
+            _save(model, source, "int8")
         del model  # the quantizer reads from disk; do not hold a second copy
 
         prepared = work / "prepared.onnx"
@@ -788,9 +794,12 @@ def _constants_to_initializers(model: onnx.ModelProto, names: Collection[str]) -
         model.graph.node.remove(node)
 
 
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every unnamed node a unique name: block lists and reports go by name."""
+def _name_nodes(graph: onnx.GraphProto) -> bool:
+    """Give every unnamed node a unique name, ``<op type>_<index>``: block lists,
+    exclusions and reports go by name, the same in fp16 and int8. Returns whether any
+    node was renamed."""
     taken = {node.name for node in graph.node if node.name}
+    renamed = False
     for index, node in enumerate(graph.node):
         if not node.name:
             name = f"{node.op_type}_{index}"
@@ -798,6 +807,8 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
                 name += "_"
             node.name = name
             taken.add(name)
+            renamed = True
+    return renamed
 
 
 @contextlib.contextmanager
