@@ -6,11 +6,13 @@ same graphs on the CPU, so both backends build from what this module writes:
 - ``convert_fp16``: float tensors become float16; graph inputs and outputs stay
   float32 behind Cast nodes, so the engine's signature does not change.
 - ``quantize_int8``: QuantizeLinear/DequantizeLinear pairs calibrated on samples
-  around the weighted ops, in the form TensorRT's explicit quantization accepts: int8,
-  symmetric (zero points 0), per-channel weights, per-tensor activations, biases left
-  in float32. ONNX Runtime fuses the same pairs into int8 kernels; a model that only
-  ONNX Runtime will run may take calibrated activation zero points instead, which it
-  runs faster still.
+  around the weighted ops. For TensorRT, in the form its explicit quantization
+  accepts: int8, symmetric (zero points 0), per-channel weights, per-tensor
+  activations, biases left in float32. For ONNX Runtime, uint8 activations with
+  calibrated zero points, which it fuses into its fastest int8 kernels.
+
+Both take the names of nodes to leave alone (``keep_fp32``, ``exclude_nodes``) and the
+int8 calibration method, so a caller can repair a precision loss node by node.
 
 Both run in a build child process. They write ``output_path`` atomically (a temp file
 in the same directory, then ``os.replace``), load and run the result in ONNX Runtime
@@ -199,7 +201,7 @@ def quantize_int8(
     inference, retried without it when it fails on the graph); calibrate on the samples
     with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one batch when the
     model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ with
-    ``quantize_static`` (QDQ, QInt8/QInt8, per-channel weights, biases in float32),
+    ``quantize_static`` (QDQ, int8 per-channel weights, biases in float32),
     leaving out the nodes named in ``exclude_nodes`` (unnamed nodes are named
     ``<op type>_<index>``, as in ``convert_fp16``); run ``onnx.checker`` and run the
     model in ONNX Runtime on the first samples.
