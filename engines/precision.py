@@ -6,11 +6,13 @@ same graphs on the CPU, so both backends build from what this module writes:
 - ``convert_fp16``: float tensors become float16; graph inputs and outputs stay
   float32 behind Cast nodes, so the engine's signature does not change.
 - ``quantize_int8``: QuantizeLinear/DequantizeLinear pairs calibrated on samples
-  around the weighted ops, in the form TensorRT's explicit quantization accepts: int8,
-  symmetric (zero points 0), per-channel weights, per-tensor activations, biases left
-  in float32. ONNX Runtime fuses the same pairs into int8 kernels; a model that only
-  ONNX Runtime will run may take calibrated activation zero points instead, which it
-  runs faster still.
+  around the weighted ops. For TensorRT, in the form its explicit quantization
+  accepts: int8, symmetric (zero points 0), per-channel weights, per-tensor
+  activations, biases left in float32. For ONNX Runtime, uint8 activations with
+  calibrated zero points, which it fuses into its fastest int8 kernels.
+
+Both take the names of nodes to leave alone (``keep_fp32``, ``exclude_nodes``) and the
+int8 calibration method, so a caller can repair a precision loss node by node.
 
 Both run in a build child process. They write ``output_path`` atomically (a temp file
 in the same directory, then ``os.replace``), load and run the result in ONNX Runtime
@@ -75,16 +77,18 @@ _ORT_METHODS = {
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum", "GRU", "LSTM", "RNN")
+FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum")
 """Ops kept in float32 besides the converter's defaults (the ``ai.onnx.ml`` ops, TopK,
 Range, CumSum, NonMaxSuppression...): index results (ArgMax/ArgMin, NonZero) should not
 turn on float16 rounding, Resize's scales must be float32, and ONNX Runtime's CPU has no
-float16 Einsum or recurrent kernels."""
+float16 Einsum."""
 
 RECURRENT_OPS = ("GRU", "LSTM", "RNN")
-"""In a graph with one of these, Transposes and the recurrent ops' direct neighbours stay
-float32 too: torch's float16 Transposes around a GRU crash ONNX Runtime 1.32's full graph
-optimization (a segmentation fault at session creation)."""
+"""In a main graph with one of these, the recurrent ops, their direct neighbours and the
+Transposes stay float32: torch's float16 Transposes around a GRU crash ONNX Runtime
+1.32's full graph optimization (a segmentation fault at session creation). Only by node
+name, in the main graph: blocking them inside an If or Loop body makes the converter put
+their Casts in the outer graph, before the values exist."""
 
 
 def convert_fp16(
@@ -122,8 +126,6 @@ def convert_fp16(
         if node.op_type in RECURRENT_OPS
         for name in (*node.input, *node.output)
     }
-    if recurrent_io:
-        block_ops.add("Transpose")
     # Constants float16 cannot hold (a BatchNormalization variance of 1e8) stay float32
     # with the nodes that read them, instead of being clamped to 65504.
     out_of_range = _constants_outside_fp16(model)
@@ -134,6 +136,7 @@ def convert_fp16(
         if node.op_type in block_ops
         or node.domain not in ("", "ai.onnx")
         or node.name in set(keep_fp32)
+        or (recurrent_io and node.op_type == "Transpose")
         or recurrent_io & {*node.input, *node.output}
         or out_of_range & {*node.input, *node.output}
     ]
@@ -199,8 +202,9 @@ def quantize_int8(
     inference, retried without it when it fails on the graph); calibrate on the samples
     with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one batch when the
     model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ with
-    ``quantize_static`` (QDQ, QInt8/QInt8, per-channel weights, biases in float32),
-    leaving out the nodes named in ``exclude_nodes``; run ``onnx.checker`` and run the
+    ``quantize_static`` (QDQ, int8 per-channel weights, biases in float32),
+    leaving out the nodes named in ``exclude_nodes`` (unnamed nodes are named
+    ``<op type>_<index>``, as in ``convert_fp16``); run ``onnx.checker`` and run the
     model in ONNX Runtime on the first samples.
 
     Only QUANTIZED_OP_TYPES are quantized. ``symmetric_activations=True`` is NVIDIA's
@@ -251,7 +255,12 @@ def quantize_int8(
         source = onnx_path
         if per_channel and opset_before < PER_CHANNEL_MIN_OPSET:
             source = work / "upgraded.onnx"
-            _save(_upgrade_opset(model, PER_CHANNEL_MIN_OPSET), source, "int8")
+            model = _upgrade_opset(model, PER_CHANNEL_MIN_OPSET)
+            _name_nodes(model.graph)
+            _save(model, source, "int8")
+        elif _name_nodes(model.graph):
+            source = work / "named.onnx"
+            _save(model, source, "int8")
         del model  # the quantizer reads from disk; do not hold a second copy
 
         prepared = work / "prepared.onnx"
@@ -758,8 +767,13 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
     """Order nodes so each comes after the producers of its inputs (stable otherwise).
 
     Names used inside a node's subgraphs count as its inputs, since a subgraph may read
-    outer-scope values. A graph with a cycle is left as it is for the checker to report.
+    outer-scope values; subgraphs (If and Loop bodies) are sorted too. A graph with a
+    cycle is left as it is for the checker to report.
     """
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]:
+                _sort_topologically(subgraph)
     nodes = list(graph.node)
     producer = {output: index for index, node in enumerate(nodes) for output in node.output}
     depends_on: list[set[int]] = []
@@ -844,9 +858,12 @@ def _constants_to_initializers(model: onnx.ModelProto, names: Collection[str]) -
         model.graph.node.remove(node)
 
 
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every unnamed node a unique name: block lists and reports go by name."""
+def _name_nodes(graph: onnx.GraphProto) -> bool:
+    """Give every unnamed node a unique name, ``<op type>_<index>``: block lists,
+    exclusions and reports go by name, the same in fp16 and int8. Returns whether any
+    node was renamed."""
     taken = {node.name for node in graph.node if node.name}
+    renamed = False
     for index, node in enumerate(graph.node):
         if not node.name:
             name = f"{node.op_type}_{index}"
@@ -854,6 +871,8 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
                 name += "_"
             node.name = name
             taken.add(name)
+            renamed = True
+    return renamed
 
 
 @contextlib.contextmanager
