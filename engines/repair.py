@@ -28,6 +28,7 @@ gate, profile), so a repaired candidate is made exactly like any other.
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -164,7 +165,7 @@ def repair(
         "time_budget_s": budget.seconds,
     }
     best, stopped = failed, None
-    counter = iter(range(1, 1_000_000))
+    counter = itertools.count(1)
 
     def attempt(kept: frozenset[str], method: CalibrationMethod | None) -> Attempt:
         index = next(counter)
@@ -190,7 +191,7 @@ def repair(
 
     try:
         if precision == Precision.INT8:
-            best, tried = _try_calibration_methods(failed, attempt, out_of_time, progress)
+            best, tried = _try_calibration_methods(failed, attempt, out_of_time)
             report["calibration_methods"] = tried
             report["calibration_method"] = str(best.method)
         if not best.passed:
@@ -224,7 +225,6 @@ def _try_calibration_methods(
     failed: Attempt,
     attempt: Callable[[frozenset[str], CalibrationMethod | None], Attempt],
     out_of_time: Callable[[float], str | None],
-    progress: _Progress,
 ) -> tuple[Attempt, list[dict[str, Any]]]:
     tried = [{"method": str(failed.method), "passed": False, "violations": failed.violations}]
     best = failed
