@@ -453,7 +453,7 @@ def _check_accuracy(
                 comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
                 candidate.report["accuracy"] = comparison
                 candidate.report["tolerance"] = tolerance
-                candidate.rejection = accuracy.check(comparison, tolerance, explicit=dict(options.tolerance))
+                candidate.rejection = accuracy.check(comparison, tolerance)
                 candidate.accepted = not candidate.rejection
             finally:
                 runner.close()
