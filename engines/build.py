@@ -476,7 +476,7 @@ def _check_accuracy(
                     comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
                 finally:
                     runner.close()
-                return comparison, accuracy.check(comparison, tolerance, explicit=dict(options.tolerance))
+                return comparison, accuracy.check(comparison, tolerance)
 
             comparison, candidate.rejection = gate(candidate.artifact_path)
             candidate.report["accuracy"] = comparison

@@ -292,25 +292,3 @@ def test_fp16_keeps_the_classifier_decisions(
     assert check(comparison, parse_tolerance(None, Precision.FP16)) == []
     for result in comparison["results"]:
         assert result["outputs"][DIGITS_OUTPUT]["top1_agreement"] >= 0.99
-
-
-def test_top1_decides_for_classifiers_unless_cosine_is_set_explicitly() -> None:
-    comparison = {
-        "results": [
-            {
-                "batch_size": 1,
-                "outputs": {
-                    "probs": {
-                        "cosine_similarity": 0.95,
-                        "top1_agreement": 1.0,
-                        "decided_by": "top1_agreement (per row)",
-                    },
-                    "embedding": {"cosine_similarity": 0.95, "decided_by": "cosine_similarity"},
-                },
-            }
-        ]
-    }
-    tolerance = {"cosine_similarity": 0.99, "top1_agreement": 0.98}
-
-    assert check(comparison, tolerance) == ["output 'embedding' at batch 1: cosine_similarity 0.95 < 0.99"]
-    assert len(check(comparison, tolerance, explicit={"cosine_similarity"})) == 2
