@@ -83,6 +83,9 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
             ShapeRange(name, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
             for name, r in (model.shapes or {}).items()
         ),
+        # The table shows each conversion as it is; repairing the failed ones takes
+        # minutes per cell and is measured by benchmarks/repair.py instead.
+        repair=False,
     )
     backend = OnnxRuntimeBackend()
     key = engine_cache_key(model_sha, options, backend.device_signature())
