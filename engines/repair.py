@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from engines.calibration import iter_batches
-from engines.errors import EngineError
+from engines.errors import BuildFailed, EngineError
 from engines.types import CalibrationMethod, Precision, Signature
 
 FP16_MAX = 65504.0
@@ -199,7 +199,7 @@ def repair(
                 precision, model_path, samples, signature, best, attempt, out_of_time, budget, progress
             )
     except EngineError as exc:
-        stopped = f"a repaired candidate could not be made: {exc.message}"
+        stopped = f"the repair failed: {exc.message}"
 
     kept_ops = _op_types(best.onnx_path, progress.kept)
     report.update(
@@ -434,8 +434,12 @@ def _intermediates(
     batch = MEASURE_SAMPLES if signature.batchable else 1
     with tempfile.TemporaryDirectory(prefix=".repair-", dir=model_path.parent) as scratch:
         augmented = Path(scratch) / "augmented.onnx"
-        modify_model_output_intermediate_tensors(model_path, augmented)
-        activations = collect_activations(str(augmented), list(iter_batches(first, batch, signature)))
+        try:
+            modify_model_output_intermediate_tensors(model_path, augmented)
+            activations = collect_activations(str(augmented), list(iter_batches(first, batch, signature)))
+        except Exception as exc:  # shape inference and ONNX Runtime raise their own types
+            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise BuildFailed(f"measuring the intermediate tensors of {model_path.name}: {text}") from exc
     return {
         name: np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
         for name, arrays in activations.items()

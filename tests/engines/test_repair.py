@@ -231,3 +231,19 @@ def test_tensorrt_receives_the_repaired_onnx_with_kept_nodes_in_fp32(
                 assert types[node.output[0]] == onnx.TensorProto.FLOAT, node.name
             else:
                 assert weight_type == onnx.TensorProto.FLOAT16, node.name
+
+
+def test_a_failing_measurement_ends_the_repair_with_its_reason(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxruntime.quantization import qdq_loss_debug
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no memory for the intermediate tensors")
+
+    monkeypatch.setattr(qdq_loss_debug, "collect_activations", broken)
+    with pytest.raises(AccuracyRejected) as caught:
+        build(tmp_path, models["fp16"], precision=Precision.FP16)
+    stopped = caught.value.details["repair"]["stopped"]
+    assert stopped.startswith("the repair failed: measuring the intermediate tensors")
+    assert "no memory for the intermediate tensors" in stopped
