@@ -41,9 +41,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def npz(samples: np.ndarray) -> bytes:
+def npz(**samples: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{repair_models.INPUT: samples})
+    np.savez(buffer, **samples)
     return buffer.getvalue()
 
 
@@ -55,14 +55,22 @@ def _put(store: EngineStore, data: bytes, *, model: bool = False) -> str:
     return sha
 
 
-def build(root: Path, model: Path, backend: str = "onnxruntime", **fields: Any) -> dict[str, Any]:
-    """Build ``model`` with calibration and validation data from the digits."""
+def build(
+    root: Path,
+    model: Path,
+    backend: str = "onnxruntime",
+    data: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Build ``model`` with calibration and validation ``data`` (default: the digits)."""
     store = EngineStore(root)
-    calibration, validation = repair_models.digits_split()
+    if data is None:
+        calibration, validation = repair_models.digits_split()
+        data = {repair_models.INPUT: calibration}, {repair_models.INPUT: validation}
     options = BuildOptions(
         max_batch_size=max(BATCH_SIZES),
-        calibration_sha256=_put(store, npz(calibration)),
-        validation_sha256=_put(store, npz(validation)),
+        calibration_sha256=_put(store, npz(**data[0])),
+        validation_sha256=_put(store, npz(**data[1])),
         **fields,
     )
     model_sha = _put(store, model.read_bytes(), model=True)
@@ -82,7 +90,7 @@ def served_outputs_match_fp32(root: Path, meta: dict[str, Any], model: Path) -> 
     options = BuildOptions(max_batch_size=max(BATCH_SIZES))
     backend = OnnxRuntimeBackend()
     path = root / "judge.npz"
-    path.write_bytes(npz(repair_models.digits_split()[1]))
+    path.write_bytes(npz(**{repair_models.INPUT: repair_models.digits_split()[1]}))
     samples = load_samples(path, signature)
     reference = backend.load(model, signature, options)
     engine = backend.load(EngineStore(root).artifact_path(meta["cache_key"], meta), signature, options)
@@ -247,3 +255,22 @@ def test_a_failing_measurement_ends_the_repair_with_its_reason(
     stopped = caught.value.details["repair"]["stopped"]
     assert stopped.startswith("the repair failed: measuring the intermediate tensors")
     assert "no memory for the intermediate tensors" in stopped
+
+
+@pytest.mark.slow
+def test_a_zoo_model_that_fails_int8_is_repaired(tmp_path: Path) -> None:
+    """PP-OCR's recognizer (paddle2onnx) fails INT8 with min-max calibration on the
+    zoo's text-page inputs; repair makes it pass (docs/BENCHMARKS.md: percentile)."""
+    from tests.zoo.harness import data_for
+    from tests.zoo.models import BY_NAME
+
+    zoo = BY_NAME["pp-ocr-rec"]
+    model = zoo.make(tmp_path / "zoo")
+    with pytest.raises(AccuracyRejected):
+        build(tmp_path / "plain", model, data=data_for(zoo), precision=Precision.INT8, repair=False)
+    meta = build(tmp_path / "repaired", model, data=data_for(zoo), precision=Precision.INT8)
+    repair = meta["report"]["repair"]
+    assert meta["precision"] == "int8" and repair["passed"]
+    assert repair["calibration_method"] != "minmax" or repair["kept_fp32"]
+    assert len(repair["kept_fp32"]) <= repair["node_budget"]
+    assert accuracy.check(meta["report"]["accuracy"], meta["report"]["tolerance"]) == []
