@@ -274,3 +274,31 @@ def test_a_zoo_model_that_fails_int8_is_repaired(tmp_path: Path) -> None:
     assert repair["calibration_method"] != "minmax" or repair["kept_fp32"]
     assert len(repair["kept_fp32"]) <= repair["node_budget"]
     assert accuracy.check(meta["report"]["accuracy"], meta["report"]["tolerance"]) == []
+
+
+def test_float16_round_trips_of_non_float32_values_stay(tmp_path: Path) -> None:
+    """An int64 length cast to float for a Range (kept float32 by the converter) must
+    not be rewired to the int64 value when the round trip through float16 is dropped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Gather", ["shape", "one"], ["length"], name="length", axis=0),
+            helper.make_node("Cast", ["length"], ["length_f"], name="to_float", to=TensorProto.FLOAT),
+            helper.make_node("Range", ["zero", "length_f", "step"], ["positions"], name="range"),
+            helper.make_node("Mul", ["x", "positions"], ["y"], name="scale"),
+        ],
+        "range_of_length",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "step"),
+        ],
+    )
+    source = tmp_path / "range.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    x = np.ones((2, 4), dtype=np.float32)
+    convert_fp16(source, tmp_path / "range16.onnx", feeds={"x": x})  # loads and runs, or raises
