@@ -158,7 +158,12 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 model_path,
                 plan,
                 batch_sizes,
-                _RepairSetup(workdir, timing_cache, backend.name == "tensorrt"),
+                _RepairSetup(
+                    workdir,
+                    timing_cache,
+                    backend.name == "tensorrt",
+                    lambda fraction: progress("accuracy", fraction),
+                ),
             )
         with phase_timer("profile"):
             for candidate in candidates:
@@ -440,6 +445,8 @@ class _RepairSetup:
     workdir: Path
     timing_cache: Path
     symmetric_activations: bool
+    progress: Callable[[float], None]
+    """The accuracy phase's progress while a repair runs (share of its time budget)."""
 
 
 def _check_accuracy(
@@ -570,7 +577,7 @@ def _repair(
         options.repair_seconds,
     )
     tools = repair.RepairTools(
-        convert, build, gate, None if plan.synthetic_rejected else profile, fp32_artifact
+        convert, build, gate, None if plan.synthetic_rejected else profile, fp32_artifact, setup.progress
     )
     result, report = repair.repair(
         candidate.precision, model_path, validation, signature, failed, tools, budget, setup.workdir

@@ -97,7 +97,8 @@ class RepairTools:
     with the FP32 model at every served batch size and returns (comparison,
     violations); ``profile(artifact)`` returns median latency per batch size, or is None
     when the model's inputs cannot be made up; ``fp32_artifact()`` returns the FP32
-    engine (built on first use).
+    engine (built on first use); ``progress(fraction)`` hears the share of the time
+    budget spent after each rebuild.
     """
 
     convert: Callable[[Path, frozenset[str], CalibrationMethod | None], dict[str, Any]]
@@ -105,6 +106,7 @@ class RepairTools:
     gate: Callable[[Path], tuple[dict[str, Any], list[str]]]
     profile: Callable[[Path], dict[int, float]] | None
     fp32_artifact: Callable[[], Path]
+    progress: Callable[[float], None]
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ def repair(
         transform = tools.convert(onnx_path, kept, method)
         build = tools.build(onnx_path, artifact_path)
         comparison, violations = tools.gate(artifact_path)
+        tools.progress(min(1.0, progress.elapsed() / budget.seconds))
         return Attempt(
             onnx_path, artifact_path, transform, build, comparison, violations, method, tuple(sorted(kept))
         )
