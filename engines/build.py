@@ -174,6 +174,10 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     candidate.latency_ms = profile_latency(runner, signature, batch_sizes, plan.shapes)
                 finally:
                     runner.close()
+                if "repair" in candidate.report:
+                    from engines.repair import add_latency_costs
+
+                    add_latency_costs(candidate.report["repair"], candidate.latency_ms)
         chosen, choice_reason = _choose(candidates, options.precision)
         with phase_timer("commit"):
             meta: dict[str, Any] = {
