@@ -70,12 +70,12 @@ COPY --from=cpu-build /opt/venv /opt/venv
 # bind without API keys unless KILN_ALLOW_UNAUTHENTICATED=true.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
-    KILN_HOST=0.0.0.0 KILN_PORT=8000 KILN_STORE=/var/lib/kiln/store \
+    KILN_HOST=0.0.0.0 KILN_PORT=8000 KILN_GRPC_PORT=8001 KILN_STORE=/var/lib/kiln/store \
     KILN_BACKEND=onnxruntime KILN_LOG_JSON=true
 VOLUME ["/var/lib/kiln/store"]
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=1200s --retries=3 \
   CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('KILN_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/live', timeout=4).status == 200 else 1)"]
@@ -97,12 +97,12 @@ COPY --from=gpu-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
     CUDA_MODULE_LOADING=LAZY \
-    KILN_HOST=0.0.0.0 KILN_PORT=8000 KILN_STORE=/var/lib/kiln/store \
+    KILN_HOST=0.0.0.0 KILN_PORT=8000 KILN_GRPC_PORT=8001 KILN_STORE=/var/lib/kiln/store \
     KILN_BACKEND=tensorrt KILN_LOG_JSON=true
 VOLUME ["/var/lib/kiln/store"]
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 # The start period covers a first start that builds TensorRT engines.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=1200s --retries=3 \

@@ -25,7 +25,7 @@ from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
 from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidInput, InvalidModel
 from engines.onnx_model import load_model, read_signature
-from engines.store import EngineStore, sha256_file
+from engines.store import EngineStore
 from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
@@ -103,11 +103,11 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
 
     with phase_timer("validate"):
         model_path = store.model_path(job.model_sha256)
-        if not model_path.exists() or sha256_file(model_path) != job.model_sha256:
+        if store.stored_model_sha256(job.model_sha256) != job.model_sha256:
             raise InvalidModel(
                 "the stored model is missing or its bytes changed (checksum mismatch); upload it again"
             )
-        model = load_model(model_path)
+        model = load_model(model_path, external_data=store.is_package(job.model_sha256))
         signature = read_signature(model)
         names = shapes.dim_names(model)
         from engines.precision import already_quantized
@@ -411,12 +411,11 @@ def _transform(
     candidates = []
     dropped: list[dict[str, Any]] = []
     for index, precision in enumerate(plan.precisions):
-        onnx_path = workdir / f"{precision}.onnx"
+        # FP32 builds from the stored model itself, whose external data lies beside it.
+        onnx_path = model_path if precision == Precision.FP32 else workdir / f"{precision}.onnx"
         report: dict[str, Any] = {}
         try:
-            if precision == Precision.FP32:
-                shutil.copyfile(model_path, onnx_path)
-            else:
+            if precision != Precision.FP32:
                 from engines import precision as transforms
                 from engines.calibration import iter_batches
 

@@ -55,10 +55,13 @@ def cpu_device_info() -> dict[str, Any]:
 def gpu_device_info(device_index: int = 0) -> dict[str, Any] | None:
     """The facts a TensorRT engine built on GPU ``device_index`` is tied to, or None.
 
-    Returns name, compute capability, total memory, SM count, the driver's CUDA
-    version and the CUDA runtime version. None when cuda-python is missing, no
-    driver or device is visible, or the index is out of range: never raises for that.
-    Not cached, so a process sees a driver that appears after start-up.
+    Returns name, compute capability, total memory and SM count: the GPU a plan was
+    tuned for. Not the driver's CUDA version nor cuda-python's runtime version: a
+    plan depends on TensorRT and the GPU, not on them (TensorRT support matrix,
+    "Engine portability"), and an upgrade of either must not rebuild every engine.
+    None when cuda-python is missing, no driver or device is visible, or the index
+    is out of range: never raises for that. Not cached, so a process sees a driver
+    that appears after start-up.
     """
     from engines.backends import cuda
     from engines.errors import BackendUnavailable
@@ -67,8 +70,6 @@ def gpu_device_info(device_index: int = 0) -> dict[str, Any] | None:
         if device_index >= cuda.device_count():
             return None
         props = cuda.device_properties(device_index)
-        driver = cuda.driver_version()
-        cuda_runtime = cuda.runtime_version()
     except (BackendUnavailable, cuda.CudaError):
         return None
     major, minor = props.compute_capability
@@ -78,6 +79,4 @@ def gpu_device_info(device_index: int = 0) -> dict[str, Any] | None:
         "compute_capability": f"{major}.{minor}",
         "total_memory_bytes": props.total_memory_bytes,
         "multiprocessor_count": props.multiprocessor_count,
-        "driver_version": driver,
-        "cuda_runtime_version": cuda_runtime,
     }

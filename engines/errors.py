@@ -67,3 +67,10 @@ class StoreCorrupted(EngineError):
     """A stored artifact failed its checksum or its metadata cannot be read."""
 
     kind = "store_corrupted"
+
+
+class DeviceLost(EngineError):
+    """The GPU is unusable for the rest of this process's life (a sticky CUDA error:
+    illegal address, launch failure, uncorrectable ECC). Only a new process recovers."""
+
+    kind = "device_lost"

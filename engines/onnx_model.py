@@ -1,17 +1,20 @@
 """Loading an uploaded ONNX model safely and reading its signature.
 
 ``load_model`` is the gate every upload passes before anything builds on it:
-size limit, protobuf decode, no external data (an upload is one file, so any
-external reference would point outside it), opset range, ``onnx.checker``
-with full shape inference, and a static check that no node creates a tensor
-from constant shapes too large to allocate (a few bytes of ``ConstantOfShape``
-or ``Expand`` can ask for terabytes at load or at the first request).
+size limit, protobuf decode, external data confined to the model's own package
+(see ``check_external_data``), opset range, ``onnx.checker`` with full shape
+inference, and a static check that no node creates a tensor from constant
+shapes too large to allocate (a few bytes of ``ConstantOfShape`` or ``Expand``
+can ask for terabytes at load or at the first request). The graph is read
+without its external data, so a model above protobuf's 2 GB limit is checked
+without ever being held as one message.
 ``read_signature`` turns the graph's inputs and outputs into ``TensorSpec``
 values and decides whether requests can be batched.
 """
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,11 @@ MIN_OPSET = 7
 """The oldest default-domain opset ONNX Runtime still loads."""
 
 DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3 - 1
-"""protobuf cannot parse a message of 2 GiB or more."""
+"""protobuf cannot parse a message of 2 GiB or more: larger models keep their
+weights in external data files."""
+
+EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum"})
+"""The keys of a tensor's ``external_data`` that the ONNX spec defines."""
 
 DEFAULT_MAX_STATIC_ELEMENTS = 1 << 28
 """The most elements a node may create from constant shapes (1 GiB of float32).
@@ -42,25 +49,40 @@ def max_supported_opset() -> int:
 def load_model(
     path: Path,
     *,
+    external_data: bool = False,
     max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     max_static_elements: int = DEFAULT_MAX_STATIC_ELEMENTS,
 ) -> onnx.ModelProto:
-    """Parse and check an ONNX file. Raises ``InvalidModel`` or ``UnsupportedModel``."""
+    """Parse and check an ONNX file. Raises ``InvalidModel`` or ``UnsupportedModel``.
+
+    With ``external_data``, the file's directory is its package (it holds this
+    model's files and nothing else) and external references must resolve to files
+    in it; without, any external reference is refused. The returned graph's
+    external tensors are not loaded."""
     size = path.stat().st_size
+    max_bytes = min(max_bytes, DEFAULT_MAX_MODEL_BYTES)
     if size == 0:
         raise InvalidModel("the model file is empty")
     if size > max_bytes:
-        raise InvalidModel(f"the model is {size} bytes; the limit is {max_bytes} bytes")
+        advice = (
+            " (protobuf's limit: save the weights as external data, "
+            "onnx.save_model(..., save_as_external_data=True), and send them with the graph)"
+            if max_bytes == DEFAULT_MAX_MODEL_BYTES
+            else ""
+        )
+        raise InvalidModel(f"the model's graph file is {size} bytes; the limit is {max_bytes} bytes{advice}")
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         raise InvalidModel(f"the file is not an ONNX model: {_short(exc)}") from exc
     if not model.graph.node and not model.graph.output:
         raise InvalidModel("the file is not an ONNX model: it holds no graph")
-    _refuse_external_data(model)
+    check_external_data(model, path.parent if external_data else None)
     _check_opset(model)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        # Given the path, the checker resolves external data in the model's folder
+        # (given the message, it would look in the working directory).
+        onnx.checker.check_model(str(path) if external_data else model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise InvalidModel(f"the ONNX checker rejected the model: {_short(exc)}") from exc
     except (ValueError, RuntimeError) as exc:
@@ -102,15 +124,162 @@ def _tensors_with_data(model: onnx.ModelProto) -> list[TensorProto]:
     return tensors
 
 
-def _refuse_external_data(model: onnx.ModelProto) -> None:
-    for tensor in _tensors_with_data(model):
-        if tensor.data_location == TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+def external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    """Every tensor of the model (subgraphs included) whose data is in an external file."""
+    return [t for t in _tensors_with_data(model) if t.data_location == TensorProto.EXTERNAL]
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The data files the model names, as normalised relative paths (after
+    ``check_external_data`` has passed)."""
+    return {confined_path(_external_info(t)["location"], "location") for t in external_tensors(model)}
+
+
+def external_data_bytes(model: onnx.ModelProto) -> int:
+    """How many bytes of tensor data the model keeps in external files."""
+    total = 0
+    for tensor in external_tensors(model):
+        length = _external_info(tensor).get("length")
+        total += int(length) if length is not None and length.isdigit() else _byte_size(tensor) or 0
+    return total
+
+
+def confined_path(name: str, what: str) -> str:
+    """``name`` as a normalised relative POSIX path that cannot leave its directory.
+
+    Refuses absolute paths, drive letters, backslashes, NUL bytes and ``..``: the
+    ONNX external-data path traversal class (CVE-2022-25882, CVE-2024-27318).
+    ``what`` names the value in the message. Raises ``InvalidModel``."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "\0" in name:
+        problem = "contains a NUL byte"
+    elif "\\" in name:
+        problem = "contains a backslash (paths use '/')"
+    elif name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        problem = "is an absolute path"
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if problem is None and ".." in parts:
+        problem = "climbs out of its directory with '..'"
+    if problem is None and not parts:
+        problem = "names no file"
+    if problem is not None:
+        raise InvalidModel(
+            f"{what} '{name[:200]}' {problem}; every file of a model must lie beside its "
+            "graph or in a folder below it"
+        )
+    return "/".join(parts)
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    info: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key not in EXTERNAL_DATA_KEYS:
             raise InvalidModel(
-                f"tensor '{tensor.name}' keeps its data in an external file '{location}'; "
-                "upload one self-contained .onnx file (onnx.save_model(..., "
-                "save_as_external_data=False))"
+                f"tensor '{tensor.name}' has an unknown external data key '{entry.key[:100]}'; "
+                f"ONNX defines only {', '.join(sorted(EXTERNAL_DATA_KEYS))}"
             )
+        if entry.key in info:
+            raise InvalidModel(f"tensor '{tensor.name}' names its external '{entry.key}' twice")
+        info[entry.key] = entry.value
+    if "location" not in info:
+        raise InvalidModel(f"tensor '{tensor.name}' keeps its data externally but names no file")
+    return info
+
+
+def check_external_data(model: onnx.ModelProto, package: Path | None) -> None:
+    """Every external reference stays inside ``package`` and fits the file it names.
+
+    Without a package (a model sent as one file) any external reference is refused,
+    saying which file to send with it. With one, each location must be a confined
+    relative path (``confined_path``) to a regular file in the package, reached
+    without symbolic links and with one hard link only, and its offset and length
+    must lie inside that file and match the tensor's size. Raises ``InvalidModel``."""
+    tensors = external_tensors(model)
+    if tensors and package is None:
+        location = _external_info(tensors[0]).get("location", "?")
+        raise InvalidModel(
+            f"tensor '{tensors[0].name}' keeps its data in an external file '{location[:200]}', "
+            "which was not sent: send the data files with the graph (a 'model_data' file part "
+            "per file, named as the graph names it) or the graph and its data in one .zip, "
+            ".tar or .tar.gz archive"
+        )
+    if package is None:
+        return
+    root = package.resolve()
+    sizes: dict[str, int] = {}
+    for tensor in tensors:
+        info = _external_info(tensor)
+        location = confined_path(info["location"], f"tensor '{tensor.name}': the data location")
+        if location not in sizes:
+            sizes[location] = _data_file_size(root, location, tensor.name)
+        _check_extent(tensor, info, sizes[location], location)
+
+
+def _data_file_size(root: Path, location: str, tensor_name: str) -> int:
+    """The size of a package's data file, refusing links, special files and escapes."""
+    path = root
+    for part in location.split("/"):
+        path = path / part
+        try:
+            mode = path.lstat()
+        except FileNotFoundError:
+            raise InvalidModel(
+                f"tensor '{tensor_name}' keeps its data in '{location}', which is not in the "
+                "upload: send that file with the graph (a 'model_data' file part named as the "
+                "graph names it, or the graph and its data files in one .zip, .tar or .tar.gz archive)"
+            ) from None
+        if stat.S_ISLNK(mode.st_mode):
+            raise InvalidModel(f"'{location}' (data of tensor '{tensor_name}') is a symbolic link")
+    if not stat.S_ISREG(mode.st_mode):
+        raise InvalidModel(f"'{location}' (data of tensor '{tensor_name}') is not a regular file")
+    if mode.st_nlink > 1:
+        raise InvalidModel(f"'{location}' (data of tensor '{tensor_name}') has several hard links")
+    if not path.resolve().is_relative_to(root):
+        raise InvalidModel(f"'{location}' (data of tensor '{tensor_name}') lies outside the upload")
+    return int(mode.st_size)
+
+
+def _check_extent(tensor: TensorProto, info: dict[str, str], file_size: int, location: str) -> None:
+    def number(key: str, default: int) -> int:
+        text = info.get(key)
+        if text is None:
+            return default
+        if not text.isdigit() or len(text) > 20:
+            raise InvalidModel(
+                f"tensor '{tensor.name}' has an external {key} '{text[:40]}' that is not a size"
+            )
+        return int(text)
+
+    offset = number("offset", 0)
+    length = number("length", max(file_size - offset, 0))
+    if offset + length > file_size:
+        raise InvalidModel(
+            f"tensor '{tensor.name}' reads bytes {offset} to {offset + length} of '{location}', "
+            f"which has {file_size} bytes"
+        )
+    expected = _byte_size(tensor)
+    if expected is not None and expected != length:
+        raise InvalidModel(
+            f"tensor '{tensor.name}' of shape {list(tensor.dims)} needs {expected} bytes but "
+            f"its external data in '{location}' is {length} bytes long"
+        )
+
+
+_UNSIZED_TYPES = frozenset({"STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2"})
+"""Element types whose raw size is not elements x item size (strings, packed sub-byte)."""
+
+
+def _byte_size(tensor: TensorProto) -> int | None:
+    """The raw bytes a tensor holds; None where the element type does not fix it."""
+    try:
+        if TensorProto.DataType.Name(tensor.data_type) in _UNSIZED_TYPES:
+            return None
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return _product(list(tensor.dims)) * itemsize
 
 
 _CONSTANT_VALUE_LIMIT = 64

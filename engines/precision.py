@@ -39,6 +39,7 @@ import onnx
 
 from engines.calibration import iter_batches, sample_count
 from engines.errors import BuildFailed, CalibrationError, UnsupportedModel
+from engines.store import atomic_output
 from engines.types import CalibrationMethod, Signature
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def convert_fp16(
     _sort_topologically(converted.graph)
     _drop_float16_round_trips(converted)  # after sorting: shape inference reads in order
 
-    with _atomic_output(output_path) as temp_path:
+    with atomic_output(output_path) as temp_path:
         _save(converted, temp_path, "fp16")
         _check(temp_path, "fp16")
         _smoke_run(temp_path, "fp16", feeds=feeds)
@@ -248,7 +249,7 @@ def quantize_int8(
 
     with (
         tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent) as workdir,
-        _atomic_output(output_path) as temp_path,
+        atomic_output(output_path) as temp_path,
         _scratch_in(Path(workdir)),
     ):
         work = Path(workdir)
@@ -634,22 +635,6 @@ def _smoke_run(path: Path, step: str, *, feeds: Mapping[str, np.ndarray] | None)
         raise BuildFailed(f"{step}: the converted model fails to run in ONNX Runtime: {_short(exc)}") from exc
     if not outputs:
         raise BuildFailed(f"{step}: the converted model produced no outputs")
-
-
-@contextlib.contextmanager
-def _atomic_output(output_path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``output_path``; move it into place only on success."""
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{output_path.name}.", dir=output_path.parent)
-    os.close(handle)
-    temp_path = Path(name)
-    try:
-        yield temp_path
-        with temp_path.open("rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp_path, output_path)
-    finally:
-        temp_path.unlink(missing_ok=True)
 
 
 def _restore_io_types(original: Mapping[str, int], graph: onnx.GraphProto) -> list[str]:

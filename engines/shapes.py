@@ -80,34 +80,37 @@ def dim_names(model: Any) -> dict[str, tuple[str | None, ...]]:
     return names
 
 
-def validate_shapes_option(signature: Signature, shapes: Iterable[ShapeRange]) -> None:
-    """Check a ``shapes`` option against the signature; raise ``ValueError`` saying what
-    is wrong and what to send. Axis 0 of a batchable model is the batch: its values are
-    ignored (the batching limits set it), other fixed dims must be repeated as they are."""
-    names = [spec.name for spec in signature.inputs]
-    for shape_range in shapes:
-        spec = signature.input(shape_range.input_name)
-        where = f"shapes.{shape_range.input_name}"
+def validate_shapes(signature: Signature, shapes: tuple[ShapeRange, ...]) -> None:
+    """Raise ``ValueError`` naming the input and what to send when a range cannot
+    apply to the model: an unknown input, a wrong rank, a fixed dimension changed,
+    or bounds not ordered 0 <= min <= opt <= max. Axis 0 of a batchable model is
+    set by the batching limits, so its values are not checked."""
+    inputs = {spec.name: spec for spec in signature.inputs}
+    for given in shapes:
+        spec = inputs.get(given.input_name)
         if spec is None:
-            raise ValueError(f"{where}: the model has no input of that name; its inputs are {names}")
-        for label, bound in (("min", shape_range.min), ("opt", shape_range.opt), ("max", shape_range.max)):
+            raise ValueError(
+                f"shapes names input '{given.input_name}' that the model does not have; "
+                f"its inputs are {sorted(inputs)}"
+            )
+        for label, bound in (("min", given.min), ("opt", given.opt), ("max", given.max)):
             if len(bound) != spec.rank:
                 raise ValueError(
-                    f"{where}.{label} {list(bound)} has rank {len(bound)}; the input has shape "
-                    f"{_shown(spec.shape)} (rank {spec.rank})"
+                    f"shapes.{spec.name}.{label} {list(bound)} has rank {len(bound)}; the input has "
+                    f"rank {spec.rank} (shape {list(spec.shape)}, -1 = dynamic)"
                 )
         for axis, dim in enumerate(spec.shape):
             if signature.batchable and axis == 0:
                 continue
-            low, opt, high = shape_range.min[axis], shape_range.opt[axis], shape_range.max[axis]
-            if dim != DYNAMIC and (low, opt, high) != (dim, dim, dim):
+            low, opt, high = given.min[axis], given.opt[axis], given.max[axis]
+            if dim >= 0 and (low, opt, high) != (dim, dim, dim):
                 raise ValueError(
-                    f"{where}: dimension {axis} is fixed at {dim} by the model; min, opt and max must all "
-                    f"be {dim} there (got {low}, {opt}, {high})"
+                    f"shapes.{spec.name}: the model fixes dimension {axis} at {dim}; "
+                    f"min, opt and max must all be {dim} there"
                 )
-            if not 1 <= low <= opt <= high:
+            if not 0 <= low <= opt <= high:
                 raise ValueError(
-                    f"{where}: dimension {axis} needs 1 <= min <= opt <= max, "
+                    f"shapes.{spec.name} dimension {axis}: need 0 <= min <= opt <= max, "
                     f"got min={low}, opt={opt}, max={high}"
                 )
 
@@ -125,7 +128,7 @@ def resolve_shapes(
     ``samples``: sample sets (calibration, validation) in ``load_samples``' layout.
     ``names``: symbolic dim names per input (``dim_names(model)``), so shared names
     get one value. ``batch``: the (min, opt, max) of a batchable model's axis 0.
-    Assumes ``validate_shapes_option`` passed.
+    Assumes ``validate_shapes`` passed.
     """
     option = {shape_range.input_name: shape_range for shape_range in shapes_option}
     names = names or {}

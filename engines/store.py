@@ -3,8 +3,11 @@
 Layout under the root directory::
 
     models/<sha256>.onnx            uploaded models, by content hash
+    models/<sha256>/model.onnx      a model with external data: the graph, and its data
+    models/<sha256>/<location>      files at the locations it names (sha256: ``package_sha256``)
     data/<sha256>.npz               calibration and validation sets, by content hash
-    engines/<cache key>/engine.*    built artifacts (backend-specific suffix)
+    engines/<cache key>/engine.*    built artifacts (backend-specific suffix), and the
+                                    weights of a large ONNX artifact (``<name>.data``)
     engines/<cache key>/meta.json   what was built, how, how well; the artifact's sha256
     records/<name>/<version>.json   the served versions: options, state, error
     timing/<device key>.cache       TensorRT timing caches, one per device signature
@@ -35,6 +38,9 @@ from engines.errors import StoreCorrupted
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
 
+PACKAGE_GRAPH = "model.onnx"
+"""The graph's file name inside a stored model package."""
+
 
 def sha256_file(path: Path) -> str:
     hasher = hashlib.sha256()
@@ -42,6 +48,19 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             hasher.update(chunk)
     return hasher.hexdigest()
+
+
+def package_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (a model package), sorted by relative path."""
+    return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def package_sha256(root: Path) -> str:
+    """A model package's content address: the sha256 of its ``sha256sum``-style
+    listing (``<file sha256>  <relative path>`` per line, sorted by path), so that
+    the same graph and data files always get the same address."""
+    listing = "".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in package_files(root))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,6 +74,34 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def publish(source: Path, destination: Path) -> None:
+    """fsync ``source`` and rename it onto ``destination`` (same filesystem), then
+    fsync the directory: after a crash, ``destination`` is the old file or the new
+    one, never a partial one."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with source.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(source, destination)
+    _fsync_dir(destination.parent)
+
+
+@contextmanager
+def atomic_output(destination: Path, *, temp_dir: Path | None = None) -> Iterator[Path]:
+    """The one way kiln writes a file atomically: write to the yielded temp path (in
+    ``temp_dir``, by default beside ``destination``); when the block ends without an
+    error it is published onto ``destination``, otherwise removed."""
+    directory = temp_dir or destination.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(fd)
+    temp = Path(name)
+    try:
+        yield temp
+        publish(temp, destination)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 class EngineStore:
@@ -89,20 +136,11 @@ class EngineStore:
         return Path(name)
 
     def publish(self, source: Path, destination: Path) -> None:
-        """fsync ``source`` and rename it to ``destination`` (same filesystem)."""
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with source.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(source, destination)
-        _fsync_dir(destination.parent)
+        publish(source, destination)
 
     def write_bytes(self, destination: Path, data: bytes) -> None:
-        path = self.temp_path()
-        try:
+        with atomic_output(destination, temp_dir=self.root / "tmp") as path:
             path.write_bytes(data)
-            self.publish(path, destination)
-        finally:
-            path.unlink(missing_ok=True)
 
     def write_json(self, destination: Path, value: Any) -> None:
         self.write_bytes(destination, json.dumps(value, indent=2, sort_keys=True).encode())
@@ -136,7 +174,25 @@ class EngineStore:
     # -- models and data sets -------------------------------------------------
 
     def model_path(self, sha256: str) -> Path:
+        """The stored graph: ``models/<sha>.onnx``, or a package's ``model.onnx``."""
+        if self.is_package(sha256):
+            return self._package_dir(sha256) / PACKAGE_GRAPH
         return self.root / "models" / f"{_checked_sha(sha256)}.onnx"
+
+    def _package_dir(self, sha256: str) -> Path:
+        return self.root / "models" / _checked_sha(sha256)
+
+    def is_package(self, sha256: str) -> bool:
+        """Whether this model is stored with external data files beside its graph."""
+        return self._package_dir(sha256).is_dir()
+
+    def stored_model_sha256(self, sha256: str) -> str | None:
+        """The content address of what is stored under ``sha256`` now (None when absent):
+        equal to ``sha256`` unless the stored bytes changed."""
+        if self.is_package(sha256):
+            return package_sha256(self._package_dir(sha256))
+        path = self.model_path(sha256)
+        return sha256_file(path) if path.is_file() else None
 
     def data_path(self, sha256: str) -> Path:
         return self.root / "data" / f"{_checked_sha(sha256)}.npz"
@@ -144,6 +200,27 @@ class EngineStore:
     def add_model(self, temp_path: Path, sha256: str) -> Path:
         """Publish an uploaded model already written to ``temp_path`` (moved, not copied)."""
         return self._add_blob(temp_path, self.model_path(sha256))
+
+    def add_model_package(self, temp_dir: Path, sha256: str) -> Path:
+        """Publish a package laid out in ``tmp/`` (moved, not copied): every file is
+        fsynced, then the directory is renamed into place in one step. Returns the graph."""
+        destination = self._package_dir(sha256)
+        if not destination.exists():
+            for path in package_files(temp_dir):
+                with path.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+            try:
+                os.rename(temp_dir, destination)
+            except OSError:
+                if not destination.is_dir():  # not a concurrent publisher of the same package
+                    raise
+            _fsync_dir(destination.parent)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        return destination / PACKAGE_GRAPH
+
+    def remove_model(self, sha256: str) -> None:
+        self.root.joinpath("models", f"{_checked_sha(sha256)}.onnx").unlink(missing_ok=True)
+        shutil.rmtree(self._package_dir(sha256), ignore_errors=True)
 
     def add_data(self, temp_path: Path, sha256: str) -> Path:
         return self._add_blob(temp_path, self.data_path(sha256))
@@ -183,21 +260,25 @@ class EngineStore:
         meta = self.engine_meta(cache_key)
         if meta is None:
             return None
-        artifact = self.artifact_path(cache_key, meta)
-        if not artifact.exists():
-            raise StoreCorrupted(f"engine {cache_key}: artifact {artifact.name} is missing")
-        actual = sha256_file(artifact)
-        if actual != meta.get("artifact_sha256"):
-            raise StoreCorrupted(
-                f"engine {cache_key}: artifact checksum {actual[:12]} does not match "
-                f"the recorded {str(meta.get('artifact_sha256'))[:12]}"
-            )
+        files = {meta["artifact"]: meta.get("artifact_sha256"), **meta.get("artifact_data", {})}
+        for name, recorded in files.items():
+            path = self.engine_dir(cache_key) / name
+            if not path.exists():
+                raise StoreCorrupted(f"engine {cache_key}: artifact {name} is missing")
+            actual = sha256_file(path)
+            if actual != recorded:
+                raise StoreCorrupted(
+                    f"engine {cache_key}: {name} checksum {actual[:12]} does not match "
+                    f"the recorded {str(recorded)[:12]}"
+                )
         return meta
 
     def commit_engine(
         self, cache_key: str, artifact_temp: Path, suffix: str, meta: dict[str, Any]
     ) -> dict[str, Any]:
-        """Publish an artifact, then its metadata (the commit point). Returns the metadata."""
+        """Publish an artifact (and its external weights, ``<artifact_temp name>.data``
+        beside it, if the backend wrote them), then its metadata (the commit point).
+        Returns the metadata."""
         directory = self.engine_dir(cache_key)
         directory.mkdir(parents=True, exist_ok=True)
         name = f"engine{suffix}"
@@ -206,6 +287,10 @@ class EngineStore:
         full_meta["artifact_sha256"] = sha256_file(artifact_temp)
         full_meta["artifact_bytes"] = artifact_temp.stat().st_size
         full_meta["cache_key"] = cache_key
+        weights = artifact_temp.with_name(f"{artifact_temp.name}.data")
+        if weights.exists():  # the artifact names this file, so it keeps its name
+            full_meta["artifact_data"] = {weights.name: sha256_file(weights)}
+            self.publish(weights, directory / weights.name)
         self.publish(artifact_temp, directory / name)
         self.write_json(directory / "meta.json", full_meta)
         return full_meta

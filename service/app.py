@@ -1,7 +1,8 @@
 """``create_app(settings)``: assembles routers, error handlers and the lifespan.
 
-The lifespan owns the lifecycle: open the store → pick the backend → restore
-engines (load, warm up, start batchers) → serve; on shutdown: readiness off,
+The lifespan owns the lifecycle: open the store → pick the backend → start
+restoring engines (load, warm up, start batchers in the background: readiness
+waits for them) → serve; on shutdown: readiness off,
 drain the batchers, stop builds, close runners. Nothing is built at import time.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,7 +20,7 @@ from starlette.responses import Response
 
 from engines.backends import select_backend
 from engines.store import EngineStore
-from service import health
+from service import health, tracing
 from service.errors import install_error_handlers
 from service.lifecycle import routes as engines
 from service.lifecycle.jobs import BuildRunner
@@ -31,6 +33,10 @@ from service.protocols.fastpath import FastPathApp
 from service.request_id import RequestIdMiddleware
 from service.settings import Settings
 from service.state import AppState
+from service.ui import router as ui_router
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("kiln")
 
@@ -59,14 +65,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             api_keys=settings.all_api_keys(),
         )
         app.state.kiln = state
+        # Loads run in the background; /health/ready answers 503 until they end.
+        tracing.start_from_environment()
+        grpc_server = await _start_grpc(state)
         await manager.restore()
-        state.ready = True
         try:
             yield
         finally:
             state.draining = True
+            if grpc_server is not None:
+                await grpc_server.stop(min(settings.drain_timeout_s, 5.0))
             # Under `kiln serve` the drain ran before this; this only bounds what is left.
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
+            tracing.shutdown()
             log.info("kiln stopped")
 
     app = FastPathApp(
@@ -74,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Inference server for ONNX models: optimized engines, dynamic batching, KServe v2.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # service.ui serves /docs from a local Swagger UI; ReDoc needs a CDN: off
+        redoc_url=None,
     )
     install_error_handlers(app)
     # Outermost middleware: every answer carries X-Request-ID (the fast path sets its own).
@@ -82,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(engines.router)
     app.include_router(predict.router)
     app.include_router(kserve.router)
+    app.include_router(ui_router)
 
     @app.get("/metrics", tags=["metrics"], include_in_schema=True)
     async def metrics_endpoint(request: Request) -> Response:
@@ -89,6 +103,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _start_grpc(state: AppState) -> grpc.aio.Server | None:
+    """The gRPC server on this event loop (None when KILN_GRPC_PORT is 0)."""
+    if not state.settings.grpc_port:
+        return None
+    from service.protocols.grpc.server import start_grpc_server
+
+    return await start_grpc_server(state)
 
 
 def _register_gpu_metrics(metrics: KilnMetrics) -> None:

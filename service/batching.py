@@ -38,7 +38,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import BadRequest, DeadlineExceeded, Unavailable
+from engines.errors import DeviceLost
+from service import tracing
+from service.device_lost import device_lost
+from service.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger("kiln.batching")
 
@@ -131,7 +134,7 @@ ADAPTIVE_REPLAN_S = 0.1
 
 
 class _Pending:
-    __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer")
+    __slots__ = ("deadline", "enqueued", "feeds", "future", "key", "rows", "state", "timer", "trace")
 
     def __init__(
         self,
@@ -149,6 +152,7 @@ class _Pending:
         self.enqueued = time.monotonic()
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
+        self.trace = tracing.current_context()  # None unless tracing is on
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -289,9 +293,10 @@ class DynamicBatcher:
     ) -> dict[str, np.ndarray]:
         """Queue one request (one or more rows) and wait for its outputs.
 
-        Raises ``Unavailable`` (queue full or stopping), ``DeadlineExceeded`` (the
-        deadline passed before it ran), ``BadRequest`` (more rows than one batch
-        holds), or whatever the engine raised for its batch. ``disconnected``,
+        ``feeds`` must have passed ``Runner.check_feeds`` (the one place where
+        names, dtypes, shapes and the batch range are checked). Raises
+        ``Unavailable`` (queue full or stopping), ``DeadlineExceeded`` (the
+        deadline passed before it ran), or whatever the engine raised for its batch. ``disconnected``,
         when given, is awaited once the request has waited a little: if it
         returns first, the request is dropped from the queue and
         ``asyncio.CancelledError`` is raised.
@@ -374,15 +379,9 @@ class DynamicBatcher:
     def _rows_and_key(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, tuple[Any, ...]]:
         if not self.batchable:
             return 1, ()
+        # The feeds were checked (Runner.check_feeds): 1..max_batch_size rows, one batch size.
         arrays = list(feeds.values())
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
-        if rows > self.config.max_batch_size:
-            raise BadRequest(
-                f"the request has {rows} rows; engine '{self.name}' runs at most "
-                f"{self.config.max_batch_size} per batch"
-            )
-        if rows < 1:
-            raise BadRequest("the request has 0 rows")
         if len(feeds) == 1:
             ((name, array),) = feeds.items()
             key: tuple[Any, ...] = ((name, array.shape[1:]),)
@@ -538,6 +537,8 @@ class DynamicBatcher:
             for pending in batch:
                 self._finish(pending, exc=exc)
             log.debug("batch of %d requests on %s failed: %s", len(batch), self.name, exc)
+            if isinstance(exc, DeviceLost):
+                device_lost(exc)
             return
         finally:
             self._running -= 1
@@ -548,6 +549,8 @@ class DynamicBatcher:
             self._finish(pending, result=result)
         if self.observer is not None:
             self.observer.batch_done(rows, len(batch), compute_s, waits)
+        if tracing.enabled():
+            tracing.record_batch([p.trace for p in batch], waits, compute_s, rows, self.name)
 
     def _split(
         self, batch: list[_Pending], rows: int, outputs: dict[str, np.ndarray]

@@ -91,6 +91,7 @@ _ENGINE_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.AccuracyRejected: 422,
     engine_errors.BuildFailed: 422,
     engine_errors.BackendUnavailable: 503,
+    engine_errors.DeviceLost: 503,
     engine_errors.StoreCorrupted: 500,
 }
 

@@ -1,7 +1,8 @@
 """Logging set-up: plain text or one JSON object per line.
 
 JSON lines carry the id of the request they were logged for (``request_id``),
-from the record itself or from ``service.request_id.REQUEST_ID``.
+from the record itself or from ``service.request_id.REQUEST_ID``, and, while
+tracing is on, the trace id of the current span (``trace_id``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 from service.request_id import REQUEST_ID
+from service.tracing import current_trace_id
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,6 +28,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
         if request_id:
             entry["request_id"] = request_id
+        trace_id = current_trace_id()
+        if trace_id:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -9,8 +9,12 @@ Labels stay low-cardinality: engine name, version, protocol, status code.
 from __future__ import annotations
 
 import contextlib
+import time
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+
+from service.lifecycle.states import VersionState
 
 # Millisecond-scale inference on CPUs and GPUs: 100 µs up to 10 s.
 LATENCY_BUCKETS = (
@@ -35,7 +39,6 @@ LATENCY_BUCKETS = (
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-ENGINE_STATES = ("building", "loading", "ready", "failed")
 BUILD_RESULTS = ("succeeded", "failed", "cached")
 
 
@@ -58,6 +61,13 @@ class KilnMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.request_outcomes = Summary(
+            "kiln_request_outcome_seconds",
+            "Time in server per inference request, by outcome (success: answered 200; "
+            "failure: any error): Triton's success and fail statistics",
+            ["engine", "version", "outcome"],
+            registry=r,
+        )
         self.queue_duration = Histogram(
             "kiln_queue_duration_seconds",
             "Time a request waited in the batch queue",
@@ -77,6 +87,25 @@ class KilnMetrics:
             "Rows per batch run",
             ["engine", "version"],
             buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_runs = Summary(
+            "kiln_batch_run_seconds",
+            "Time of batch runs, by batch size (rows): Triton's batch statistics",
+            ["engine", "version", "batch_size"],
+            registry=r,
+        )
+        self.request_compute = Counter(
+            "kiln_request_compute_seconds",
+            "Run time of each request's batch, summed over requests (a batch of n requests "
+            "adds its run time n times): Triton's compute_infer statistic",
+            ["engine", "version"],
+            registry=r,
+        )
+        self.last_inference = Gauge(
+            "kiln_last_inference_timestamp_seconds",
+            "Unix time of the last batch run",
+            ["engine", "version"],
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -129,8 +158,8 @@ class KilnMetrics:
         )
         for result in BUILD_RESULTS:
             self.builds.labels(result)
-        for state in ENGINE_STATES:
-            self.engines.labels(state).set(0)
+        for state in VersionState:
+            self.engines.labels(str(state)).set(0)
 
     def engine_observer(self, engine: str, version: int) -> EngineObserver:
         return EngineObserver(self, engine, str(version))
@@ -146,15 +175,85 @@ class KilnMetrics:
             self.batch_delay,
             self.inferences,
             self.batches,
+            self.request_compute,
+            self.last_inference,
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
+        for family in (
+            self.requests,
+            self.request_duration,
+            self.request_outcomes,
+            self.batch_runs,
+            self.rejections,
+        ):
+            family.remove_by_labels({"engine": engine, "version": str(version)})
+
+    def statistics(self, engine: str, version: int) -> dict[str, Any]:
+        """One version's statistics in Triton's form (the statistics extension), read
+        from the Prometheus series above: the two always agree."""
+        labels = {"engine": engine, "version": str(version)}
+        values: dict[str, float] = {}
+        batches: dict[int, dict[str, float]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if any(sample.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                outcome = sample.labels.get("outcome")
+                size = sample.labels.get("batch_size")
+                if size is not None:
+                    batches.setdefault(int(size), {})[sample.name] = sample.value
+                else:
+                    values[sample.name + (f":{outcome}" if outcome else "")] = sample.value
+
+        def duration(count_name: str, seconds_name: str) -> dict[str, int]:
+            return {"count": int(values.get(count_name, 0)), "ns": round(values.get(seconds_name, 0) * 1e9)}
+
+        outcome = "kiln_request_outcome_seconds"
+        compute = duration("kiln_queue_duration_seconds_count", "kiln_request_compute_seconds_total")
+        # kiln times a batch run as one phase (gather, engine, split): it is all compute_infer.
+        no_phase = {"count": compute["count"], "ns": 0}
+        return {
+            "name": engine,
+            "version": str(version),
+            "last_inference": round(values.get("kiln_last_inference_timestamp_seconds", 0) * 1000),
+            "inference_count": int(values.get("kiln_inferences_total", 0)),
+            "execution_count": int(values.get("kiln_batches_total", 0)),
+            "inference_stats": {
+                "success": duration(f"{outcome}_count:success", f"{outcome}_sum:success"),
+                "fail": duration(f"{outcome}_count:failure", f"{outcome}_sum:failure"),
+                "queue": duration("kiln_queue_duration_seconds_count", "kiln_queue_duration_seconds_sum"),
+                "compute_input": no_phase,
+                "compute_infer": compute,
+                "compute_output": no_phase,
+                "cache_hit": {"count": 0, "ns": 0},
+                "cache_miss": {"count": 0, "ns": 0},
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": {"count": int(runs["kiln_batch_run_seconds_count"]), "ns": 0},
+                    "compute_infer": {
+                        "count": int(runs["kiln_batch_run_seconds_count"]),
+                        "ns": round(runs["kiln_batch_run_seconds_sum"] * 1e9),
+                    },
+                    "compute_output": {"count": int(runs["kiln_batch_run_seconds_count"]), "ns": 0},
+                }
+                for size, runs in sorted(batches.items())
+            ],
+            "memory_usage": [],
+        }
 
 
 class EngineObserver:
     """The batcher's view of the metrics for one engine version (pre-bound labels)."""
 
     def __init__(self, metrics: KilnMetrics, engine: str, version: str) -> None:
+        self._labels = (engine, version)
+        self._batch_runs = metrics.batch_runs
+        self._runs_by_size: dict[int, Any] = {}
+        self._request_compute = metrics.request_compute.labels(engine, version)
+        self._last_inference = metrics.last_inference.labels(engine, version)
         self._queue_depth = metrics.queue_depth.labels(engine, version)
         self._queue_duration = metrics.queue_duration.labels(engine, version)
         self._compute = metrics.compute_duration.labels(engine, version)
@@ -175,6 +274,12 @@ class EngineObserver:
         self._compute.observe(compute_s)
         self._inferences.inc(rows)
         self._batches.inc()
+        runs = self._runs_by_size.get(rows)
+        if runs is None:
+            runs = self._runs_by_size[rows] = self._batch_runs.labels(*self._labels, str(rows))
+        runs.observe(compute_s)
+        self._request_compute.inc(compute_s * requests)
+        self._last_inference.set(time.time())
         for wait in queue_waits_s:
             self._queue_duration.observe(wait)
 

@@ -1,4 +1,5 @@
-"""Request ids: one per HTTP request, echoed in ``X-Request-ID`` and put on log lines.
+"""Request ids: one per request (HTTP or gRPC), echoed in ``X-Request-ID`` (gRPC:
+``x-request-id`` response metadata) and put on log lines.
 
 A pure ASGI middleware (``BaseHTTPMiddleware`` costs a task and a stream per
 request). The client's ``X-Request-ID`` is kept when it is sane (1-128 characters
@@ -33,14 +34,29 @@ def client_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """The client's ``X-Request-ID`` if it is sane; None otherwise."""
     for name, value in headers:
         if name == HEADER or (len(name) == len(HEADER) and name.lower() == HEADER):
-            return value if _SANE.fullmatch(value) else None
+            return sane_request_id(value)
     return None
+
+
+def sane_request_id(value: bytes) -> bytes | None:
+    """``value`` if it is fit to be a request id; None otherwise."""
+    return value if _SANE.fullmatch(value) else None
+
+
+def adopt_request_id(raw: bytes | None) -> str:
+    """Set ``REQUEST_ID`` for the current request from the client's sane id
+    (``client_request_id``) or a new one, and return it. The variable is not reset on the way out:
+    each request runs in its own task (its own context), and an error handler
+    further out that logs an unhandled exception should still see the id."""
+    request_id = raw.decode("ascii") if raw is not None else new_request_id()
+    REQUEST_ID.set(request_id)
+    return request_id
 
 
 class RequestIdMiddleware:
     """Sets ``REQUEST_ID`` for each HTTP request and adds ``X-Request-ID`` to its
-    response. Must sit outside every middleware that answers on its own (the
-    ``/predict`` fast path) so that their responses carry the header too."""
+    response. It is the outermost middleware, and ``FastPathApp`` wraps its own
+    answers in it too, so every response carries the header."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -49,21 +65,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw = client_request_id(scope["headers"])
-        if raw is None:
-            request_id = new_request_id()
-            raw = request_id.encode()
-        else:
-            request_id = raw.decode("ascii")
-        REQUEST_ID.set(request_id)
-        header = (HEADER, raw)
+        header = (HEADER, adopt_request_id(client_request_id(scope["headers"])).encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        # The variable is not reset on the way out: each request runs in its own
-        # task (its own context), and an error handler further out that logs an
-        # unhandled exception should still see the id.
         await self.app(scope, receive, send_with_id)

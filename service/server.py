@@ -1,8 +1,14 @@
 """Running the app under uvicorn with a graceful drain on SIGTERM.
 
-On the first SIGTERM/SIGINT, readiness turns false and new inference requests
-get 503 while queued and running ones finish (up to ``drain_timeout_s``); then
-uvicorn stops and the lifespan closes engines. A second signal stops at once.
+On the first SIGTERM/SIGINT, readiness turns false, new inference requests get
+503 with Retry-After, queued and running ones finish, and every response carries
+``Connection: close`` so that no client reuses a connection the server is about
+to close. The drain lasts until no request is in flight and none has arrived for
+``DRAIN_QUIET_S`` (clients have stopped sending: the load balancer took the pod
+out), at most ``drain_timeout_s``; only then does uvicorn close its listener and
+the connections left, which are idle. So a request that arrives during the drain
+gets a response, never a reset. The lifespan then closes engines. A second
+signal stops at once.
 
 A drained shutdown is a normal exit (status 0): uvicorn would otherwise raise
 the captured signal again once it has stopped, and the process would end "killed
@@ -18,6 +24,7 @@ import time
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 
 from service.app import create_app
@@ -29,11 +36,51 @@ log = logging.getLogger("kiln.server")
 AFTER_DRAIN_S = 5
 """Seconds uvicorn waits for open responses once the drain ended."""
 
+DRAIN_QUIET_S = 0.5
+"""The drain ends once no request has arrived or finished for this long."""
+
+
+class RequestGate:
+    """The outermost ASGI layer: counts HTTP requests in flight and, once the drain
+    began, closes each connection after its response (``Connection: close``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.in_flight = 0
+        self.last_activity = time.monotonic()
+        self.closing = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.in_flight += 1
+        self.last_activity = time.monotonic()
+        try:
+            await self.app(scope, receive, send if not self.closing else _closing(send))
+        finally:
+            self.in_flight -= 1
+            self.last_activity = time.monotonic()
+
+    def quiet(self) -> bool:
+        return self.in_flight == 0 and time.monotonic() - self.last_activity >= DRAIN_QUIET_S
+
+
+def _closing(send: Send) -> Send:
+    async def send_with_close(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return send_with_close
+
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+    def __init__(self, config: uvicorn.Config, settings: Settings, gate: RequestGate) -> None:
         super().__init__(config)
         self.settings = settings
+        self.gate = gate
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -48,23 +95,21 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         state.draining = True
+        self.gate.closing = True
         # The handler runs inside whatever callback the signal interrupted, maybe one
         # of a request's: start the drain in an empty context, not with that request's id.
-        contextvars.Context().run(self._start_drain, state, sig)
+        contextvars.Context().run(self._start_drain, sig)
 
-    def _start_drain(self, state: AppState, sig: int) -> None:
+    def _start_drain(self, sig: int) -> None:
         log.info("signal %d: draining for up to %.0f s", sig, self.settings.drain_timeout_s)
-        self._drain_task = asyncio.get_event_loop().create_task(self._drain_then_exit(state))
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain_then_exit())
 
-    async def _drain_then_exit(self, state: AppState) -> None:
+    async def _drain_then_exit(self) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while time.monotonic() < deadline:
-            busy = any(v.batcher is not None and v.batcher.busy for v in state.registry.all_versions())
-            if not busy:
-                break
+        while time.monotonic() < deadline and not self.gate.quiet():
             await asyncio.sleep(0.02)
-        # Responses of the last batches are still being written: give them a moment.
-        await asyncio.sleep(0.1)
+        if not self.gate.quiet():
+            log.warning("drain timeout: %d request(s) still in flight", self.gate.in_flight)
         self.should_exit = True  # not handle_exit: that would re-raise the signal at the end
 
 
@@ -81,8 +126,9 @@ def _find_state(app: object) -> AppState | None:
 
 
 def run_server(settings: Settings) -> None:
+    gate = RequestGate(create_app(settings))
     config = uvicorn.Config(
-        create_app(settings),
+        gate,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -95,4 +141,4 @@ def run_server(settings: Settings) -> None:
         # With JSON logs, uvicorn's own lines go through the root handler as JSON too.
         log_config=None if settings.log_json else LOGGING_CONFIG,
     )
-    DrainingServer(config, settings).run()
+    DrainingServer(config, settings, gate).run()

@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the KServe v2 gRPC service (Triton's GRPCInferenceService and "
+        "grpc.health.v1) on the same host as HTTP; 0 turns gRPC off",
+    )
     store: Path = Path("data/store")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -75,8 +82,12 @@ class Settings(BaseSettings):
     protect_predict: bool = False
     allow_unauthenticated: bool = False
     drain_timeout_s: float = Field(30.0, ge=0)
+    require_ready: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="engine names that must have a ready version before /health/ready answers 200",
+    )
 
-    _split_keys = field_validator("api_keys", mode="before")(_split_csv)
+    _split_keys = field_validator("api_keys", "require_ready", mode="before")(_split_csv)
 
     @field_validator("preferred_batch_sizes", mode="before")
     @classmethod

@@ -24,7 +24,6 @@ class AppState:
     metrics: KilnMetrics
     manager: EngineManager
     api_keys: list[str] = field(default_factory=list)
-    ready: bool = False
     draining: bool = False
 
 

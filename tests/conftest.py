@@ -14,6 +14,8 @@ import pytest
 from tests import models
 
 os.environ.setdefault("KILN_BACKEND", "onnxruntime")
+# Servers under test serve gRPC only where a test gives them a port (8001 is shared).
+os.environ.setdefault("KILN_GRPC_PORT", "0")
 
 MODEL_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "mlp": models.mlp,
@@ -65,3 +67,11 @@ def upload(client: Any, path: Path, name: str, **fields: Any) -> dict[str, Any]:
     response = client.post("/engines", files=files, data={"name": name, **fields})
     assert response.status_code == 202, response.text
     return dict(response.json())
+
+
+@pytest.fixture(scope="session")
+def dynamo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.onnx`` + ``model.onnx.data`` as torch's dynamo exporter writes them."""
+    from tests.external_data_models import dynamo_cnn
+
+    return dynamo_cnn(tmp_path_factory.mktemp("dynamo"))

@@ -1,18 +1,30 @@
 """Backends and the rule that picks one.
 
-``select_backend("auto")`` prefers TensorRT when it imports and a GPU is visible,
+``select_backend("auto")`` prefers TensorRT when it imports and a GPU is usable,
 else ONNX Runtime; it never raises for a missing library and says why it chose.
+When a GPU is visible but TensorRT cannot use it (no TensorRT, a driver too old
+for cuda-python), it logs a warning saying so instead of serving quietly on the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from engines.backends.base import Backend, Runner
 from engines.errors import BackendUnavailable
 
 BACKEND_NAMES = ("onnxruntime", "tensorrt")
+
+_log = logging.getLogger(__name__)
+
+
+def gpu_visible() -> bool:
+    """Whether the NVIDIA kernel driver shows this machine (or container) a GPU."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -42,15 +54,28 @@ def select_backend(
     def make(name: str) -> Backend:
         return backend_class(name)(**options.get(name, {}))
 
+    def probe(name: str) -> tuple[bool, str]:
+        if name == "tensorrt":  # the device it will use, not device 0
+            from engines.backends.tensorrt import TensorRTBackend
+
+            return TensorRTBackend.probe(device_index=int(options.get(name, {}).get("device_index", 0)))
+        return backend_class(name).probe()
+
     if choice == "auto":
-        trt_ok, trt_reason = backend_class("tensorrt").probe()
+        trt_ok, trt_reason = probe("tensorrt")
         if trt_ok:
             return make("tensorrt"), f"auto: tensorrt ({trt_reason})"
-        ort_ok, ort_reason = backend_class("onnxruntime").probe()
+        ort_ok, ort_reason = probe("onnxruntime")
         if not ort_ok:
             raise BackendUnavailable(f"no backend can run here: {trt_reason}; {ort_reason}")
+        if gpu_visible():
+            _log.warning(
+                "a GPU is visible but TensorRT cannot use it: %s. Serving on the CPU with ONNX Runtime; "
+                "set backend=tensorrt to fail instead (docs/GPU.md)",
+                trt_reason,
+            )
         return make("onnxruntime"), f"auto: onnxruntime, since {trt_reason}"
-    ok, reason = backend_class(choice).probe()
+    ok, reason = probe(choice)
     if not ok:
         raise BackendUnavailable(f"backend '{choice}' cannot run here: {reason}")
     return make(choice), f"{choice} (requested): {reason}"

@@ -22,15 +22,38 @@ from typing import Any
 
 import numpy as np
 
-from engines.errors import BackendUnavailable, EngineError
+from engines.errors import BackendUnavailable, DeviceLost, EngineError
 
 _RUNTIME_MODULE = "cuda.bindings.runtime"
+
+STICKY_ERRORS = frozenset(
+    {
+        "cudaErrorIllegalAddress",
+        "cudaErrorLaunchFailure",
+        "cudaErrorHardwareStackError",
+        "cudaErrorIllegalInstruction",
+        "cudaErrorMisalignedAddress",
+        "cudaErrorInvalidAddressSpace",
+        "cudaErrorInvalidPc",
+        "cudaErrorLaunchTimeout",
+        "cudaErrorECCUncorrectable",
+    }
+)
+"""Errors after which "any further CUDA work will return the same error. To continue
+using CUDA, the process must be terminated and relaunched" (CUDA Runtime API,
+``cudaError``); an uncorrectable ECC error leaves the context the same way."""
 
 
 class CudaError(EngineError):
     """A CUDA runtime call failed; ``details['error']`` is the error's name."""
 
     kind = "cuda_error"
+
+
+class CudaDeviceLost(CudaError, DeviceLost):
+    """A sticky CUDA error: the device is unusable until the process restarts."""
+
+    kind = DeviceLost.kind
 
 
 def runtime() -> ModuleType:
@@ -71,7 +94,8 @@ def check(result: tuple[Any, ...], operation: str = "CUDA call") -> Any:
         name = error_name(error)
         text = error_text(error)
         message = f"{operation} failed: {name}" + (f" ({text})" if text else "")
-        raise CudaError(message, details={"error": name, "operation": operation})
+        error_class = CudaDeviceLost if name in STICKY_ERRORS else CudaError
+        raise error_class(message, details={"error": name, "operation": operation})
     if not values:
         return None
     if len(values) == 1:
@@ -126,7 +150,11 @@ def driver_version() -> str:
 
 
 def runtime_version() -> str:
-    """The CUDA runtime version cuda-python was built against, e.g. ``"13.0"``."""
+    """The CUDA runtime version cuda-python was built against, e.g. ``"13.0"``.
+
+    Not what TensorRT runs on (it brings its own), so it is no part of an engine's key;
+    it says which driver cuda-python needs.
+    """
     return _format_cuda_version(int(check(runtime().cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")))
 
 

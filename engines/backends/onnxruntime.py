@@ -22,6 +22,11 @@ from engines.device import cpu_device_info
 from engines.errors import BuildFailed, InvalidInput, StoreCorrupted, UnsupportedModel
 from engines.types import BuildOptions, DeviceSignature, Signature
 
+INLINE_WEIGHTS_LIMIT = 1024**3
+"""A model with external weights up to this size is optimized into one
+self-contained file; above it, the optimized model keeps its weights in
+``<artifact>.data`` beside it (one protobuf message holds at most 2 GB)."""
+
 
 def default_intra_op_threads() -> int:
     """All cores but one: the server's event loop needs a core of its own, and on a
@@ -87,9 +92,23 @@ class OnnxRuntimeBackend(Backend):
         import onnx
         import onnxruntime as ort
 
+        from engines.onnx_model import external_data_bytes
+
         progress("optimize", 0.0)
+        before = onnx.load_model(str(onnx_path), load_external_data=False)
         opts = self._session_options(self.intra_op_threads)
         opts.optimized_model_filepath = str(output_path)
+        external_bytes = external_data_bytes(before)
+        if external_bytes:
+            # Otherwise the optimized model would point at the source's data files.
+            opts.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", f"{output_path.name}.data"
+            )
+            if external_bytes <= INLINE_WEIGHTS_LIMIT:  # small enough: one self-contained file
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes",
+                    str(INLINE_WEIGHTS_LIMIT + 1),
+                )
         try:
             ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for every load error
@@ -97,7 +116,6 @@ class OnnxRuntimeBackend(Backend):
         if not output_path.exists() or output_path.stat().st_size == 0:
             raise BuildFailed("ONNX Runtime did not write the optimized model")
         progress("optimize", 1.0)
-        before = onnx.load_model(str(onnx_path), load_external_data=False)
         after = onnx.load_model(str(output_path), load_external_data=False)
         return {"fusion": fusion_report(before, after)}
 

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,30 @@ from typing import Any
 from pydantic import ValidationError
 
 log = logging.getLogger("kiln")
+
+UPLOAD_OPTIONS = (
+    "precision",
+    "calibration",
+    "calibration_method",
+    "validation",
+    "tolerance",
+    "shapes",
+    "max_batch_size",
+    "opt_batch_size",
+    "preferred_batch_sizes",
+    "max_queue_delay_ms",
+    "max_queue_size",
+    "timeout_ms",
+    "instances",
+    "latency_target_ms",
+    "workspace_bytes",
+    "optimization_level",
+    "repair",
+    "repair_max_nodes",
+    "repair_seconds",
+)
+"""Every option an upload takes (the fields of ``UploadFields`` and the data files);
+``kiln build`` offers each as a flag and passes it on as the same text."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -41,7 +66,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
     from service.server import run_server
 
-    settings = _settings({"host": args.host, "port": args.port, "store": args.store, "backend": args.backend})
+    settings = _settings(
+        {
+            "host": args.host,
+            "port": args.port,
+            "grpc_port": args.grpc_port,
+            "store": args.store,
+            "backend": args.backend,
+        }
+    )
     configure_logging(settings.log_level, settings.log_json)
     try:
         keys = settings.all_api_keys()
@@ -65,95 +98,107 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build an engine offline into a store; a server on that store then serves it."""
-    from tqdm import tqdm
+    """Build an engine into a store through the server's own lifecycle (validate,
+    register, build in a child process, load, warm up); a server on that store then
+    serves it. Bad input exits 2 with one line, a failed build 1."""
+    import asyncio
 
-    from engines.backends import select_backend
-    from engines.build import BuildJob, overall_progress, run_build
     from engines.errors import EngineError
-    from engines.onnx_model import load_model, read_signature
-    from engines.store import EngineStore, sha256_file
-    from engines.types import BuildOptions, Precision, engine_cache_key
-    from service.batching import BatchingConfig
-    from service.lifecycle.manager import EngineManager
-    from service.lifecycle.registry import EngineVersion, State, check_name
+    from service.errors import ServiceError
 
     settings = _settings({"store": args.store, "backend": args.backend})
     model_path = Path(args.model)
     if not model_path.is_file():
         print(f"kiln: no such model file: {model_path}", file=sys.stderr)
         return 2
-    name = check_name(args.name or model_path.stem)
+    fields = {"name": args.name or re.sub(r"\.(onnx|zip|tar|tar\.gz|tgz)$", "", model_path.name)}
+    files: dict[str, Path] = {}
+    for option in UPLOAD_OPTIONS:
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option == "calibration" and value != "synthetic":
+            files["calibration"] = Path(value)
+        elif option == "validation":
+            files["validation"] = Path(value)
+        else:
+            fields[option] = value
+    for purpose, path in files.items():
+        if not path.is_file():
+            print(f"kiln: no such {purpose} file: {path}", file=sys.stderr)
+            return 2
+    # The build's own lines would repeat what the summary or the error line says.
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return asyncio.run(_build(settings, fields, model_path, files))
+    except (ServiceError, EngineError) as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        log.setLevel(level)
+
+
+async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict[str, Path]) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from engines.backends import select_backend
+    from engines.store import EngineStore, sha256_file
+    from service.lifecycle.jobs import BuildRunner
+    from service.lifecycle.manager import EngineManager
+    from service.lifecycle.registry import Registry
+    from service.lifecycle.states import WORKING, VersionState
+    from service.lifecycle.uploads import UploadedFile
+    from service.lifecycle.versions import register_version
+    from service.metrics import KilnMetrics
+
     store = EngineStore(settings.store)
     backend, reason = select_backend(settings.backend, settings.backend_options())
     print(f"backend: {reason}")
-    try:
-        signature = read_signature(load_model(model_path))
-        sha = sha256_file(model_path)
-        temp = store.temp_path(".onnx")
-        shutil.copyfile(model_path, temp)
-        store.add_model(temp, sha)
-        calibration_sha = None
-        if args.calibration and args.calibration != "synthetic":
-            calibration_sha = sha256_file(Path(args.calibration))
-            temp = store.temp_path(".npz")
-            shutil.copyfile(args.calibration, temp)
-            store.add_data(temp, calibration_sha)
-        options = BuildOptions(
-            precision=Precision(args.precision),
-            max_batch_size=args.max_batch_size,
-            calibration_sha256=calibration_sha,
-            synthetic_calibration=args.calibration == "synthetic",
-            repair=not args.no_repair,
-        )
-        batching = BatchingConfig(max_batch_size=args.max_batch_size)
-        key = engine_cache_key(sha, options, backend.device_signature())
-        job = BuildJob(
-            str(store.root),
-            sha,
-            options.to_dict(),
-            backend.name,
-            key,
-            EngineManager.batch_sizes(options, batching),
-            settings.backend_options().get(backend.name, {}),
-        )
-        with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
-
-            def progress(phase: str, fraction: float) -> None:
-                bar.set_description_str(phase)
-                bar.n = max(bar.n, round(100 * overall_progress(phase, fraction, bar.n / 100), 1))
-                bar.refresh()
-
-            meta = run_build(job, progress)
-            bar.n = 100
-            bar.set_description_str("done")
-            bar.refresh()
-    except EngineError as exc:
-        print(f"kiln: build failed ({exc.kind}): {exc.message}", file=sys.stderr)
-        return 1
-    records, _ = store.load_records()
-    version_number = 1 + max((r["version"] for r in records if r["name"] == name), default=0)
-    version = EngineVersion(
-        name=name,
-        version=version_number,
-        model_sha256=sha,
-        model_filename=model_path.name,
-        options=options,
-        batching=batching,
-        cache_key=key,
-        state=State.READY,
+    registry = Registry(store)
+    registry.load()
+    manager = EngineManager(
+        settings, store, registry, backend, KilnMetrics(), BuildRunner(1, settings.build_timeout_s)
     )
-    store.save_record(version.record())
+    files: dict[str, UploadedFile] = {}
+    try:
+        for purpose, path in paths.items():
+            staged = store.temp_path(path.suffix)
+            shutil.copyfile(path, staged)
+            files[purpose] = UploadedFile(
+                purpose, path.name, staged, staged.stat().st_size, sha256_file(staged)
+            )
+        version = await register_version(manager, fields, files, model_on_disk=model)
+        with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
+            while version.state in WORKING:
+                bar.set_description_str(version.phase or "")
+                bar.n = round(100 * version.progress, 1)
+                bar.refresh()
+                await asyncio.sleep(0.1)
+            bar.n = round(100 * version.progress, 1)
+            bar.set_description_str(str(version.state))
+            bar.refresh()
+    finally:
+        for uploaded in files.values():
+            uploaded.path.unlink(missing_ok=True)
+        await manager.shutdown(0)
+    if version.state != VersionState.READY:
+        error = version.error or {}
+        print(f"kiln: build failed ({error.get('type')}): {error.get('message')}", file=sys.stderr)
+        return 1
+    meta = version.meta or {}
     summary = {
-        "name": name,
-        "version": version_number,
-        "backend": meta["backend"],
-        "precision": meta["precision"],
-        "batchable": signature.batchable,
-        "latency_ms": meta["report"].get("latency_ms"),
-        "artifact_bytes": meta["artifact_bytes"],
+        "name": version.name,
+        "version": version.version,
+        "backend": meta.get("backend"),
+        "precision": meta.get("precision"),
+        "batchable": meta.get("signature", {}).get("batchable"),
+        "latency_ms": meta.get("report", {}).get("latency_ms"),
+        "artifact_bytes": meta.get("artifact_bytes"),
     }
-    if "repair" in meta["report"]:
+    if "repair" in meta.get("report", {}):
         summary["kept_fp32"] = [node["name"] for node in meta["report"]["repair"]["kept_fp32"]]
     print(json.dumps(summary, indent=2))
     return 0
@@ -172,26 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server (flags override KILN_* settings)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (KILN_GRPC_PORT, default 8001; 0 = off)")
     serve.add_argument("--store", help="store directory (KILN_STORE)")
     serve.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
     serve.set_defaults(func=cmd_serve)
 
     build = sub.add_parser("build", help="build an engine offline into a store")
-    build.add_argument("model", help="path to the .onnx model")
+    build.add_argument(
+        "model",
+        help="path to the .onnx model (its external data files beside it), or a .zip, .tar or "
+        ".tar.gz archive of the model and its data files",
+    )
     build.add_argument("--store", help="store directory (KILN_STORE)")
     build.add_argument("--name", help="engine name (default: the file name without .onnx)")
     build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
-    build.add_argument("--precision", choices=["fp32", "fp16", "int8", "auto"], default="fp32")
     build.add_argument(
         "--calibration", help=".npz calibration data for int8, or 'synthetic' to calibrate on random data"
     )
-    build.add_argument("--max-batch-size", type=int, default=8)
-    build.add_argument(
-        "--no-repair",
-        action="store_true",
-        help="reject an fp16/int8 engine that fails the accuracy check instead of keeping "
-        "the nodes responsible in fp32",
-    )
+    build.add_argument("--validation", help=".npz validation data for the accuracy check")
+    for option in UPLOAD_OPTIONS:
+        if option not in ("calibration", "validation"):
+            build.add_argument(
+                f"--{option.replace('_', '-')}",
+                help=f"the upload field '{option}' (same syntax; see docs/API.md)",
+            )
     build.set_defaults(func=cmd_build)
 
     bench = sub.add_parser("bench", help="load-test a running kiln server")

@@ -114,7 +114,8 @@ class BuildRunner:
         self._slots = asyncio.Semaphore(workers)
         self._context = multiprocessing.get_context("spawn")
         self._processes: dict[str, Any] = {}
-        self._cancelled: set[str] = set()
+        self._jobs: set[str] = set()  # queued or running
+        self._cancelled: set[str] = set()  # a subset of _jobs
         self._closing = False
 
     @property
@@ -125,17 +126,24 @@ class BuildRunner:
         """Run one build; returns the engine metadata or raises ``BuildFailure``.
 
         ``on_progress`` is called on the event loop. ``job_id`` names the job for
-        ``cancel``.
+        ``cancel``; it must be unique among the jobs queued or running.
         """
-        async with self._slots:
-            if self._closing or job_id in self._cancelled:
-                raise BuildFailure("cancelled", "the build was cancelled before it started")
-            loop = asyncio.get_running_loop()
+        if job_id in self._jobs:
+            raise ValueError(f"a build job named {job_id!r} is already queued or running")
+        self._jobs.add(job_id)
+        try:
+            async with self._slots:
+                if self._closing or job_id in self._cancelled:
+                    raise BuildFailure("cancelled", "the build was cancelled before it started")
+                loop = asyncio.get_running_loop()
 
-            def forward(phase: str, fraction: float) -> None:
-                loop.call_soon_threadsafe(on_progress, phase, fraction)
+                def forward(phase: str, fraction: float) -> None:
+                    loop.call_soon_threadsafe(on_progress, phase, fraction)
 
-            return await asyncio.to_thread(self._supervise, job, forward, job_id)
+                return await asyncio.to_thread(self._supervise, job, forward, job_id)
+        finally:
+            self._jobs.discard(job_id)
+            self._cancelled.discard(job_id)
 
     def _supervise(self, job: BuildJob, progress: ProgressHandler, job_id: str) -> dict[str, Any]:
         """Blocking: start the child, relay its messages, enforce the timeout."""
@@ -196,7 +204,10 @@ class BuildRunner:
             process.join(3)
 
     def cancel(self, job_id: str) -> None:
-        """Stop a queued or running build; its ``run`` raises ``BuildFailure``."""
+        """Stop a queued or running build; its ``run`` raises ``BuildFailure``. Unknown
+        or finished jobs are left alone."""
+        if job_id not in self._jobs:
+            return
         self._cancelled.add(job_id)
         process = self._processes.get(job_id)
         if process is not None:

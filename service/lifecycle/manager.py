@@ -1,16 +1,18 @@
-"""Engine lifecycle: upload → build (child process) → load → warm up → serve → unload.
+"""Engine lifecycle: register → build (child process) → load → warm up → serve → unload.
 
-The manager owns the background tasks of builds and loads (kept in a set so they
-are not garbage-collected), and the rules that connect the store, the registry,
-the build runner and the batchers.
+Every state change of a version goes through ``EngineManager.transition``, checked
+against the table in ``states.py``. The manager owns the background tasks of
+builds, loads and unloads (kept in a set so they are not garbage-collected), and
+the rules that connect the store, the registry, the build runner and the batchers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engines.backends.base import Backend
@@ -21,11 +23,29 @@ from engines.types import BuildOptions, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
 from service.lifecycle.jobs import BuildFailure, BuildRunner
-from service.lifecycle.registry import EngineVersion, Registry, State
+from service.lifecycle.registry import EngineVersion, Registry
+from service.lifecycle.states import RESTORED_AS, SETTLED, WORKING, VersionState
 from service.metrics import KilnMetrics
 from service.settings import Settings
 
 log = logging.getLogger("kiln.engines")
+
+PHASE_ON_ENTRY: dict[VersionState, str | None] = {
+    VersionState.LOADING: "load",
+    VersionState.READY: None,
+    VersionState.UNLOADING: "unload",
+}
+"""The phase a version shows on entering a state (others keep theirs: a failed
+version shows the phase it failed in)."""
+
+
+@dataclass(eq=False)
+class SharedBuild:
+    """One running build of a cache key, and the versions waiting for it."""
+
+    job_id: str
+    future: asyncio.Future[dict[str, Any]]
+    waiters: set[EngineVersion] = field(default_factory=set)
 
 
 class EngineManager:
@@ -46,7 +66,11 @@ class EngineManager:
         self.builds = builds
         self.device = backend.device_signature()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._builds: dict[str, SharedBuild] = {}
+        self._build_numbers = itertools.count(1)
+        self._unloads: dict[EngineVersion, asyncio.Task[None]] = {}
+        self._restoring: set[EngineVersion] = set()
+        self.restored = False
         self._shutting_down = False
 
     # -- helpers -----------------------------------------------------------------
@@ -62,30 +86,46 @@ class EngineManager:
         sizes = {1, options.max_batch_size, *batching.preferred_batch_sizes}
         return tuple(sorted(size for size in sizes if 1 <= size <= options.max_batch_size))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    def _set_state(
-        self, version: EngineVersion, state: State, *, error: dict[str, Any] | None = None
+    # -- the state machine -----------------------------------------------------------
+
+    def transition(
+        self,
+        version: EngineVersion,
+        state: VersionState,
+        *,
+        error: dict[str, Any] | None = None,
+        phase: str | None = None,
     ) -> None:
-        version.state = state
+        """The one place a version's state changes (``IllegalTransition`` for a move
+        the table does not allow). Settled versions are persisted, and may let older
+        versions of the engine be pruned."""
+        version.move_to(state)
         version.error = error
-        if state in (State.READY, State.FAILED):
-            version.phase = None if state == State.READY else version.phase
-        if state == State.READY:
+        if phase is not None or state in PHASE_ON_ENTRY:
+            version.phase = phase if phase is not None else PHASE_ON_ENTRY[state]
+        if state == VersionState.READY:
             version.progress = 1.0
-        self.registry.save(version)
+        if state in SETTLED or state == VersionState.UNLOADING:
+            self._restoring.discard(version)
+        if state in SETTLED:
+            self.registry.save(version)
         self._refresh_gauges()
-        if state in (State.READY, State.FAILED) and not self._shutting_down:
-            # Versions created while others were building could not be pruned then.
-            self._spawn(self._prune_versions(version.name))
+        if state in SETTLED and not self._shutting_down:
+            self.prune(version.name)
 
     def _refresh_gauges(self) -> None:
         for state, count in self.registry.count_by_state().items():
-            if state != "unloading":
-                self.metrics.engines.labels(state).set(count)
+            self.metrics.engines.labels(state).set(count)
+
+    def pending_restores(self) -> list[EngineVersion]:
+        """Versions restored at start-up that have not yet loaded or failed."""
+        return sorted(self._restoring, key=lambda v: (v.name, v.version))
 
     # -- uploads -----------------------------------------------------------------
 
@@ -118,33 +158,33 @@ class EngineManager:
         self.registry.add(version)
         self._refresh_gauges()
         self._spawn(self._build_and_load(version))
-        self._spawn(self._prune_versions(name))
+        self.prune(name)
         return version
 
-    async def _prune_versions(self, name: str) -> None:
-        """Keep at most ``max_versions_per_engine`` versions: drop the oldest that are
-        not building (and never the newest ready one)."""
+    def prune(self, name: str) -> None:
+        """Keep the newest ``max_versions_per_engine`` versions by number, and the newest
+        servable one; older versions are unloaded once they settle (ready or failed).
+
+        Decided by version number alone, so identical uploads end with the same
+        versions whatever order their builds finish in."""
         try:
             versions = self.registry.versions(name)
         except NotFound:
             return  # deleted meanwhile
-        excess = len(versions) - self.settings.max_versions_per_engine
-        if excess <= 0:
-            return
-        newest_ready = next((v for v in reversed(versions) if v.state == State.READY), None)
-        for version in versions:
-            if excess <= 0:
-                break
-            if version.state in (State.BUILDING, State.LOADING) or version is newest_ready:
-                continue
-            await self.delete(version)
-            excess -= 1
+        live = [v for v in versions if v.state != VersionState.UNLOADING]
+        keep = {v.version for v in live[-self.settings.max_versions_per_engine :]}
+        newest_servable = next((v for v in reversed(live) if v.servable), None)
+        if newest_servable is not None:
+            keep.add(newest_servable.version)
+        for version in live:
+            if version.version not in keep and version.state in SETTLED:
+                self.unload(version)
 
     # -- build and load ------------------------------------------------------------
 
     def _progress_handler(self, version: EngineVersion) -> Any:
         def on_progress(phase: str, fraction: float) -> None:
-            if version.state not in (State.BUILDING, State.LOADING):
+            if version.state not in WORKING:
                 return
             version.phase = phase
             version.progress = max(version.progress, overall_progress(phase, fraction, version.progress))
@@ -161,43 +201,42 @@ class EngineManager:
                 meta = await self._build_once(version)
                 self.metrics.builds.labels("succeeded").inc()
                 self.metrics.build_duration.observe(time.monotonic() - started)
-            if version.state != State.BUILDING:
+            if version.state != VersionState.BUILDING:
                 return  # deleted while building
             try:
                 await self._load(version, meta)
             except StoreCorrupted as exc:
                 # The artifact passed its checksum but the backend cannot load it
                 # (for example a plan recorded for another device): rebuild it once.
+                if version.state != VersionState.LOADING:
+                    return
                 log.warning("%s; rebuilding it from the stored model", exc.message)
                 self.store.discard_engine(version.cache_key)
-                version.state = State.BUILDING
+                self.transition(version, VersionState.BUILDING, phase="rebuild")
                 meta = await self._build_once(version)
                 self.metrics.builds.labels("succeeded").inc()
-                if version.state != State.BUILDING:
+                if version.state != VersionState.BUILDING:
                     return
                 await self._load(version, meta)
         except BuildFailure as failure:
-            if version.state == State.UNLOADING or self._shutting_down:
-                return  # a shutdown is not the version's fault: its record stays as it was
+            if version.state not in WORKING or self._shutting_down:
+                return  # deleted, or a shutdown: not the version's fault, its record stays as it was
             self.metrics.builds.labels("failed").inc()
             self.metrics.build_duration.observe(time.monotonic() - started)
             log.warning("build of %s v%d failed: %s", version.name, version.version, failure.message)
-            self._set_state(version, State.FAILED, error=failure.to_dict())
+            self.transition(version, VersionState.FAILED, error=failure.to_dict())
         except EngineError as exc:
-            if version.state == State.UNLOADING:
+            if version.state not in WORKING:
                 return
             log.warning("loading %s v%d failed: %s", version.name, version.version, exc.message)
-            self._set_state(version, State.FAILED, error={"type": exc.kind, "message": exc.message})
+            self.transition(version, VersionState.FAILED, error={"type": exc.kind, "message": exc.message})
         except Exception as exc:
             log.exception("unexpected error while building %s v%d", version.name, version.version)
-            if version.state != State.UNLOADING:
-                self._set_state(
+            if version.state in WORKING:
+                self.transition(
                     version,
-                    State.FAILED,
-                    error={
-                        "type": "internal",
-                        "message": f"{type(exc).__name__}: {exc}",
-                    },
+                    VersionState.FAILED,
+                    error={"type": "internal", "message": f"{type(exc).__name__}: {exc}"},
                 )
 
     def _committed_meta(self, cache_key: str) -> dict[str, Any] | None:
@@ -212,14 +251,23 @@ class EngineManager:
 
     async def _build_once(self, version: EngineVersion) -> dict[str, Any]:
         """Build the engine for ``version.cache_key``; identical uploads that arrive
-        while a build runs share it instead of building twice."""
-        on_progress = self._progress_handler(version)
-        shared = self._inflight.get(version.cache_key)
-        if shared is not None:
+        while a build runs share it instead of building twice. The build is cancelled
+        only when every version waiting for it is deleted."""
+        running = self._builds.get(version.cache_key)
+        if running is not None:
+            running.waiters.add(version)
             version.phase = "waiting for an identical build"
-            return await asyncio.shield(shared)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._inflight[version.cache_key] = future
+            try:
+                return await asyncio.shield(running.future)
+            finally:
+                running.waiters.discard(version)
+        build = SharedBuild(
+            # Unique per build: cancelling one never touches a later build of the same version.
+            job_id=f"{version.name}-v{version.version}-build{next(self._build_numbers)}",
+            future=asyncio.get_running_loop().create_future(),
+            waiters={version},
+        )
+        self._builds[version.cache_key] = build
         job = BuildJob(
             store_root=str(self.store.root),
             model_sha256=version.model_sha256,
@@ -230,25 +278,21 @@ class EngineManager:
             backend_kwargs=self.backend_kwargs(),
         )
         try:
-            meta = await self.builds.run(job, on_progress, job_id=self._job_id(version))
-            future.set_result(meta)
+            meta = await self.builds.run(job, self._progress_handler(version), job_id=build.job_id)
+            build.future.set_result(meta)
             return meta
         except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved when nobody else waits
+            build.future.set_exception(exc)
+            build.future.exception()  # mark retrieved when nobody else waits
             raise
         finally:
-            self._inflight.pop(version.cache_key, None)
-
-    @staticmethod
-    def _job_id(version: EngineVersion) -> str:
-        return f"{version.name}-{version.version}"
+            build.waiters.discard(version)
+            if self._builds.get(version.cache_key) is build:
+                del self._builds[version.cache_key]
 
     async def _load(self, version: EngineVersion, meta: dict[str, Any]) -> None:
         version.meta = meta
-        version.state = State.LOADING
-        version.phase = "load"
-        self._refresh_gauges()
+        self.transition(version, VersionState.LOADING)
         signature = Signature.from_dict(meta["signature"])
         artifact = self.store.artifact_path(version.cache_key, meta)
         instances = version.batching.instances
@@ -262,7 +306,7 @@ class EngineManager:
         except Exception:
             runner.close()
             raise
-        if version.state != State.LOADING:  # deleted meanwhile
+        if version.state != VersionState.LOADING:  # deleted meanwhile
             runner.close()
             return
         batching = version.batching
@@ -288,7 +332,7 @@ class EngineManager:
         batcher.start()
         version.runner = runner
         version.batcher = batcher
-        self._set_state(version, State.READY)
+        self.transition(version, VersionState.READY)
         log.info(
             "engine %s v%d is ready (%s, %s)",
             version.name,
@@ -300,78 +344,99 @@ class EngineManager:
     # -- restore, delete, shutdown -----------------------------------------------
 
     async def restore(self) -> None:
-        """Bring back the versions recorded in the store. Ready ones are loaded (or
-        rebuilt from the stored ONNX when the device or backend changed, or the
-        artifact is corrupt); builds a restart interrupted are marked failed."""
+        """Bring back the versions recorded in the store, each in the state
+        ``RESTORED_AS`` gives: ready ones are loaded (or rebuilt from the stored ONNX
+        when the device or backend changed, or the artifact is corrupt); builds a
+        restart interrupted are failed."""
         removed = self.store.cleanup_tmp(
             older_than_s=self.settings.build_timeout_s + 600 if self.settings.store_shared else 0.0
         )
         if removed:
             log.info("removed %d leftover temporary files from the store", removed)
-        records, problems = self.store.load_records()
+        records, problems = self.registry.records.load_records()
         for problem in problems:
             log.warning("unreadable record in the store: %s", problem)
         for record in records:
             try:
-                version = EngineVersion.from_record(record)
+                recorded = VersionState(record["state"])
+                state = RESTORED_AS[recorded]
+                if state is None:  # a delete the restart interrupted
+                    self.registry.records.delete_record(record["name"], int(record["version"]))
+                    continue
+                version = EngineVersion.from_record(record, state)
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("skipping a malformed record %s: %s", record.get("name"), exc)
                 continue
-            self.registry.restore(version)
-            if version.state in (State.BUILDING, State.LOADING):
-                self._set_state(
-                    version,
-                    State.FAILED,
-                    error={
-                        "type": "interrupted",
-                        "message": "the server stopped while this version was being built; upload it again",
-                    },
-                )
-            elif version.state == State.READY:
+            self.registry.index(version)
+            if recorded in WORKING:
+                version.error = {
+                    "type": "interrupted",
+                    "message": "the server stopped while this version was being built; upload it again",
+                }
+                version.phase = None
+                self.registry.save(version)
+            elif state == VersionState.BUILDING:
                 version.cache_key = self.cache_key(version.model_sha256, version.options)
-                version.state = State.BUILDING
                 version.phase = "restore"
+                self._restoring.add(version)
                 self._spawn(self._build_and_load(version))
-            elif version.state == State.UNLOADING:
-                self.registry.remove(version)
+        self.restored = True
         self._refresh_gauges()
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no build or load is running (for tests and start-up)."""
+        """Wait until no build, load or unload is running (for tests and start-up)."""
         deadline = time.monotonic() + timeout_s
         while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         return not self._tasks
 
+    def unload(self, version: EngineVersion) -> asyncio.Task[None]:
+        """Start removing one version (at once unservable); returns the task that
+        finishes it. Its build is cancelled unless an identical upload still waits for it."""
+        task = self._unloads.get(version)
+        if task is not None:
+            return task
+        build = self._builds.get(version.cache_key)
+        if build is not None and version in build.waiters:
+            build.waiters.discard(version)
+            if not build.waiters:
+                self.builds.cancel(build.job_id)
+                # A new upload of the same model starts its own build, not this dying one.
+                del self._builds[version.cache_key]
+        self.transition(version, VersionState.UNLOADING)
+        task = self._spawn(self._teardown(version))
+        self._unloads[version] = task
+        return task
+
     async def delete(self, version: EngineVersion) -> None:
         """Unload and remove one version; its engine files go when nothing uses them."""
-        previous = version.state
-        version.state = State.UNLOADING
-        if previous in (State.BUILDING, State.LOADING):
-            self.builds.cancel(self._job_id(version))
-        batcher, runner = version.batcher, version.runner
-        version.batcher = version.runner = None
-        if batcher is not None:
-            await batcher.stop(drain_timeout_s=min(self.settings.drain_timeout_s, 5.0))
-        if runner is not None:
-            await asyncio.to_thread(runner.close)
-        self.metrics.forget_engine(version.name, version.version)
-        self.registry.remove(version)
-        self._collect_garbage(version)
-        self._refresh_gauges()
+        await asyncio.shield(self.unload(version))
+
+    async def _teardown(self, version: EngineVersion) -> None:
+        try:
+            batcher, runner = version.batcher, version.runner
+            version.batcher = version.runner = None
+            if batcher is not None:
+                await batcher.stop(drain_timeout_s=min(self.settings.drain_timeout_s, 5.0))
+            if runner is not None:
+                await asyncio.to_thread(runner.close)
+            self.metrics.forget_engine(version.name, version.version)
+            self.registry.remove(version)
+            self._collect_garbage(version)
+            self._refresh_gauges()
+        finally:
+            self._unloads.pop(version, None)
 
     def _collect_garbage(self, version: EngineVersion) -> None:
         records = self.registry.all_versions()
-        if (
-            version.cache_key not in {v.cache_key for v in records}
-            and version.cache_key not in self._inflight
-        ):
+        if version.cache_key not in {v.cache_key for v in records} and version.cache_key not in self._builds:
             self.store.discard_engine(version.cache_key)
         if version.model_sha256 not in {v.model_sha256 for v in records}:
-            self.store.model_path(version.model_sha256).unlink(missing_ok=True)
+            self.store.remove_model(version.model_sha256)
 
     async def shutdown(self, drain_timeout_s: float) -> None:
-        """Drain every batcher (queued requests finish), stop builds, close runners."""
+        """Drain every batcher (queued requests finish), stop builds, close runners.
+        Records stay as they are: the next start restores from them."""
         self._shutting_down = True
         versions = [v for v in self.registry.all_versions() if v.batcher is not None]
         await asyncio.gather(*(v.batcher.stop(drain_timeout_s) for v in versions if v.batcher))

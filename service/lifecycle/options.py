@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engines.shapes import validate_shapes_option
-from engines.types import BuildOptions, CalibrationMethod, Precision, ShapeRange, Signature
+from engines.types import BuildOptions, CalibrationMethod, Precision, ShapeRange
 from service.batching import BatchingConfig
 from service.errors import BadRequest
 from service.settings import Settings
@@ -82,7 +81,6 @@ def to_options(
     *,
     calibration_sha256: str | None,
     validation_sha256: str | None,
-    signature: Signature | None = None,
 ) -> tuple[BuildOptions, BatchingConfig]:
     max_batch = fields.max_batch_size or settings.max_batch_size
     preferred = tuple(sorted(set(fields.preferred_batch_sizes or settings.preferred_batch_sizes)))
@@ -110,11 +108,6 @@ def to_options(
             )
         except KeyError as exc:
             raise BadRequest(f"shapes.{input_name} needs 'min', 'opt' and 'max' shapes") from exc
-    if signature is not None:
-        try:
-            validate_shapes_option(signature, shapes)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
     options = BuildOptions(
         precision=fields.precision,
         max_batch_size=max_batch,

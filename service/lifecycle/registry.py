@@ -1,8 +1,9 @@
-"""The registry: name → versions → state, with each version's runner and batcher.
+"""The registry: name → versions, with each version's state, runner and batcher.
 
-The single source of truth for what is servable. Records are persisted in the
-store (``records/<name>/<version>.json``) whenever a version changes state, so a
-restart on the same store serves the same engines.
+The single source of truth for what is servable (``EngineVersion.servable``).
+Records are persisted through a ``RecordStore`` (today the engine store's
+``records/<name>/<version>.json``) when a version is registered and whenever it
+settles, so a restart on the same store serves the same engines.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from engines.backends.base import Runner
-from engines.store import EngineStore
 from engines.types import BuildOptions, Signature
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import BadRequest, NotFound, NotReady
+from service.lifecycle.states import SERVABLE, VersionState, check_move
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -28,15 +28,17 @@ def check_name(name: str) -> str:
     return name
 
 
-class State(StrEnum):
-    BUILDING = "building"
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    UNLOADING = "unloading"
+class RecordStore(Protocol):
+    """Where version records persist (the engine store; a database could stand in)."""
+
+    def save_record(self, record: dict[str, Any]) -> None: ...
+
+    def delete_record(self, name: str, version: int) -> None: ...
+
+    def load_records(self) -> tuple[list[dict[str, Any]], list[str]]: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class EngineVersion:
     name: str
     version: int
@@ -44,7 +46,7 @@ class EngineVersion:
     options: BuildOptions
     batching: BatchingConfig
     cache_key: str
-    state: State = State.BUILDING
+    _state: VersionState = VersionState.BUILDING
     phase: str | None = "queued"
     progress: float = 0.0
     error: dict[str, Any] | None = None
@@ -54,6 +56,20 @@ class EngineVersion:
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
     _signature: Signature | None = field(default=None, repr=False)
+
+    @property
+    def state(self) -> VersionState:
+        return self._state
+
+    @property
+    def servable(self) -> bool:
+        """Requests can run on this version now."""
+        return self._state in SERVABLE and self.batcher is not None
+
+    def move_to(self, state: VersionState) -> None:
+        """Change the state; only ``EngineManager.transition`` calls this."""
+        check_move(self._state, state)
+        self._state = state
 
     @property
     def signature(self) -> Signature | None:
@@ -82,7 +98,8 @@ class EngineVersion:
         }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> EngineVersion:
+    def from_record(cls, record: dict[str, Any], state: VersionState) -> EngineVersion:
+        """A version read back from its record, starting in ``state``."""
         return cls(
             name=record["name"],
             version=int(record["version"]),
@@ -91,7 +108,7 @@ class EngineVersion:
             options=BuildOptions.from_dict(record["options"]),
             batching=BatchingConfig.from_dict(record["batching"]),
             cache_key=record["cache_key"],
-            state=State(record["state"]),
+            _state=state,
             error=record.get("error"),
             created_at=float(record.get("created_at", time.time())),
         )
@@ -138,8 +155,8 @@ class EngineVersion:
 class Registry:
     """Engine versions by name. Event-loop only: no locking needed."""
 
-    def __init__(self, store: EngineStore) -> None:
-        self.store = store
+    def __init__(self, records: RecordStore) -> None:
+        self.records = records
         self._engines: dict[str, dict[int, EngineVersion]] = {}
 
     def names(self) -> list[str]:
@@ -155,25 +172,36 @@ class Registry:
         return [ev for name in self.names() for ev in self.versions(name)]
 
     def next_version(self, name: str) -> int:
+        """The number the next version of ``name`` gets: the only place versions are numbered."""
         return max(self._engines.get(name, {0: None}), default=0) + 1
 
     def add(self, version: EngineVersion) -> None:
-        self.restore(version)
+        self.index(version)
         self.save(version)
 
-    def restore(self, version: EngineVersion) -> None:
-        """Index a version read back from the store (nothing is written)."""
+    def index(self, version: EngineVersion) -> None:
+        """Index a version read back from its record (nothing is written)."""
         self._engines.setdefault(version.name, {})[version.version] = version
 
+    def load(self) -> None:
+        """Index every readable record in its recorded state, for a process that only
+        registers versions (``kiln build``); a server restores through the manager."""
+        records, _ = self.records.load_records()
+        for record in records:
+            try:
+                self.index(EngineVersion.from_record(record, VersionState(record["state"])))
+            except (KeyError, ValueError, TypeError):
+                continue  # the server that restores it says why
+
     def save(self, version: EngineVersion) -> None:
-        self.store.save_record(version.record())
+        self.records.save_record(version.record())
 
     def remove(self, version: EngineVersion) -> None:
         versions = self._engines.get(version.name, {})
         versions.pop(version.version, None)
         if not versions:
             self._engines.pop(version.name, None)
-        self.store.delete_record(version.name, version.version)
+        self.records.delete_record(version.name, version.version)
 
     def get(self, name: str, version: int | None = None) -> EngineVersion:
         """A version by number, or the newest version; raises ``NotFound``."""
@@ -191,20 +219,20 @@ class Registry:
         Raises ``NotFound``, or ``NotReady`` (409) naming the state."""
         if version is not None:
             found = self.get(name, version)
-            if found.state != State.READY or found.batcher is None:
+            if not found.servable:
                 raise NotReady(
                     f"engine '{name}' version {version} is {found.state}, not ready",
                 )
             return found
         versions = self.versions(name)
         for candidate in reversed(versions):
-            if candidate.state == State.READY and candidate.batcher is not None:
+            if candidate.servable:
                 return candidate
         latest = versions[-1]
         raise NotReady(f"engine '{name}' has no ready version; version {latest.version} is {latest.state}")
 
     def count_by_state(self) -> dict[str, int]:
-        counts = {str(state): 0 for state in State}
+        counts = {str(state): 0 for state in VersionState}
         for version in self.all_versions():
             counts[str(version.state)] += 1
         return counts

@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from fastapi import APIRouter, Depends, Request
 
-from engines.onnx_model import load_model, read_signature
-from engines.types import Precision, Signature
 from service.auth import require_management_key
-from service.errors import BadRequest, Unavailable
-from service.lifecycle.options import parse_upload_fields, to_options
-from service.lifecycle.registry import check_name
+from service.errors import Unavailable
 from service.lifecycle.uploads import ParsedForm, parse_multipart
+from service.lifecycle.versions import DATA_FILES, register_version
 from service.protocols.responses import JSONResponse
 from service.state import AppState, get_state
 
 router = APIRouter(tags=["engines"])
 
 
-def _validate_model(path: Any, max_bytes: int) -> Signature:
-    model = load_model(path, max_bytes=max_bytes)
-    return read_signature(model)
-
-
-def _validate_data(path: Any, signature: Signature, purpose: str, max_bytes: int) -> None:
-    from engines.calibration import load_samples
-
-    load_samples(path, signature, purpose=purpose, max_bytes=max_bytes)
-
-
 @router.post("/engines", status_code=202, dependencies=[Depends(require_management_key)])
 async def upload_engine(request: Request) -> JSONResponse:
-    """Upload an ONNX model (multipart ``model`` file and ``name``) and start its build."""
+    """Upload an ONNX model (multipart ``model`` file and ``name``) and start its build.
+
+    A model with external data comes as the graph plus one ``model_data`` part per
+    data file, or as one archive in ``model`` (see ``engines.model_package``)."""
     state = get_state(request)
     if state.draining:
         raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
@@ -44,50 +30,14 @@ async def upload_engine(request: Request) -> JSONResponse:
         state.store,
         {
             "model": settings.max_upload_bytes,
-            "calibration": settings.max_data_bytes,
-            "validation": settings.max_data_bytes,
+            "model_data": settings.max_upload_bytes,
+            **{purpose: settings.max_data_bytes for purpose in DATA_FILES},
         },
+        repeated={"model_data"},
     )
     try:
-        if "model" not in form.files:
-            raise BadRequest("the upload needs a 'model' file field holding the .onnx model")
-        if "name" not in form.fields:
-            raise BadRequest("the upload needs a 'name' field")
-        fields = parse_upload_fields(form.fields)
-        name = check_name(fields.name)
-        state.manager.check_limits(name)
-        model = form.files["model"]
-        signature = await asyncio.to_thread(_validate_model, model.path, settings.max_upload_bytes)
-        for purpose in ("calibration", "validation"):
-            if purpose in form.files:
-                await asyncio.to_thread(
-                    _validate_data, form.files[purpose].path, signature, purpose, settings.max_data_bytes
-                )
-        if (
-            fields.precision == Precision.INT8
-            and "calibration" not in form.files
-            and fields.calibration is None
-        ):
-            raise BadRequest(
-                "precision=int8 needs calibration data: attach a 'calibration' .npz file "
-                "(arrays keyed by input name, samples on axis 0), or send calibration=synthetic "
-                "to calibrate on random data"
-            )
-        calibration = form.files.get("calibration")
-        validation = form.files.get("validation")
-        options, batching = to_options(
-            fields,
-            settings,
-            calibration_sha256=calibration.sha256 if calibration else None,
-            validation_sha256=validation.sha256 if validation else None,
-            signature=signature,
-        )
-        state.store.add_model(model.path, model.sha256)
-        if calibration:
-            state.store.add_data(calibration.path, calibration.sha256)
-        if validation:
-            state.store.add_data(validation.path, validation.sha256)
-        version = state.manager.create(name, model.sha256, model.filename, options, batching)
+        model_data = [(part.filename, part.path) for part in form.repeated.get("model_data", [])]
+        version = await register_version(state.manager, form.fields, form.files, model_data=model_data)
     finally:
         form.discard()
     return JSONResponse(

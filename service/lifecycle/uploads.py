@@ -2,13 +2,15 @@
 
 Files are written straight into the store's ``tmp/`` while their sha256 is
 computed, and cut off (413) as soon as they pass their size limit: an upload is
-never held whole in memory. Text fields are small and capped.
+never held whole in memory. Text fields are small and capped. A field may appear
+once, except the repeated file fields the caller names (a model's data files),
+whose limit holds for all their parts together.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -20,7 +22,7 @@ from engines.store import EngineStore
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 MAX_FIELD_BYTES = 64 * 1024
-MAX_PARTS = 32
+MAX_PARTS = 64
 
 
 @dataclass
@@ -36,10 +38,15 @@ class UploadedFile:
 class ParsedForm:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, UploadedFile] = field(default_factory=dict)
+    repeated: dict[str, list[UploadedFile]] = field(default_factory=dict)
+    """The parts of each repeated file field, in the order they came."""
+
+    def all_files(self) -> list[UploadedFile]:
+        return [*self.files.values(), *(u for parts in self.repeated.values() for u in parts)]
 
     def discard(self) -> None:
         """Remove every temp file this form wrote (on error, or once published)."""
-        for upload in self.files.values():
+        for upload in self.all_files():
             upload.path.unlink(missing_ok=True)
 
 
@@ -55,9 +62,11 @@ class _Part:
 
 
 class _FormBuilder:
-    def __init__(self, store: EngineStore, file_limits: dict[str, int]) -> None:
+    def __init__(self, store: EngineStore, file_limits: dict[str, int], repeated: Collection[str]) -> None:
         self.store = store
         self.file_limits = file_limits
+        self.repeated = repeated
+        self.field_bytes: dict[str, int] = {}
         self.form = ParsedForm()
         self.part = _Part()
         self.header_name = b""
@@ -99,7 +108,11 @@ class _FormBuilder:
             raise BadRequest("a form part has no name in its Content-Disposition header")
         name = options[b"name"].decode("utf-8", "replace")
         self.part.name = name
-        if name in self.form.fields or name in self.form.files:
+        if (
+            name in self.form.fields
+            or name in self.form.files
+            or (name in self.form.repeated and name not in self.repeated)
+        ):
             raise BadRequest(f"the form field '{name}' appears twice")
         if b"filename" in options:
             if name not in self.file_limits:
@@ -108,7 +121,10 @@ class _FormBuilder:
                 )
             path = self.store.temp_path(suffix=".upload")
             upload = UploadedFile(name, options[b"filename"].decode("utf-8", "replace"), path)
-            self.form.files[name] = upload
+            if name in self.repeated:
+                self.form.repeated.setdefault(name, []).append(upload)
+            else:
+                self.form.files[name] = upload
             self.part.upload = upload
             self.part.handle = path.open("wb")
             self.part.limit = self.file_limits[name]
@@ -122,7 +138,8 @@ class _FormBuilder:
             part.data.extend(chunk)
             return
         part.upload.size += len(chunk)
-        if part.upload.size > part.limit:
+        total = self.field_bytes[part.name] = self.field_bytes.get(part.name, 0) + len(chunk)
+        if total > part.limit:
             raise PayloadTooLarge(f"'{part.name}' is larger than its limit of {part.limit} bytes")
         part.hasher.update(chunk)
         assert part.handle is not None
@@ -151,9 +168,11 @@ async def parse_multipart(
     stream: AsyncIterator[bytes],
     store: EngineStore,
     file_limits: dict[str, int],
+    repeated: Collection[str] = (),
 ) -> ParsedForm:
     """Parse a multipart/form-data body. ``file_limits`` names the accepted file
-    fields and their byte limits. Raises ``BadRequest``, ``PayloadTooLarge`` or
+    fields and their byte limits; the fields in ``repeated`` may come several times
+    (in ``ParsedForm.repeated``). Raises ``BadRequest``, ``PayloadTooLarge`` or
     ``UnsupportedMediaType``; on any error the temp files are removed."""
     kind, params = parse_options_header(content_type or "")
     if kind != b"multipart/form-data":
@@ -161,7 +180,7 @@ async def parse_multipart(
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest("the multipart Content-Type has no boundary")
-    builder = _FormBuilder(store, file_limits)
+    builder = _FormBuilder(store, file_limits, repeated)
     try:
         parser = MultipartParser(boundary, builder.callbacks())  # type: ignore[arg-type]
         async for chunk in stream:
@@ -175,7 +194,7 @@ async def parse_multipart(
         builder.close_open_file()
         builder.form.discard()
         raise
-    for upload in builder.form.files.values():
+    for upload in builder.form.all_files():
         if not upload.sha256:
             builder.form.discard()
             raise BadRequest(f"the multipart body ended inside the file '{upload.field}'")

@@ -48,9 +48,10 @@ class RequestMetrics:
             return  # unknown engines would let clients create label values at will
         metrics = self.state.metrics
         metrics.requests.labels(self.engine, self.version, self.protocol, str(self.code)).inc()
-        metrics.request_duration.labels(self.engine, self.version, self.protocol).observe(
-            time.perf_counter() - self.started
-        )
+        elapsed = time.perf_counter() - self.started
+        metrics.request_duration.labels(self.engine, self.version, self.protocol).observe(elapsed)
+        outcome = "success" if self.code == 200 else "failure"
+        metrics.request_outcomes.labels(self.engine, self.version, outcome).observe(elapsed)
 
 
 def counted(state: AppState, protocol: str) -> RequestMetrics:

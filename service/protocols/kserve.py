@@ -11,16 +11,19 @@ Triton does.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from service.auth import require_predict_key
+from service import tracing
+from service.auth import HeaderLookup, check_key, require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
-from service.lifecycle.registry import EngineVersion, Registry, State
-from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
+from service.health import not_ready_reason
+from service.lifecycle.registry import EngineVersion, Registry
+from service.protocols.inference import check_intake, counted, infer
 from service.protocols.kserve_codec import (
     INFERENCE_HEADER,
     config_type_of,
@@ -37,12 +40,12 @@ model_router = APIRouter(prefix="/models/{name}", dependencies=[Depends(require_
 
 # Advertise only what is implemented: perf_analyzer changes behaviour on this list
 # (with "statistics" it calls the stats endpoints around every run).
-EXTENSIONS = ("binary_tensor_data", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 
-def _server_version() -> str:
+def server_version() -> str:
     try:
         return metadata.version("kiln")
     except metadata.PackageNotFoundError:  # running from a source tree that is not installed
@@ -61,7 +64,7 @@ def _version_number(text: str | None) -> int | None:
     return int(text)
 
 
-def _ready_version(registry: Registry, name: str, version: str | None) -> EngineVersion:
+def ready_version(registry: Registry, name: str, version: str | None) -> EngineVersion:
     """The named version (or the newest ready one) if it can serve now.
 
     ``NotFound`` (404) for an unknown model or version; ``Unavailable`` (503) for
@@ -73,10 +76,8 @@ def _ready_version(registry: Registry, name: str, version: str | None) -> Engine
     return found
 
 
-def _ready_versions(registry: Registry, name: str) -> list[str]:
-    return [
-        str(v.version) for v in registry.versions(name) if v.state == State.READY and v.batcher is not None
-    ]
+def ready_versions(registry: Registry, name: str) -> list[str]:
+    return [str(v.version) for v in registry.versions(name) if v.servable]
 
 
 def _backend(found: EngineVersion) -> str:
@@ -89,7 +90,7 @@ def _backend(found: EngineVersion) -> str:
 @router.get("")
 async def server_metadata() -> Response:
     """``{"name", "version", "extensions"}``."""
-    return JSONResponse({"name": "kiln", "version": _server_version(), "extensions": list(EXTENSIONS)})
+    return JSONResponse({"name": "kiln", "version": server_version(), "extensions": list(EXTENSIONS)})
 
 
 @router.get("/health/live")
@@ -100,9 +101,8 @@ async def server_live() -> Response:
 
 @router.get("/health/ready")
 async def server_ready(request: Request) -> Response:
-    """200 once stored engines are restored and while not draining; 400 otherwise."""
-    state = get_state(request)
-    return _empty(state.ready and not state.draining)
+    """200 when /health/ready is (restored engines servable, not draining); 400 otherwise."""
+    return _empty(not_ready_reason(get_state(request)) is None)
 
 
 # -- models -------------------------------------------------------------------
@@ -113,23 +113,25 @@ async def server_ready(request: Request) -> Response:
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     """Name, ready versions, platform, and the inputs and outputs with v2 datatypes
     and shapes (-1 for dynamic dimensions, the batch dimension included)."""
-    registry = get_state(request).registry
-    found = _ready_version(registry, name, version)
+    return JSONResponse(metadata_of(get_state(request).registry, name, version))
+
+
+def metadata_of(registry: Registry, name: str, version: str | None) -> dict[str, Any]:
+    """A ready model's (or version's) metadata, as HTTP and gRPC answer it."""
+    found = ready_version(registry, name, version)
     assert found.signature is not None
-    versions = [str(found.version)] if version is not None else _ready_versions(registry, name)
+    versions = [str(found.version)] if version is not None else ready_versions(registry, name)
 
     def tensors(specs: Any) -> list[dict[str, Any]]:
         return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)} for s in specs]
 
-    return JSONResponse(
-        {
-            "name": name,
-            "versions": versions,
-            "platform": _PLATFORMS.get(_backend(found), _backend(found)),
-            "inputs": tensors(found.signature.inputs),
-            "outputs": tensors(found.signature.outputs),
-        }
-    )
+    return {
+        "name": name,
+        "versions": versions,
+        "platform": _PLATFORMS.get(_backend(found), _backend(found)),
+        "inputs": tensors(found.signature.inputs),
+        "outputs": tensors(found.signature.outputs),
+    }
 
 
 @model_router.get("/ready")
@@ -139,7 +141,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
     models included, as Triton answers."""
     registry = get_state(request).registry
     try:
-        _ready_version(registry, name, version)
+        ready_version(registry, name, version)
     except ServiceError:  # unknown, not ready, or a malformed version: all "not ready"
         return _empty(False)
     return _empty(True)
@@ -151,7 +153,7 @@ async def model_config(request: Request, name: str, version: str | None = None) 
     """The Triton model configuration fields that tritonclient and perf_analyzer
     read. For batching models ``dims`` leave out the batch dimension and
     ``max_batch_size`` is positive; unbatched models report 0."""
-    found = _ready_version(get_state(request).registry, name, version)
+    found = ready_version(get_state(request).registry, name, version)
     return JSONResponse(triton_config(found))
 
 
@@ -188,50 +190,91 @@ def triton_config(found: EngineVersion) -> dict[str, Any]:
     return config
 
 
+# -- statistics -----------------------------------------------------------------
+
+
+@router.get("/models/stats", dependencies=[Depends(require_predict_key)])
+async def all_statistics(request: Request) -> Response:
+    """Statistics of every ready version (Triton's statistics extension)."""
+    return JSONResponse({"model_stats": statistics_of(get_state(request), None, None)})
+
+
+@model_router.get("/stats")
+@model_router.get("/versions/{version}/stats")
+async def model_statistics(request: Request, name: str, version: str | None = None) -> Response:
+    """``{"model_stats": [...]}``: inference and execution counts, success, fail,
+    queue and compute durations (count and total ns), and runs per batch size,
+    read from the same counters as ``/metrics``."""
+    return JSONResponse({"model_stats": statistics_of(get_state(request), name, version)})
+
+
+def statistics_of(state: AppState, name: str | None, version: str | None) -> list[dict[str, Any]]:
+    """Statistics of one model's ready versions (or the one named), or of every
+    model's when ``name`` is None. An unknown model or version is ``NotFound``."""
+    registry = state.registry
+    if name is None:
+        chosen = [v for v in registry.all_versions() if v.servable]
+    elif version is None:
+        ready_version(registry, name, None)  # 404 for an unknown model, 503 for one not ready
+        chosen = [v for v in registry.versions(name) if v.servable]
+    else:
+        chosen = [ready_version(registry, name, version)]
+    return [state.metrics.statistics(v.name, v.version) for v in chosen]
+
+
 # -- inference ----------------------------------------------------------------
 
 
 @model_router.post("/infer")
 @model_router.post("/versions/{version}/infer")
-async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
+async def model_infer(name: str, version: str | None = None) -> Response:
     """Run one inference request: JSON tensors or the binary tensor data extension,
-    in and out. ``parameters.timeout`` (µs) bounds the time in the queue."""
-    state: AppState = get_state(request)
+    in and out. ``parameters.timeout`` (µs) bounds the time in the queue.
+
+    Declared here for the OpenAPI schema only: ``FastPathApp`` answers this path
+    with ``infer_v2`` before routing, so this handler never runs."""
+    raise AssertionError("POST /v2/models/{name}/infer is answered by FastPathApp")
+
+
+async def infer_v2(
+    state: AppState,
+    name: str,
+    version: str | None,
+    body: bytes,
+    *,
+    headers: HeaderLookup,
+    disconnected: Callable[[], Awaitable[None]] | None,
+) -> tuple[bytes, dict[str, str]]:
+    """Run one v2 infer request body; returns the response body and headers.
+
+    Raises ``ServiceError``/``EngineError`` for every refusal."""
     settings = state.settings
     with counted(state, "v2") as record:
+        if settings.protect_predict:
+            check_key(headers, state.api_keys)
         check_intake(state)
-        # Read the body before any refusal: answering while a client still sends
-        # makes the server close the connection, and the client may see a reset
-        # instead of the error.
-        body = await read_body(
-            request.receive, settings.max_request_bytes, request.headers.get("content-length")
-        )
-        found = _ready_version(state.registry, name, version)
+        found = ready_version(state.registry, name, version)
         record.bind(found)
         assert found.signature is not None and found.batcher is not None
         found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
-        body = decompress_body(body, request.headers.get("content-encoding"), settings.max_request_bytes)
-        parsed = parse_infer_request(
-            body,
-            request.headers.get(INFERENCE_HEADER),
-            found.signature,
-            max_json_depth=settings.max_json_depth,
-            max_tensor_elements=settings.max_tensor_elements,
-        )
-        outputs = await infer(
-            found,
-            parsed.feeds,
-            timeout_ms=parsed.timeout_ms,
-            disconnected=disconnect_waiter(request.receive),
-        )
-        content, headers = encode_infer_response(
-            outputs,
-            parsed.outputs,
-            model_name=name,
-            model_version=str(found.version),
-            request_id=parsed.request_id,
-        )
-        return Response(content, headers=headers)
+        with tracing.span("decode"):
+            body = decompress_body(body, headers("content-encoding"), settings.max_request_bytes)
+            parsed = parse_infer_request(
+                body,
+                headers(INFERENCE_HEADER.lower()),
+                found.signature,
+                max_json_depth=settings.max_json_depth,
+                max_tensor_elements=settings.max_tensor_elements,
+            )
+        outputs = await infer(found, parsed.feeds, timeout_ms=parsed.timeout_ms, disconnected=disconnected)
+        with tracing.span("encode"):
+            return encode_infer_response(
+                outputs,
+                parsed.outputs,
+                model_name=name,
+                model_version=str(found.version),
+                request_id=parsed.request_id,
+            )
 
 
 router.include_router(model_router)

@@ -49,13 +49,19 @@ DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-_DATATYPE_BY_NUMPY = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
+_DATATYPE_BY_NUMPY: dict[np.dtype | str, str] = {
+    dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()
+}
+_DATATYPE_BY_NUMPY.update({str(dtype): name for dtype, name in list(_DATATYPE_BY_NUMPY.items())})
 
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 
 
 def datatype_of(dtype: np.dtype | str) -> str:
     """The v2 datatype name ("FP32") of a numpy dtype; ``UnsupportedModel`` if none."""
+    found = _DATATYPE_BY_NUMPY.get(dtype)  # native dtypes and their names
+    if found is not None:
+        return found
     found = _DATATYPE_BY_NUMPY.get(np.dtype(dtype).newbyteorder("="))
     if found is None:
         raise UnsupportedModel(f"dtype {np.dtype(dtype)} has no KServe v2 datatype")
@@ -221,8 +227,8 @@ def _decode_inputs(
             raise BadRequest(f"unknown input '{name}'; this model takes {', '.join(specs)}")
         if name in feeds:
             raise BadRequest(f"input '{name}' is given twice")
-        dtype = _check_datatype(tensor.get("datatype"), spec)
-        shape = _check_shape(tensor.get("shape"), name)
+        dtype = check_datatype(tensor.get("datatype"), spec)
+        shape = check_shape(tensor.get("shape"), name)
         elements = math.prod(shape)
         total_elements += elements
         if elements > max_elements or total_elements > max_elements:
@@ -245,20 +251,17 @@ def _decode_inputs(
                 f"input '{name}' needs {size} binary bytes at offset {offset}, but the body has "
                 f"{len(binary)} bytes after the inference header"
             )
-        feeds[name] = _binary_tensor(binary[offset : offset + size], name, dtype, shape)
+        feeds[name] = binary_tensor(binary[offset : offset + size], name, dtype, shape)
         offset += size
     if offset != len(binary):
         raise BadRequest(
             f"the body has {len(binary)} bytes after the inference header but the inputs' "
             f"binary_data_size add up to {offset}"
         )
-    missing = [name for name in specs if name not in feeds]
-    if missing:
-        raise BadRequest(f"missing input(s): {', '.join(missing)}")
-    return feeds
+    return feeds  # missing inputs, shapes and batch sizes: Runner.check_feeds
 
 
-def _check_datatype(datatype: Any, spec: TensorSpec) -> np.dtype:
+def check_datatype(datatype: Any, spec: TensorSpec) -> np.dtype:
     """The input's numpy dtype, if ``datatype`` names the engine's own."""
     expected = datatype_of(spec.dtype)
     if datatype == expected:
@@ -272,7 +275,7 @@ def _check_datatype(datatype: Any, spec: TensorSpec) -> np.dtype:
     raise BadRequest(f"input '{spec.name}' has datatype {datatype}; the model expects {expected}")
 
 
-def _check_shape(shape: Any, name: str) -> tuple[int, ...]:
+def check_shape(shape: Any, name: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
@@ -299,7 +302,7 @@ def _json_tensor(
     return cast_checked(raw.reshape(shape), dtype.newbyteorder("="), spec.name)
 
 
-def _binary_tensor(data: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def binary_tensor(data: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise BadRequest(
@@ -336,7 +339,7 @@ def _parse_raw_binary(body: bytes, signature: Signature, max_elements: int) -> I
     if math.prod(shape) > max_elements:
         raise BadRequest(f"input '{spec.name}' has more than {max_elements} elements")
     dtype = DATATYPES[datatype_of(spec.dtype)]
-    feeds = {spec.name: _binary_tensor(memoryview(body), spec.name, dtype, shape)}
+    feeds = {spec.name: binary_tensor(memoryview(body), spec.name, dtype, shape)}
     outputs = tuple(OutputChoice(out.name, binary=True) for out in signature.outputs)
     return InferRequest(feeds, outputs, None, None)
 

@@ -1,8 +1,9 @@
 """POST /predict: kiln's native JSON inference endpoint (the hot path).
 
-The body is parsed with orjson; pydantic stays out of the hot path. The same
-``predict_native`` serves the FastAPI route (which documents the endpoint in
-the OpenAPI schema) and the ASGI fast path in ``service/fastpath.py``.
+The body is parsed with orjson; pydantic stays out of the hot path.
+``predict_native`` is answered by the ASGI fast path
+(``service/protocols/fastpath.py``); the FastAPI route below only documents the
+endpoint in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
+from service import tracing
 from service.auth import check_key
 from service.errors import BadRequest
-from service.protocols.inference import check_intake, counted, disconnect_waiter, infer, read_body
+from service.protocols.inference import check_intake, counted, infer
 from service.protocols.intake import check_json_shape
 from service.protocols.native_codec import decode_native_inputs
 from service.protocols.responses import dumps
-from service.state import AppState, get_state
+from service.state import AppState
 
 router = APIRouter(tags=["inference"])
 
@@ -64,21 +66,19 @@ async def predict_native(
         record.bind(found)
         assert found.signature is not None and found.batcher is not None
         found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
-        feeds = decode_native_inputs(
-            payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
-        )
+        with tracing.span("decode"):
+            feeds = decode_native_inputs(
+                payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
+            )
         outputs = await infer(found, feeds, timeout_ms=timeout_ms, disconnected=disconnected)
-        return dumps({"engine": engine, "version": found.version, "outputs": outputs})
+        with tracing.span("encode"):
+            return dumps({"engine": engine, "version": found.version, "outputs": outputs})
 
 
 @router.post("/predict")
-async def predict(request: Request) -> Response:
-    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``."""
-    state = get_state(request)
-    body = await read_body(
-        request.receive, state.settings.max_request_bytes, request.headers.get("content-length")
-    )
-    content = await predict_native(
-        state, body, headers=request.headers.get, disconnected=disconnect_waiter(request.receive)
-    )
-    return Response(content, media_type="application/json")
+async def predict() -> Response:
+    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``.
+
+    Declared for the OpenAPI schema only: ``FastPathApp`` answers this path with
+    ``predict_native`` before routing, so this handler never runs."""
+    raise AssertionError("POST /predict is answered by FastPathApp")

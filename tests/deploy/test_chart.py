@@ -87,7 +87,8 @@ def test_probes_use_kiln_health_endpoints(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == int(env_of(container)["KILN_PORT"]) == 8000
 
-    assert container["startupProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    # Start-up ends when restored engines serve, not when the process answers.
+    assert container["startupProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     startup = container["startupProbe"]
@@ -374,10 +375,34 @@ def test_pdb_network_policy_and_service(gpu_docs: Docs, default_docs: Docs) -> N
         assert pdb["spec"]["selector"]["matchLabels"] == selector
         policy = one(docs, "NetworkPolicy")
         assert policy["spec"]["podSelector"]["matchLabels"] == selector
-        assert policy["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+        assert policy["spec"]["ingress"][0]["ports"] == [
+            {"port": "http", "protocol": "TCP"},
+            {"port": "grpc", "protocol": "TCP"},
+        ]
         service = one(docs, "Service")
         assert service["spec"]["selector"] == selector
-        assert service["spec"]["ports"][0]["targetPort"] == "http"
+        assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+            ("http", "http"),
+            ("grpc", "grpc"),
+        ]
+
+
+def test_grpc_port_and_grpc_readiness_probe(default_docs: Docs, tools: Tools) -> None:
+    container = kiln_container(default_docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == int(env_of(container)["KILN_GRPC_PORT"]) == 8001
+    assert container["args"][container["args"].index("--grpc-port") + 1] == "8001"
+
+    docs = tools.render(set_values=["probes.readiness.protocol=grpc"])
+    container = kiln_container(docs)
+    assert container["readinessProbe"]["grpc"] == {"port": 8001}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"  # liveness stays HTTP
+
+    docs = tools.render(set_values=["server.grpcPort=0"])
+    assert [p["name"] for p in kiln_container(docs)["ports"]] == ["http"]
+    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["http"]
+    proc = tools.template(set_values=["server.grpcPort=0", "probes.readiness.protocol=grpc"])
+    assert proc.returncode != 0 and "needs server.grpcPort" in proc.stderr, output_of(proc)
 
 
 def test_dashboard_configmap_carries_the_dashboard(gpu_docs: Docs) -> None:
@@ -416,3 +441,9 @@ def test_server_settings_come_from_values(cpu_docs: Docs, tools: Tools) -> None:
     assert one(docs, "PersistentVolumeClaim")["spec"]["storageClassName"] == ""
     assert env_of(kiln_container(docs))["KILN_BACKEND"] == "auto"
     assert "KILN_MAX_UPLOAD_BYTES" not in env_of(kiln_container(docs))
+
+
+def test_require_ready_names_reach_the_server(tools: Tools) -> None:
+    assert "KILN_REQUIRE_READY" not in env_of(kiln_container(tools.render(GPU_VALUES)))
+    docs = tools.render(GPU_VALUES, set_values=["server.requireReady={resnet,bert}"])
+    assert env_of(kiln_container(docs))["KILN_REQUIRE_READY"] == "resnet,bert"

@@ -24,7 +24,8 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = store.parent / f"server-{self.port}.log"
 
-    def start(self, timeout_s: float = 60.0) -> ServerProcess:
+    def start(self, timeout_s: float = 60.0, wait_for: str = "/health/ready") -> ServerProcess:
+        """Start ``kiln serve`` and wait until ``wait_for`` answers 200."""
         kiln = Path(sys.executable).with_name("kiln")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -47,7 +48,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{wait_for}", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

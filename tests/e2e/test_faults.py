@@ -370,11 +370,6 @@ def slow_model(path: Path, width: int = 512, depth: int = 400) -> Path:
     return path
 
 
-# What a request sent after SIGTERM may meet once uvicorn closes its listener and
-# idle keep-alive connections.
-LATE_ERRORS = ("ConnectError", "RemoteProtocolError", "ReadError", "WriteError")
-
-
 @dataclass
 class Outcome:
     started: float
@@ -400,8 +395,7 @@ def drive(url: str, body: bytes, stop: threading.Event, outcomes: list[Outcome],
                 )
             except httpx.HTTPError as exc:
                 outcomes.append(Outcome(started, time.monotonic(), error=f"{type(exc).__name__}: {exc}"))
-                if isinstance(exc, httpx.ConnectError):
-                    return  # the listener is closed: the server is going away
+                return
 
 
 def test_sigterm_under_load_answers_every_accepted_request(
@@ -446,6 +440,10 @@ def test_sigterm_under_load_answers_every_accepted_request(
                 if readiness[-1] != 200:
                     break
                 time.sleep(0.01)
+        # The clients go on for a second, then stop, as when a load balancer has taken
+        # the pod out: the drain answers them all and ends once they are quiet.
+        time.sleep(1.0)
+        stop.set()
         rc = server.process.wait(60)
     finally:
         stop.set()
@@ -463,7 +461,7 @@ def test_sigterm_under_load_answers_every_accepted_request(
         f"{sum(o.status == 200 and o.finished > sigterm_at for o in before)} of them after it; "
         f"{sum(o.status == 503 for o in before)} answered 503), {len(after)} after "
         f"({sum(o.status == 503 for o in after)} answered 503, "
-        f"{sum(o.status is None for o in after)} found the server gone); readiness {readiness}; "
+        f"{sum(o.status is None for o in after)} without an answer); readiness {readiness}; "
         f"exit {rc} after {exited_at - sigterm_at:.2f} s"
     )
     # Every request sent before the signal was answered: 200, or 503 if it arrived
@@ -472,17 +470,16 @@ def test_sigterm_under_load_answers_every_accepted_request(
     assert problems == [], problems[:5]
     # Queued and running requests finished during the drain.
     assert any(o.status == 200 and o.finished > sigterm_at for o in before)
-    # New requests were refused with 503 and Retry-After, or found the server gone
-    # (the signal is handled within the event loop's next turn: allow 0.2 s for it).
+    # New requests were refused with 503 and Retry-After (the signal is handled
+    # within the event loop's next turn: allow 0.2 s for it); none met a closed
+    # connection or listener.
     refused = [o for o in outcomes if o.status == 503]
     assert refused, "no request was refused while draining"
     assert all(o.retry_after == "1" for o in refused)
+    assert [o for o in outcomes if o.status is None] == []
     for outcome in after:
         if outcome.started > sigterm_at + 0.2:
-            assert outcome.status in (503, None), outcome
-        if outcome.status is None:
-            assert outcome.error is not None
-            assert outcome.error.startswith(LATE_ERRORS), outcome
+            assert outcome.status == 503, outcome
     # Readiness turned false (503) while draining, unless the drain beat the probe.
     assert readiness[-1:] in ([], [503]) and set(readiness) <= {200, 503}
 

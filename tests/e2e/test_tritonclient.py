@@ -76,7 +76,7 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None
     metadata = client.get_server_metadata()
     assert metadata["name"] == "kiln"
     assert "binary_tensor_data" in metadata["extensions"]
-    assert "statistics" not in metadata["extensions"]
+    assert "statistics" in metadata["extensions"]
     assert client.is_model_ready("mlp")
     assert client.is_model_ready("mlp", "1")
     assert not client.is_model_ready("nope")

@@ -11,7 +11,7 @@ import pytest
 
 from engines.backends import cuda
 from engines.device import gpu_device_info
-from engines.errors import BackendUnavailable
+from engines.errors import BackendUnavailable, DeviceLost
 from tests.fakes.cudart import FakeCudaRuntime, FakeDeviceProperties, cudaError_t
 from tests.fakes.install import install_fake_cuda
 
@@ -38,6 +38,18 @@ def test_check_returns_results_and_raises_named_errors(cudart: FakeCudaRuntime) 
     except cuda.CudaError as exc:
         assert exc.details["error"] == "cudaErrorNoDevice"
         assert exc.kind == "cuda_error"
+
+
+def test_sticky_errors_are_device_lost_and_others_are_not(cudart: FakeCudaRuntime) -> None:
+    cudart.fail_calls["cudaMalloc"] = cudaError_t.cudaErrorMemoryAllocation
+    with pytest.raises(cuda.CudaError) as plain:
+        cuda.DeviceBuffer(16)
+    assert not isinstance(plain.value, DeviceLost)
+    del cudart.fail_calls["cudaMalloc"]
+    cudart.fault(cudaError_t.cudaErrorIllegalAddress)
+    with pytest.raises(DeviceLost, match="cudaErrorIllegalAddress") as lost:
+        cuda.DeviceBuffer(16)
+    assert isinstance(lost.value, cuda.CudaError) and lost.value.kind == "device_lost"
 
 
 def test_device_facts(cudart: FakeCudaRuntime) -> None:
@@ -122,8 +134,6 @@ def test_gpu_device_info_with_a_fake_gpu(cudart: FakeCudaRuntime) -> None:
         "compute_capability": "9.0",
         "total_memory_bytes": 80 * 1024**3,
         "multiprocessor_count": 132,
-        "driver_version": "13.0",
-        "cuda_runtime_version": "13.0",
     }
     assert gpu_device_info(1) is None
 

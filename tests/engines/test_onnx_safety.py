@@ -142,7 +142,9 @@ def test_undecodable_files_are_invalid_models(
 
 def test_size_limit(tmp_path: Path, model_files: dict[str, Path]) -> None:
     size = model_files["mlp"].stat().st_size
-    with pytest.raises(InvalidModel, match=f"the model is {size} bytes; the limit is {size - 1} bytes"):
+    with pytest.raises(
+        InvalidModel, match=f"the model's graph file is {size} bytes; the limit is {size - 1} bytes"
+    ):
         load_model(model_files["mlp"], max_bytes=size - 1)
 
 

@@ -1,12 +1,12 @@
 """Shapes of dynamic dimensions: which source wins, shared symbolic names, the default,
-and the `shapes` option checked against the signature."""
+and the `shapes` option checked against the signature before any build."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engines.shapes import DEFAULT_DIM, resolve_shapes, synthetic_inputs, validate_shapes_option
+from engines.shapes import DEFAULT_DIM, resolve_shapes, synthetic_inputs, validate_shapes
 from engines.types import ShapeRange, Signature, TensorSpec
 
 IMAGES = Signature(
@@ -72,15 +72,33 @@ def test_shared_symbolic_names_get_one_value() -> None:
     assert feeds["ids"].shape == feeds["mask"].shape == (3, 32)
 
 
+TOKENS = Signature(
+    inputs=(TensorSpec("ids", "int64", (-1, -1)), TensorSpec("mask", "int64", (-1, 128))),
+    outputs=(TensorSpec("y", "float32", (-1, 2)),),
+    batchable=True,
+)
+
+
+def test_a_range_for_a_dynamic_dimension_passes() -> None:
+    validate_shapes(TOKENS, (ShapeRange("ids", (1, 8), (4, 64), (8, 512)),))
+    validate_shapes(TOKENS, ())
+
+
 @pytest.mark.parametrize(
-    ("option", "message"),
+    ("given", "message"),
     [
-        (ShapeRange("pixels", (1,), (1,), (1,)), "no input of that name"),
-        (ShapeRange("images", (1, 3, 32), (1, 3, 32), (1, 3, 32)), "has rank 3"),
-        (ShapeRange("images", (1, 4, 32, 32), (1, 4, 32, 32), (1, 4, 32, 32)), "fixed at 3"),
-        (ShapeRange("images", (1, 3, 64, 64), (1, 3, 32, 32), (1, 3, 64, 64)), "min <= opt <= max"),
+        (ShapeRange("ids", (1, 64), (1, 32), (1, 512)), "need 0 <= min <= opt <= max, got min=64, opt=32"),
+        (ShapeRange("ids", (1, -1), (1, 8), (1, 8)), "got min=-1"),
+        (ShapeRange("ids", (1,), (1,), (1,)), "shapes.ids.min [1] has rank 1; the input has rank 2"),
+        (ShapeRange("mask", (1, 64), (1, 64), (1, 64)), "the model fixes dimension 1 at 128"),
+        (ShapeRange("tokens", (1, 1), (1, 1), (1, 1)), "names input 'tokens' that the model does not have"),
     ],
 )
-def test_a_bad_option_is_refused_with_what_to_send(option: ShapeRange, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        validate_shapes_option(IMAGES, [option])
+def test_a_range_that_cannot_apply_names_the_problem(given: ShapeRange, message: str) -> None:
+    with pytest.raises(ValueError, match="shapes") as raised:
+        validate_shapes(TOKENS, (given,))
+    assert message in str(raised.value)
+
+
+def test_the_batch_axis_of_a_batchable_model_is_left_to_the_batching_limits() -> None:
+    validate_shapes(TOKENS, (ShapeRange("mask", (99, 128), (1, 128), (0, 128)),))

@@ -9,7 +9,7 @@ dependency: it installs ``tensorrt_bindings/``, the same folder a real TensorRT
 install owns, and would overwrite it). Offline, the wheel tests skip with the
 reason. The 10.16 wheel is checked the same way, since kiln supports both.
 
-Names are collected from engines/backends/tensorrt.py with ``ast``: attribute
+Names are collected from engines/backends/tensorrt/*.py with ``ast``: attribute
 chains on the module alias ``trt`` and members used on variables that hold
 TensorRT objects (``METHODS_USED`` lists them by class; the test keeps that
 table and the code in step). Names TensorRT 11 removed (shared/docs/TENSORRT.md
@@ -31,7 +31,7 @@ import pytest
 from tests.fakes import tensorrt as fake_tensorrt
 from tests.fakes.cudart import FakeCudaRuntime
 
-BACKEND = Path(__file__).resolve().parents[2] / "engines" / "backends" / "tensorrt.py"
+BACKEND = Path(__file__).resolve().parents[2] / "engines" / "backends" / "tensorrt"
 
 WHEELS = {
     "11.4": ("tensorrt-cu13-bindings", "11.4.0.106"),
@@ -253,7 +253,11 @@ def bindings_11(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFa
 
 
 def backend_tree() -> ast.Module:
-    return ast.parse(BACKEND.read_text(), filename=str(BACKEND))
+    """Every module of the backend package as one tree."""
+    body: list[ast.stmt] = []
+    for path in sorted(BACKEND.glob("*.py")):
+        body.extend(ast.parse(path.read_text(), filename=str(path)).body)
+    return ast.Module(body=body, type_ignores=[])
 
 
 def _chain(node: ast.Attribute) -> tuple[ast.expr, list[str]]:

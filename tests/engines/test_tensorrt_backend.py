@@ -37,15 +37,9 @@ from engines.errors import (
 )
 from engines.types import BuildOptions, ShapeRange, Signature, TensorSpec
 from tests.fakes.cudart import FakeCudaRuntime, cudaError_t
-from tests.fakes.install import TENSORRT_10, TENSORRT_11, FakeGpu, install_fake_gpu
+from tests.fakes.install import FakeGpu, install_fake_gpu
+from tests.fakes.tensorrt import plan_header
 from tests.models import reference_outputs
-
-
-@pytest.fixture(params=[TENSORRT_10, TENSORRT_11], ids=["trt10", "trt11"])
-def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    fake = install_fake_gpu(monkeypatch, tensorrt_version=request.param)
-    yield fake
-    assert fake.violations() == []
 
 
 def batched(name: str, dtype: str, *dims: int) -> TensorSpec:
@@ -182,7 +176,7 @@ def test_probe_without_a_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     ok, reason = TensorRTBackend.probe()
     assert not ok
-    assert "cudaErrorInsufficientDriver" in reason
+    assert "driver is too old" in reason and "kiln[gpu-cu12]" in reason
 
 
 def test_probe_never_raises_on_a_broken_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,13 +206,12 @@ def test_device_signature_has_full_version_gpu_facts_and_platform(gpu: FakeGpu) 
     assert device["compute_capability"] == "9.0"
     assert device["multiprocessor_count"] == 132
     assert device["total_memory_bytes"] == 80 * 1024**3
-    assert device["driver_version"] == "13.0"
-    assert {"cuda_runtime_version", "os", "arch"} <= device.keys()
+    assert {"tensorrt_cuda", "os", "arch"} <= device.keys()
 
 
-def test_device_signature_changes_with_the_driver(gpu: FakeGpu) -> None:
+def test_device_signature_changes_with_the_gpu(gpu: FakeGpu) -> None:
     before = TensorRTBackend().device_signature().key()
-    gpu.cudart.driver_version = 12080
+    gpu.cudart.devices[0].major = 8
     assert TensorRTBackend().device_signature().key() != before
 
 
@@ -244,12 +237,12 @@ def test_build_reports_phases_profile_and_settings(
     assert report["profile"] == {"x": {"min": [1, 16], "opt": [8, 16], "max": [16, 16]}}
     assert report["strongly_typed"] is True
     assert report["tensorrt_version"] == gpu.trt.version
-    config = gpu.trt.configs[-1]
-    assert config.get_memory_pool_limit(gpu.trt.module.MemoryPoolType.WORKSPACE) == 1 << 30
-    assert config.builder_optimization_level == 5
-    assert config.profiling_verbosity == gpu.trt.module.ProfilingVerbosity.DETAILED
+    built_with = plan_header(bytes(split_artifact(artifact.read_bytes())[1]))
+    assert built_with["workspace"] == 1 << 30
+    assert built_with["optimization_level"] == 5
+    assert built_with["profiling_verbosity"] == "DETAILED"
     strongly_typed = 1 << int(gpu.trt.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    assert gpu.trt.networks[-1]._flags & strongly_typed
+    assert built_with["network_flags"] & strongly_typed
     assert artifact.read_bytes().startswith(ARTIFACT_MAGIC)
     assert report["plan_bytes"] > 0
     assert [p.name for p in tmp_path.iterdir()] == [artifact.name], "no temp files may be left behind"
@@ -349,19 +342,6 @@ def test_range_out_of_order(gpu: FakeGpu, tmp_path: Path) -> None:
         build(gpu, model, TOKENS, tmp_path, options)
 
 
-def test_tensorrts_own_shape_check_becomes_build_failed(
-    gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # If kiln's own check ever let a bad range through, TensorRT's ValueError must not escape raw.
-    import engines.backends.tensorrt as backend_module
-
-    monkeypatch.setattr(
-        backend_module, "optimization_profile", lambda *args: {"x": ((1, 8), (4, 16), (8, 16))}
-    )
-    with pytest.raises(BuildFailed, match=r"TensorRT rejected the shape range of input 'x'.*fixed at 16"):
-        build(gpu, model_files["mlp"], MLP, tmp_path)
-
-
 def test_batching_limits_are_checked(gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match="opt_batch_size=9, max_batch_size=8"):
         build(gpu, model_files["mlp"], MLP, tmp_path, BuildOptions(max_batch_size=8, opt_batch_size=9))
@@ -458,16 +438,6 @@ def test_timing_cache_is_created_then_merged_across_builds(
     }
     leftovers = [p.name for p in cache_path.parent.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
-
-
-def test_an_unreadable_timing_cache_never_fails_the_build(
-    gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path
-) -> None:
-    cache_path = tmp_path / "device.cache"
-    cache_path.write_bytes(b"\x00 torn write \x00")
-    _, _, report = build(gpu, model_files["mlp"], MLP, tmp_path, timing_cache_path=cache_path)
-    assert any("could not be read" in warning for warning in report["timing_cache"]["warnings"])
-    assert cache_entries(cache_path) == {"mlp/fc1:Gemm", "mlp/relu1:Relu", "mlp/fc2:Gemm"}
 
 
 def test_a_timing_cache_from_another_tensorrt_is_replaced(
@@ -631,8 +601,8 @@ def test_a_cuda_error_mid_batch_is_raised_and_the_slot_survives(
     runner = backend.load(artifact, MLP, BuildOptions(), instances=1)
     try:
         feeds = {"x": np.ones((2, 16), dtype=np.float32)}
-        gpu.cudart.fail_calls["cudaMemcpyAsync"] = cudaError_t.cudaErrorLaunchFailure
-        with pytest.raises(cuda.CudaError, match="cudaErrorLaunchFailure"):
+        gpu.cudart.fail_calls["cudaMemcpyAsync"] = cudaError_t.cudaErrorMemoryAllocation
+        with pytest.raises(cuda.CudaError, match="cudaErrorMemoryAllocation"):
             runner.infer(feeds)
         del gpu.cudart.fail_calls["cudaMemcpyAsync"]
         assert_matches_reference(model_files["mlp"], feeds, runner.infer(feeds))
@@ -699,10 +669,10 @@ def test_an_engine_for_another_device_signature_is_never_loaded(
     metadata, _ = split_artifact(artifact.read_bytes())
     assert metadata is not None
     assert metadata["device_signature"] == json.loads(json.dumps(backend.device_signature().to_dict()))
-    gpu.cudart.driver_version = 12080
+    gpu.cudart.devices[0].major = 8
     with pytest.raises(
         StoreCorrupted,
-        match=r"was built for TensorRT .* driver CUDA 13.0.*this machine is .*driver CUDA 12.8.*rebuilt",
+        match=r"was built for TensorRT .*compute 9\.0.*this machine is .*compute 8\.0.*rebuilt",
     ):
         backend.load(artifact, MLP, BuildOptions())
 
@@ -720,20 +690,6 @@ def test_a_bare_plan_without_kiln_header_loads(
         assert_matches_reference(model_files["mlp"], feeds, runner.infer(feeds))
     finally:
         runner.close()
-
-
-def test_data_dependent_outputs_fail_load_cleanly(gpu: FakeGpu, tmp_path: Path) -> None:
-    model = nonzero_model(tmp_path / "nonzero.onnx")
-    signature = Signature(
-        (batched("x", "float32", 4),), (TensorSpec("where", "int64", (2, -1)),), batchable=False
-    )
-    options = BuildOptions(shapes=(ShapeRange("x", (1, 4), (4, 4), (8, 4)),))
-    backend, artifact, _ = build(gpu, model, signature, tmp_path, options)
-    with pytest.raises(UnsupportedModel, match="output 'where' has a data-dependent shape"):
-        backend.load(artifact, signature, options)
-    gc.collect()
-    assert gpu.cudart.live() == {"device": 0, "pinned": 0, "streams": 0}
-    assert gpu.trt.live_objects() == {"contexts": 0, "engines": 0}
 
 
 def test_context_creation_failure_frees_what_was_made(

@@ -7,9 +7,24 @@ queued by the fake TensorRT) runs only when the stream is synchronized, so code
 that reads results before syncing gets stale bytes, as on a GPU.
 
 Rules enforced (each breach is recorded in ``violations`` and fails the call):
-a thread must call ``cudaSetDevice`` before allocating, copying or using streams;
-async copies go between pinned host memory and live device allocations, within
-bounds, on a live non-default stream; nothing is freed twice.
+a thread must call ``cudaSetDevice`` before allocating, copying or using streams
+(the current device is per thread: CUDA Runtime API ``cudaSetDevice``); async
+copies go between pinned host memory and live device allocations, within bounds
+(an out-of-bounds device access is undefined on a GPU), on a live non-default
+stream (``cudaStreamNonBlocking`` streams, CUDA Runtime API "Stream
+synchronization behavior"); nothing is freed twice (``cudaFree``:
+cudaErrorInvalidValue).
+
+Sticky errors: after ``fault(error)`` with an error the CUDA Runtime API documents
+as leaving "the process in an inconsistent state and any further CUDA work will
+return the same error" (cudaErrorIllegalAddress, cudaErrorLaunchFailure, the
+other kernel exceptions; cudaErrorECCUncorrectable poisons the context the same
+way), every later call returns that error, as the real runtime does until the
+process exits.
+
+Stricter than the real runtime, on purpose and harmlessly (TRT_AUDIT.md): pageable
+host memory in async copies is refused (the real one copies it synchronously), and
+``cudaSetDevice`` is required (the real one falls back to device 0).
 """
 
 from __future__ import annotations
@@ -31,7 +46,9 @@ class cudaError_t(enum.IntEnum):  # the real enum's name
     cudaErrorInsufficientDriver = 35
     cudaErrorNoDevice = 100
     cudaErrorInvalidDevice = 101
+    cudaErrorECCUncorrectable = 214
     cudaErrorInvalidResourceHandle = 400
+    cudaErrorIllegalAddress = 700
     cudaErrorLaunchFailure = 719
 
 
@@ -46,6 +63,13 @@ _ERROR_TEXT = {
     cudaError_t.cudaErrorInvalidDevice: b"invalid device ordinal",
     cudaError_t.cudaErrorInvalidResourceHandle: b"invalid resource handle",
     cudaError_t.cudaErrorLaunchFailure: b"unspecified launch failure",
+    cudaError_t.cudaErrorIllegalAddress: b"an illegal memory access was encountered",
+    cudaError_t.cudaErrorECCUncorrectable: b"uncorrectable ECC error encountered",
+}
+STICKY_ERRORS = {
+    cudaError_t.cudaErrorIllegalAddress,
+    cudaError_t.cudaErrorLaunchFailure,
+    cudaError_t.cudaErrorECCUncorrectable,
 }
 
 
@@ -114,6 +138,8 @@ class FakeCudaRuntime:
         self.violations: list[str] = []
         self.calls: list[str] = []
         self.fail_calls: dict[str, cudaError_t] = {}
+        self.sticky: cudaError_t | None = None
+        """Set by ``fault``: every call returns it from then on."""
         """Name of a cudart function -> the error it returns from now on (fault injection)."""
         self._lock = threading.RLock()
         self._thread_device: dict[int, int] = {}
@@ -144,6 +170,21 @@ class FakeCudaRuntime:
             return set(self._thread_device)
 
     # -- what the fake TensorRT uses -------------------------------------------
+
+    def fault(self, error: cudaError_t) -> None:
+        """A kernel hit ``error``; a sticky one fails every later call in the process."""
+        if error in STICKY_ERRORS:
+            with self._lock:
+                self.sticky = error
+
+    def current_device(self) -> int:
+        """The calling thread's device (0 until it calls cudaSetDevice, as in CUDA)."""
+        with self._lock:
+            return self._thread_device.get(threading.get_ident(), 0)
+
+    def fits_device(self, address: int, nbytes: int) -> bool:
+        with self._lock:
+            return self._find(address, nbytes) is not None
 
     def require_device(self, what: str) -> bool:
         if threading.get_ident() not in self._thread_device:
@@ -227,6 +268,8 @@ class FakeCudaRuntime:
             with self._lock:
                 self.calls.append(name)
                 injected = self.fail_calls.get(name)
+                if self.sticky is not None and name not in ("cudaGetErrorName", "cudaGetErrorString"):
+                    injected = self.sticky
             if injected is not None:
                 return (injected, None) if name not in _NO_RESULT else (injected,)
             return function(*args)

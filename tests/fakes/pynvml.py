@@ -3,6 +3,15 @@
 Devices are configured per test; any NVML call of a device can be made to fail
 (``FakeNvmlDevice.failing``), as a real GPU does for unsupported queries or
 after it falls off the bus. ``nvmlInit`` can fail like a machine without a driver.
+
+MIG, as NVML documents it (nvml.h / docs.nvidia.com/deploy/nvml-api): a GPU with
+``mig_devices`` set is in MIG mode (``nvmlDeviceGetMigMode`` -> [1, 1]); its MIG
+instances are reached with ``nvmlDeviceGetMigDeviceHandleByIndex`` (NOT_FOUND for
+an empty slot up to ``nvmlDeviceGetMaxMigDeviceCount``). On the parent, memory
+info needs privileges ("only if the caller has appropriate privileges": NO_PERMISSION
+here) and utilization is NOT_SUPPORTED; on a MIG handle, utilization and power are
+NOT_SUPPORTED, memory is the instance's own. NVML does not read
+``CUDA_VISIBLE_DEVICES``: it always lists every GPU of the host (or container).
 """
 
 from __future__ import annotations
@@ -13,6 +22,10 @@ from typing import Any
 
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
+NVML_DEVICE_MIG_ENABLE = 1
+MAX_MIG_DEVICES = 7
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 
@@ -28,6 +41,8 @@ class NVMLError(Exception):
         return {
             NVML_ERROR_UNINITIALIZED: "Uninitialized",
             NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+            NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
+            NVML_ERROR_NOT_FOUND: "Not Found",
             NVML_ERROR_GPU_IS_LOST: "GPU is lost",
             NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
         }.get(self.value, f"NVML error {self.value}")
@@ -42,6 +57,9 @@ class FakeNvmlDevice:
     power_milliwatts: int = 0
     failing: dict[str, int] = field(default_factory=dict)
     """NVML function name -> the error code it raises for this device."""
+    mig_devices: list[FakeNvmlDevice] | None = None
+    """Set: the GPU is in MIG mode with these instances. None: MIG off."""
+    is_mig: bool = False
 
 
 @dataclass
@@ -73,12 +91,21 @@ class FakeNvml:
         device: FakeNvmlDevice = handle
         if function in device.failing:
             raise NVMLError(device.failing[function])
+        if device.is_mig and function in ("nvmlDeviceGetUtilizationRates", "nvmlDeviceGetPowerUsage"):
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        if device.mig_devices is not None:
+            if function == "nvmlDeviceGetUtilizationRates":
+                raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+            if function == "nvmlDeviceGetMemoryInfo":
+                raise NVMLError(NVML_ERROR_NO_PERMISSION)
         return device
 
     def _make_module(self) -> types.ModuleType:
         module = types.ModuleType("pynvml")
         module.NVMLError = NVMLError  # type: ignore[attr-defined]
         module.NVML_ERROR_NOT_SUPPORTED = NVML_ERROR_NOT_SUPPORTED  # type: ignore[attr-defined]
+        module.NVML_ERROR_NOT_FOUND = NVML_ERROR_NOT_FOUND  # type: ignore[attr-defined]
+        module.NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE  # type: ignore[attr-defined]
 
         def nvmlInit() -> None:
             if self.init_error is not None:
@@ -114,6 +141,26 @@ class FakeNvml:
         def nvmlDeviceGetPowerUsage(handle: Any) -> int:
             return self._device(handle, "nvmlDeviceGetPowerUsage").power_milliwatts
 
+        def nvmlDeviceGetMigMode(handle: Any) -> list[int]:
+            device = self._device(handle, "nvmlDeviceGetMigMode")
+            if device.is_mig:
+                raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+            mode = NVML_DEVICE_MIG_ENABLE if device.mig_devices is not None else 0
+            return [mode, mode]
+
+        def nvmlDeviceGetMaxMigDeviceCount(handle: Any) -> int:
+            device = self._device(handle, "nvmlDeviceGetMaxMigDeviceCount")
+            return MAX_MIG_DEVICES if device.mig_devices is not None else 0
+
+        def nvmlDeviceGetMigDeviceHandleByIndex(handle: Any, index: int) -> FakeNvmlDevice:
+            device = self._device(handle, "nvmlDeviceGetMigDeviceHandleByIndex")
+            instances = device.mig_devices or []
+            if device.mig_devices is None or index >= MAX_MIG_DEVICES:
+                raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+            if index >= len(instances):
+                raise NVMLError(NVML_ERROR_NOT_FOUND)
+            return instances[index]
+
         for function in (
             nvmlInit,
             nvmlShutdown,
@@ -123,6 +170,9 @@ class FakeNvml:
             nvmlDeviceGetUtilizationRates,
             nvmlDeviceGetMemoryInfo,
             nvmlDeviceGetPowerUsage,
+            nvmlDeviceGetMigMode,
+            nvmlDeviceGetMaxMigDeviceCount,
+            nvmlDeviceGetMigDeviceHandleByIndex,
         ):
             setattr(module, function.__name__, function)
         return module

@@ -13,6 +13,36 @@ so an execution context runs it with ONNX Runtime on bytes it reads from and
 writes to the fake device memory of ``FakeCudaRuntime``, when the stream is
 synchronized. Rules the real library documents are enforced: breaches go to
 ``FakeTensorRT.violations`` and fail the call the way TensorRT would.
+
+Where the real library raises, clamps or returns instead of failing, so does the
+fake (sources: [WHL] the tensorrt_cu13_bindings 11.4 / tensorrt_cu12_bindings
+10.16 wheels' docstrings and strings; [SRC] NVIDIA/TensorRT ``python/src`` and
+``include/NvInferRuntime.h``; see shared/docs/TRT_AUDIT.md):
+
+- ``IOptimizationProfile.set_shape`` raises RuntimeError and checks only its own
+  arguments (same rank, 0 <= min <= opt <= max); a range that disagrees with the
+  network fails ``build_serialized_network`` (None plus an ERROR log). [SRC
+  ``opt_profile_set_shape``: PY_ASSERT_RUNTIME_ERROR; WHL "Shape provided for min
+  is inconsistent with other shapes."]
+- ``IExecutionContext.infer_shapes`` raises ``RuntimeError("infer_shapes error
+  code: -1")`` when the input shapes are inconsistent: two inputs sharing a
+  named dimension with different lengths, or a shape computation that fails.
+  [SRC ``lambdas::infer_shapes``; ``NvInferRuntime.h`` ``inferShapes``]
+- Kernels start at ``execute_async_v3``: the extent each output is written to is
+  checked then, and a write outside a live allocation is an illegal address,
+  the sticky ``cudaErrorIllegalAddress`` of ``FakeCudaRuntime``. [NvInferRuntime.h
+  ``enqueueV3``: the whole output is written at the address given]
+- ``create_timing_cache`` with an invalid blob logs a warning and returns an empty
+  cache. [NVIDIA/TensorRT#1413: "Detected invalid timing cache, setup a local cache
+  instead"]
+- ``builder_optimization_level`` above the maximum clamps to it. [WHL: "Setting it
+  to be greater than the maximum level results in identical behavior to the
+  maximum level."]
+- A plan deserializes only with the same TensorRT version, GPU and compute
+  capability; otherwise None plus an ERROR log. [11.4 Support Matrix, "Engine
+  portability"; WHL ``deserialize_cuda_engine``]
+- ``add_optimization_profile`` returns -1 for an invalid profile and
+  ``set_tensor_address`` returns False for a null address. [WHL docstrings]
 """
 
 from __future__ import annotations
@@ -232,14 +262,20 @@ class FakeTensorRT:
     """When set, ``create_execution_context`` returns None beyond this many live contexts."""
     build_hook: Callable[[], None] | None = None
     """Called inside ``build_serialized_network`` (e.g. to write the timing cache meanwhile)."""
-    networks: list[Any] = field(default_factory=list)
-    configs: list[Any] = field(default_factory=list)
     contexts: list[weakref.ref[Any]] = field(default_factory=list)
     engines: list[weakref.ref[Any]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     """Order in which contexts and engines were garbage-collected ("context", "engine")."""
     executions: int = 0
+    executed_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)
+    """The input shapes of every enqueued run, in order."""
+    enqueue_error: str | None = None
+    """When set, ``execute_async_v3`` logs it as an ERROR (unless empty) and returns False."""
     unsupported_ops: set[str] = field(default_factory=lambda: {"KilnMystery"})
+    build_objects: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    """Live builders, networks, parsers and configs (what holds a build's memory)."""
+    build_objects_at_deserialize: list[int] = field(default_factory=list)
+    """How many build objects were alive at each ``deserialize_cuda_engine``."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -253,9 +289,17 @@ class FakeTensorRT:
         with self._lock:
             self.violations.append(message)
 
+    def _current_device(self) -> Any:
+        index = self.cudart.current_device()
+        return self.cudart.devices[index] if 0 <= index < len(self.cudart.devices) else None
+
     def device_name(self) -> str:
-        props = self.cudart.devices[0] if self.cudart.devices else None
+        props = self._current_device()
         return props.name.decode() if props is not None else "none"
+
+    def compute_capability(self) -> str:
+        props = self._current_device()
+        return f"{props.major}.{props.minor}" if props is not None else "none"
 
     def live_objects(self) -> dict[str, int]:
         return {
@@ -312,6 +356,8 @@ class ITensor:
     shape: tuple[int, ...]
     dtype: DataType
     is_shape_tensor: bool = False
+    _dim_names: tuple[str, ...] = ()
+    """The ONNX ``dim_param`` of each axis ("" where none): TensorRT makes equal names equal."""
 
 
 class INetworkDefinition:
@@ -386,11 +432,18 @@ def _dims_of(value_info: onnx.ValueInfoProto) -> tuple[int, ...]:
     )
 
 
+def _dim_names_of(value_info: onnx.ValueInfoProto) -> tuple[str, ...]:
+    return tuple(
+        dim.dim_param if dim.HasField("dim_param") else "" for dim in value_info.type.tensor_type.shape.dim
+    )
+
+
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: Any) -> None:
         self._network = network
         self._fake = network._fake
         _require_logger(self._fake, logger, "OnnxParser")
+        self._fake.build_objects.add(self)
         self._logger = logger
         self._errors: list[ParserError] = []
 
@@ -433,7 +486,9 @@ class OnnxParser:
             if value.name in initializers:
                 continue
             dtype = _FROM_ONNX[value.type.tensor_type.elem_type]
-            self._network._inputs.append(ITensor(value.name, _dims_of(value), dtype))
+            self._network._inputs.append(
+                ITensor(value.name, _dims_of(value), dtype, _dim_names=_dim_names_of(value))
+            )
         for value in proto.graph.output:
             dtype = _FROM_ONNX[value.type.tensor_type.elem_type]
             self._network._outputs.append(ITensor(value.name, _dims_of(value), dtype))
@@ -456,18 +511,14 @@ class IOptimizationProfile:
         self._shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
 
     def set_shape(self, input: str, min: Sequence[int], opt: Sequence[int], max: Sequence[int]) -> None:
+        # The binding checks only its arguments and raises RuntimeError (PY_ASSERT_RUNTIME_ERROR);
+        # the network is not consulted until build_serialized_network.
         low, mid, high = tuple(min), tuple(opt), tuple(max)
-        tensors = {tensor.name: tensor for tensor in self._network_inputs()}
-        if input not in tensors:
-            raise ValueError(f"set_shape: '{input}' is not a network input")
-        shape = tensors[input].shape
-        if not len(low) == len(mid) == len(high) == len(shape):
-            raise ValueError(f"set_shape: rank mismatch for '{input}'")
-        for axis, dim in enumerate(shape):
+        if not len(low) == len(mid) == len(high):
+            raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
+        for axis in range(len(low)):
             if not 0 <= low[axis] <= mid[axis] <= high[axis]:
-                raise ValueError(f"set_shape: need 0 <= min <= opt <= max for '{input}' axis {axis}")
-            if dim != -1 and not low[axis] == mid[axis] == high[axis] == dim:
-                raise ValueError(f"set_shape: '{input}' axis {axis} is fixed at {dim}")
+                raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
         self._shapes[input] = (low, mid, high)
 
     def get_shape(self, input: str) -> list[tuple[int, ...]]:
@@ -501,8 +552,9 @@ class ITimingCache:
 
 
 class IBuilderConfig:
-    def __init__(self, fake: FakeTensorRT) -> None:
+    def __init__(self, fake: FakeTensorRT, logger: Any = None) -> None:
         self._fake = fake
+        self._logger = logger
         self._pool_limits: dict[MemoryPoolType, int] = {}
         self._optimization_level = 3
         self._profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
@@ -524,9 +576,11 @@ class IBuilderConfig:
 
     @builder_optimization_level.setter
     def builder_optimization_level(self, level: int) -> None:
-        if not 0 <= int(level) <= 5:
-            raise ValueError("builder_optimization_level must be in [0, 5]")
-        self._optimization_level = int(level)
+        # WHL: above the maximum "results in identical behavior to the maximum level".
+        # Below 0 is undocumented; kept strict.
+        if int(level) < 0:
+            raise ValueError("builder_optimization_level must not be negative")
+        self._optimization_level = min(int(level), 5)
 
     @property
     def profiling_verbosity(self) -> ProfilingVerbosity:
@@ -539,6 +593,8 @@ class IBuilderConfig:
         self._profiling_verbosity = value
 
     def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+        # WHL: "returns the index of the optimization profile (starting from 0) if the input
+        # is valid, or -1 if the input is not valid".
         if not profile:
             return -1
         self._profiles.append(profile)
@@ -555,8 +611,15 @@ class IBuilderConfig:
         try:
             payload = json.loads(blob)
             return ITimingCache(payload["version"], payload["device"], payload["entries"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RuntimeError("ITimingCache: deserialization failed") from exc
+        except (ValueError, KeyError, TypeError):
+            # NVIDIA/TensorRT#1413: an invalid blob is replaced by an empty cache, with a warning.
+            if self._logger is not None:
+                _log(
+                    self._logger,
+                    _Severity.WARNING,
+                    "Detected invalid timing cache, setup a local cache instead",
+                )
+            return ITimingCache(self._fake.version, self._fake.device_name())
 
     def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
         if not isinstance(cache, ITimingCache):
@@ -585,6 +648,7 @@ class Builder:
     def __init__(self, logger: Any) -> None:
         fake = _FAKE_OF_CLASS[type(self)]
         _require_logger(fake, logger, "Builder")
+        fake.build_objects.add(self)
         self._fake = fake
         self._logger = logger
         self._networks: list[INetworkDefinition] = []
@@ -598,12 +662,12 @@ class Builder:
             )
         network = INetworkDefinition(fake, int(flags))
         self._networks.append(network)
-        fake.networks.append(network)
+        fake.build_objects.add(network)
         return network
 
     def create_builder_config(self) -> IBuilderConfig:
-        config = self._fake.module.IBuilderConfig(self._fake)
-        self._fake.configs.append(config)
+        config = self._fake.module.IBuilderConfig(self._fake, self._logger)
+        self._fake.build_objects.add(config)
         return config
 
     def create_optimization_profile(self) -> IOptimizationProfile:
@@ -644,6 +708,25 @@ class Builder:
             )
             return None
         profile = config._profiles[0] if config._profiles else None
+        if profile is not None:
+            by_name = {tensor.name: tensor for tensor in network._inputs}
+            for name, (low, _, _) in profile._shapes.items():
+                tensor = by_name.get(name)
+                mismatch = tensor is None or len(low) != len(tensor.shape)
+                if tensor is not None and not mismatch:
+                    fixed = [(axis, dim) for axis, dim in enumerate(tensor.shape) if dim != -1]
+                    mismatch = any(
+                        bound[axis] != dim for axis, dim in fixed for bound in profile._shapes[name]
+                    )
+                if mismatch:
+                    # The binding accepted the range; the builder is where it meets the network.
+                    _log(
+                        logger,
+                        _Severity.ERROR,
+                        f"IBuilder::buildSerializedNetwork: Error Code 4: API Usage Error "
+                        f"(optimization profile for '{name}' does not match the network's input)",
+                    )
+                    return None
         inputs = []
         for tensor in network._inputs:
             shapes = profile._shapes.get(tensor.name) if profile is not None else None
@@ -660,6 +743,7 @@ class Builder:
                     "name": tensor.name,
                     "dtype": int(tensor.dtype),
                     "shape": list(tensor.shape),
+                    "dim_names": list(tensor._dim_names),
                     "profile": [list(low), list(mid), list(high)],
                 }
             )
@@ -671,14 +755,25 @@ class Builder:
         header = {
             "version": fake.version,
             "device": fake.device_name(),
+            "compute_capability": fake.compute_capability(),
             "inputs": inputs,
             "outputs": outputs,
             "layers": _engine_layers(model, config._profiling_verbosity),
             "workspace": config._pool_limits.get(MemoryPoolType.WORKSPACE),
             "optimization_level": config._optimization_level,
+            "profiling_verbosity": config._profiling_verbosity.name,
+            "network_flags": network._flags,
         }
         payload = json.dumps(header).encode()
         return IHostMemory(PLAN_MAGIC + _LENGTH.pack(len(payload)) + payload + model.SerializeToString())
+
+
+def plan_header(plan: bytes) -> dict[str, Any]:
+    """What the fake builder recorded in a plan: its config and network settings."""
+    (length,) = _LENGTH.unpack_from(plan, len(PLAN_MAGIC))
+    start = len(PLAN_MAGIC) + _LENGTH.size
+    header: dict[str, Any] = json.loads(plan[start : start + length])
+    return header
 
 
 def _engine_layers(model: onnx.ModelProto, verbosity: ProfilingVerbosity) -> list[Any]:
@@ -752,7 +847,11 @@ class Runtime:
                 f"expecting library version {fake.version} got {header['version']}",
             )
             return None
-        if header["device"] != fake.device_name():
+        fake.build_objects_at_deserialize.append(len(fake.build_objects))
+        if (
+            header["device"] != fake.device_name()
+            or header["compute_capability"] != fake.compute_capability()
+        ):
             _log(
                 self._logger,
                 _Severity.ERROR,
@@ -773,6 +872,7 @@ class _IO:
     dtype: DataType
     shape: tuple[int, ...]
     profile: tuple[tuple[int, ...], ...] | None
+    dim_names: tuple[str, ...] = ()
 
 
 class ICudaEngine:
@@ -790,6 +890,7 @@ class ICudaEngine:
                 DataType(t["dtype"]),
                 tuple(t["shape"]),
                 tuple(tuple(s) for s in t["profile"]),
+                tuple(t["dim_names"]),
             )
             for t in header["inputs"]
         ] + [_IO(t["name"], False, DataType(t["dtype"]), tuple(t["shape"]), None) for t in header["outputs"]]
@@ -879,6 +980,24 @@ class ICudaEngine:
         names = [io.name for io in self._io if not io.is_input]
         return dict(zip(names, session.run(names, feeds), strict=True))
 
+    def _shapes_consistent(self, input_shapes: dict[str, tuple[int, ...]]) -> bool:
+        """TensorRT's shape inference: equal dim names must have equal lengths, and the
+        graph's shape computation must succeed (ONNX Runtime stands in for it)."""
+        lengths: dict[str, int] = {}
+        for io in self._io:
+            if not io.is_input:
+                continue
+            for dim_name, size in zip(io.dim_names, input_shapes[io.name], strict=False):
+                if dim_name and lengths.setdefault(dim_name, size) != size:
+                    return False
+        if any(node.op_type in DATA_DEPENDENT_OPS for node in self._model.graph.node):
+            return True
+        try:
+            self._output_shapes(input_shapes)
+        except Exception:  # ONNX Runtime's own error on an impossible shape
+            return False
+        return True
+
     def _output_shapes(self, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         if any(node.op_type in DATA_DEPENDENT_OPS for node in self._model.graph.node):
             return {
@@ -900,8 +1019,12 @@ class ICudaEngine:
 
 
 class IExecutionContext:
-    """Enforces: shapes within the profile, every I/O address set before execute,
-    a live non-default stream, and no use by a second thread while one run is active."""
+    """Enforces: shapes within the profile (``set_input_shape`` returns False outside
+    it [WHL]), every I/O address and input shape set before execute (``enqueueV3``
+    [NvInferRuntime.h]), a live non-default stream (the default stream adds syncs
+    [WHL ``execute_async_v3``]; kiln never uses it), and no use by a second thread
+    while one run is active (developer guide, "Thread Safety": one context per
+    concurrent inference)."""
 
     def __init__(self, engine: ICudaEngine) -> None:
         self._engine_ref = weakref.ref(engine)  # so dropping the engine first is visible
@@ -970,7 +1093,14 @@ class IExecutionContext:
         self._enter("infer_shapes")
         try:
             engine = self._engine()
-            return [io.name for io in engine._io if io.is_input and io.name not in self._input_shapes]
+            missing = [io.name for io in engine._io if io.is_input and io.name not in self._input_shapes]
+            if missing:
+                return missing
+            if not engine._shapes_consistent(dict(self._input_shapes)):
+                # SRC lambdas::infer_shapes: inferShapes < 0 becomes this RuntimeError.
+                _log(engine._logger, _Severity.ERROR, "IExecutionContext::inferShapes: Error Code 7")
+                raise RuntimeError("infer_shapes error code: -1")
+            return []
         finally:
             self._leave()
 
@@ -990,7 +1120,11 @@ class IExecutionContext:
     def set_tensor_address(self, name: str, memory: int) -> bool:
         self._enter("set_tensor_address")
         try:
-            self._engine()._tensor(name)
+            engine = self._engine()
+            engine._tensor(name)
+            if not int(memory):
+                _log(engine._logger, _Severity.ERROR, f"setTensorAddress: null address for '{name}'")
+                return False
             self._addresses[name] = int(memory)
             return True
         finally:
@@ -1023,9 +1157,31 @@ class IExecutionContext:
             return False
         if not fake.cudart.require_device("execute_async_v3"):
             return False
+        if fake.enqueue_error is not None:
+            if fake.enqueue_error:
+                _log(engine._logger, _Severity.ERROR, fake.enqueue_error)
+            return False
         input_shapes = dict(self._input_shapes)
+        with fake._lock:
+            fake.executed_shapes.append(input_shapes)
         addresses = dict(self._addresses)
         output_shapes = engine._output_shapes(input_shapes)
+        # Kernels start now, not at the stream sync: each output is written in full at its
+        # address. A write outside a live allocation is an illegal address, and sticky.
+        for io in engine._io:
+            if io.is_input:
+                continue
+            itemsize = np.dtype(nptype(io.dtype)).itemsize
+            if any(dim < 0 for dim in output_shapes[io.name]):
+                continue  # data-dependent: TensorRT would need an IOutputAllocator
+            nbytes = int(np.prod(output_shapes[io.name], dtype=np.int64)) * itemsize
+            if not fake.cudart.fits_device(addresses[io.name], nbytes):
+                fake.violate(
+                    f"kernel writing '{io.name}': {nbytes} bytes at {addresses[io.name]:#x} do not fit "
+                    "a live device allocation"
+                )
+                fake.cudart.fault(fake.cudart.module.cudaError_t.cudaErrorIllegalAddress)
+                return True  # the enqueue itself succeeds; the fault surfaces at the next sync
 
         def run() -> None:
             try:

@@ -224,7 +224,7 @@ def test_the_artifact_records_this_device(
     assert len(plan) > 0
 
 
-def test_data_dependent_output_is_refused_at_load(tensorrt: Any, tmp_path: Path) -> None:
+def test_data_dependent_output_is_refused_at_build(tensorrt: Any, tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("NonZero", ["x"], ["where"], name="nonzero")],
         "nonzero",
@@ -238,8 +238,61 @@ def test_data_dependent_output_is_refused_at_load(tensorrt: Any, tmp_path: Path)
     signature = Signature(
         (TensorSpec("x", "float32", (4, 4)),), (TensorSpec("where", "int64", (2, -1)),), batchable=False
     )
-    backend = TensorRTBackend()
-    artifact = tmp_path / "nonzero.plan"
-    backend.build(path, signature, BuildOptions(), artifact)
     with pytest.raises(UnsupportedModel, match="data-dependent"):
-        backend.load(artifact, signature, BuildOptions())
+        TensorRTBackend().build(path, signature, BuildOptions(), tmp_path / "nonzero.plan")
+
+
+# -- the audit's findings, on the real library (see tests/engines/test_tensorrt_audit.py) ---------
+
+
+def test_a_dynamic_dim_with_minimum_above_one_builds_profiles_and_loads(
+    tensorrt: Any, tmp_path: Path
+) -> None:
+    from engines.store import EngineStore
+    from service.lifecycle.manager import _warm_up
+    from tests.engines.test_tensorrt_audit import run_tensorrt_build
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["tokens", "three"], ["scaled"], name="scale")],
+        "tokens",
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", "seq"])],
+        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "tokens.onnx"
+    onnx.save_model(model, str(path))
+    options = BuildOptions(max_batch_size=8, shapes=(ShapeRange("tokens", (1, 8), (4, 64), (8, 128)),))
+    store = EngineStore(tmp_path / "store")
+    meta = run_tensorrt_build(store, path, options)
+    runner = TensorRTBackend().load(store.artifact_path(meta["cache_key"], meta), TOKENS, options)
+    try:
+        _warm_up(runner, TOKENS, {1, 8}, options.shapes)
+    finally:
+        runner.close()
+
+
+def test_an_output_larger_than_at_the_profile_max_is_served(tensorrt: Any, tmp_path: Path) -> None:
+    from tests.engines.test_tensorrt_audit import SLICED, SLICED_RANGES, sliced_model
+
+    options = BuildOptions(shapes=SLICED_RANGES)
+    runner, _ = build_and_load(sliced_model(tmp_path / "sliced.onnx"), SLICED, tmp_path, options)
+    try:
+        a = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+        got = runner.infer({"a": a, "b": np.zeros((8, 1), np.float32)})
+        np.testing.assert_array_equal(got["y"], a[:, 1:])
+    finally:
+        runner.close()
+
+
+def test_inputs_that_disagree_on_a_shared_dimension_are_bad_input(tensorrt: Any, tmp_path: Path) -> None:
+    from tests.engines.test_tensorrt_audit import PAIRED, PAIRED_RANGES, paired_model
+
+    options = BuildOptions(shapes=PAIRED_RANGES)
+    runner, _ = build_and_load(paired_model(tmp_path / "paired.onnx"), PAIRED, tmp_path, options)
+    try:
+        with pytest.raises(InvalidInput, match="cannot run these input shapes together"):
+            runner.infer({"ids": np.ones((2, 5), np.float32), "mask": np.ones((2, 7), np.float32)})
+    finally:
+        runner.close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batching import BatchingConfig, DynamicBatcher, adaptive_plan, fit_batch_cost
-from service.errors import BadRequest, DeadlineExceeded, Unavailable
+from service.errors import DeadlineExceeded, Unavailable
 
 
 class FakeEngine:
@@ -172,13 +172,6 @@ async def test_batch_never_exceeds_max_rows() -> None:
     await asyncio.gather(*(batcher.infer(rows(3)) for _ in range(3)))
     await batcher.stop()
     assert engine.batches == [3, 3, 3]
-
-
-async def test_request_larger_than_a_batch_is_refused() -> None:
-    batcher = make(FakeEngine(), max_batch_size=4)
-    with pytest.raises(BadRequest, match="at most 4"):
-        await batcher.infer(rows(5))
-    await batcher.stop()
 
 
 async def test_preferred_batch_size_closes_a_batch_early() -> None:

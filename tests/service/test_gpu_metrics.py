@@ -31,6 +31,11 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     }
 
 
+@pytest.fixture(autouse=True)
+def every_gpu_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 def two_gpus() -> list[FakeNvmlDevice]:
     return [
         FakeNvmlDevice("GPU-aaaa", 42, 3 * 1024**3, 80 * 1024**3, 250_500),
@@ -147,3 +152,44 @@ def test_a_closed_collector_reports_no_samples_and_shuts_nvml_down(monkeypatch: 
     collector.close()
     assert samples(registry) == {}
     assert nvml.shutdowns == 1
+
+
+# -- scope and MIG (audit finding 9) ----------------------------------------------------------
+
+
+def test_finding_9b_only_the_gpus_this_process_uses_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    install_fake_nvml(monkeypatch, two_gpus())
+    registry = CollectorRegistry()
+    assert register_gpu_collector(registry)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert {uuid for _, uuid in samples(registry)} == {"GPU-bbbb"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa")  # a UUID prefix, as CUDA accepts
+    assert {uuid for _, uuid in samples(registry)} == {"GPU-aaaa"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert samples(registry) == {}
+
+
+def test_finding_9a_mig_instances_are_reported_by_their_own_handles(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    instances = [
+        FakeNvmlDevice("MIG-1111", memory_used_bytes=1024**3, memory_total_bytes=10 * 1024**3, is_mig=True),
+        FakeNvmlDevice(
+            "MIG-2222", memory_used_bytes=2 * 1024**3, memory_total_bytes=20 * 1024**3, is_mig=True
+        ),
+    ]
+    parent = FakeNvmlDevice("GPU-mig0", 55, 7 * 1024**3, 80 * 1024**3, 300_000, mig_devices=instances)
+    install_fake_nvml(monkeypatch, [parent, two_gpus()[1]])
+    registry = CollectorRegistry()
+    assert register_gpu_collector(registry)
+    with caplog.at_level(logging.DEBUG, logger="service.gpu_metrics"):
+        got = samples(registry)
+    assert got[("nv_gpu_memory_used_bytes", "MIG-1111")] == 1024**3
+    assert got[("nv_gpu_memory_total_bytes", "MIG-2222")] == 20 * 1024**3
+    assert {uuid for _, uuid in got} == {"MIG-1111", "MIG-2222", "GPU-bbbb"}, "no whole-GPU values"
+    assert not any(
+        name in ("nv_gpu_utilization", "nv_gpu_power_usage") for name, uuid in got if "MIG" in uuid
+    )
+    assert all(record.levelno < logging.WARNING for record in caplog.records), "omissions are debug lines"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-2222")
+    assert {uuid for _, uuid in samples(registry)} == {"MIG-2222"}

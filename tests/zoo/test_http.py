@@ -87,7 +87,7 @@ def test_yolov8n_shapes_option_is_checked_at_upload(client: TestClient, tmp_path
     bad = '{"images": {"min": [1, 4, 320, 320], "opt": [1, 4, 320, 320], "max": [1, 4, 640, 640]}}'
     response = upload(client, model, "yolo-bad-shapes", "fp32", {}, shapes=bad)
     assert response.status_code == 400
-    assert "dimension 1 is fixed at 3" in response.json()["error"]["message"]
+    assert "the model fixes dimension 1 at 3" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

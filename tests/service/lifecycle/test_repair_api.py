@@ -112,7 +112,7 @@ def test_kiln_build_repairs_unless_told_not_to(
         "--backend",
         "onnxruntime",
     ]
-    assert main([*command, "--no-repair"]) == 1
+    assert main([*command, "--repair", "false"]) == 1
     assert "the fp16 engine is outside tolerance" in capsys.readouterr().err
     assert main(command) == 0
     assert '"kept_fp32": [' in capsys.readouterr().out

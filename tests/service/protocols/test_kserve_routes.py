@@ -96,7 +96,7 @@ def test_server_metadata_lists_only_implemented_extensions(client: TestClient) -
     assert response.json() == {
         "name": "kiln",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data", "model_configuration"],
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
     }
 
 
