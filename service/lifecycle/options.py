@@ -34,6 +34,7 @@ class UploadFields(BaseModel):
     shapes: dict[str, dict[str, list[int]]] | None = None
     workspace_bytes: int | None = Field(None, ge=1)
     optimization_level: int | None = Field(None, ge=0, le=5)
+    progressive: bool | None = None
 
     @field_validator("tolerance", "shapes", mode="before")
     @classmethod
@@ -70,6 +71,11 @@ def parse_upload_fields(fields: dict[str, str]) -> UploadFields:
         raise BadRequest("invalid upload fields: " + "; ".join(problems)) from None
     except ValueError as exc:
         raise BadRequest(f"invalid upload fields: {exc}") from None
+
+
+def progressive_of(fields: UploadFields, settings: Settings) -> bool:
+    """Whether the version serves on a baseline engine while its optimized one builds."""
+    return settings.progressive if fields.progressive is None else fields.progressive
 
 
 def to_options(
