@@ -24,6 +24,7 @@ ARG TRT_TAG=26.08-py3
 ARG PYTHON_TAG=3.12-slim-trixie
 ARG CUDA_PYTHON_VERSION=13.4.4
 ARG NVIDIA_ML_PY_VERSION=13.615.71
+ARG ONNXRUNTIME_GPU_VERSION=1.31.1
 
 # ---------------------------------------------------------------- cpu build
 FROM python:${PYTHON_TAG} AS cpu-build
@@ -54,6 +55,14 @@ RUN python3 -m venv --system-site-packages --without-pip /opt/venv \
       . "cuda-python==${CUDA_PYTHON_VERSION}" "nvidia-ml-py==${NVIDIA_ML_PY_VERSION}" \
  && /opt/venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tensorrt') is None and 'tensorrt is not visible to kiln')" \
  && /opt/venv/bin/kiln --help >/dev/null
+# The baseline engine runs on ONNX Runtime's CUDA provider: onnxruntime-gpu (a
+# CUDA 13 build, like the image) replaces the CPU onnxruntime that `pip install .`
+# brought. Both install the same `onnxruntime` module, so the CPU one goes first.
+ARG ONNXRUNTIME_GPU_VERSION
+RUN python3 -m pip --python /opt/venv/bin/python uninstall --yes onnxruntime \
+ && python3 -m pip --python /opt/venv/bin/python install --no-cache-dir \
+      "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+ && /opt/venv/bin/python -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers() and 'onnxruntime-gpu has no CUDA provider')"
 
 # ---------------------------------------------------------------- cpu image
 FROM python:${PYTHON_TAG} AS cpu

@@ -617,24 +617,35 @@ def profile_latency(
     return result
 
 
-def warm_up(runner: Runner, meta: dict[str, Any], batch_sizes: set[int]) -> str | None:
-    """Run a freshly loaded engine once per batch size at the shapes its build resolved.
-    Returns why warm-up was skipped (the model rejects synthetic inputs), else None."""
+def warm_up(
+    runner: Runner,
+    signature: Signature,
+    batch_sizes: set[int],
+    resolved: dict[str, shapes.ResolvedShape] | None = None,
+) -> str | None:
+    """Run a freshly loaded engine once per batch size on synthetic inputs at the
+    ``opt`` shapes (``resolved``; None: the graph's and the defaults). Returns why it
+    stopped when the model rejects those inputs, else None: a warm-up never fails a load."""
+    try:
+        for batch in sorted(batch_sizes):
+            runner.infer(shapes.synthetic_inputs(signature, resolved, batch))
+    except InvalidInput as exc:
+        return f"the model rejected kiln's synthetic inputs ({exc.message})"
+    return None
+
+
+def warm_up_engine(runner: Runner, meta: dict[str, Any], batch_sizes: set[int]) -> str | None:
+    """``warm_up`` for a built engine, at the shapes its build resolved; skipped (with
+    the build's reason) when the build found that the model rejects synthetic inputs."""
     report = meta.get("report", {})
     skipped = report.get("skipped", {}).get("warmup")
     if skipped:
         return str(skipped)
-    signature = Signature.from_dict(meta["signature"])
     resolved = {
         name: shapes.ResolvedShape(tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]), s["source"])
         for name, s in report.get("shapes", {}).items()
     }
-    try:
-        for batch in sorted(batch_sizes):
-            runner.infer(shapes.synthetic_inputs(signature, resolved or None, batch))
-    except InvalidInput as exc:
-        return f"the model rejected kiln's synthetic inputs ({exc.message})"
-    return None
+    return warm_up(runner, Signature.from_dict(meta["signature"]), batch_sizes, resolved or None)
 
 
 def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candidate, str]:

@@ -17,6 +17,12 @@ measured latency per batch size as a line, tracks the arrival rate, and picks
 the delay and batch cap that keep fill time plus run time within the target
 (``adaptive_plan``); the chosen delay is exported as a metric.
 
+``swap`` replaces the engine while requests flow: batches formed from then on
+run on the new engine (queued requests included), batches already running finish
+on the old one, and ``swap`` returns once the last of them has, so the caller can
+close the old engine. Intake never pauses, so no request fails or waits longer
+than one batch because of a swap.
+
 A full queue rejects at once (``Unavailable``, 503 with Retry-After); a request
 whose deadline passes while queued fails with ``DeadlineExceeded`` (504) and is
 never run; a request whose client went away is dropped from the queue. One
@@ -229,6 +235,10 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._threads: list[InferenceThread] = []
         self._running = 0
+        # Engine generation: bumped by each swap; running batches counted per generation.
+        self._generation = 0
+        self._running_by_generation: dict[int, int] = {}
+        self._batch_ended = asyncio.Event()
         self._accepting = False
         self._preferred = sorted(set(config.preferred_batch_sizes))
         self._delay_s = config.max_queue_delay_ms / 1000.0
@@ -281,6 +291,23 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.stop()  # a batch still running finishes on its own; nobody waits for it
         self._threads = []
+
+    async def swap(
+        self, run_batch: RunBatch, *, latency_profile_ms: Mapping[int, float] | None = None
+    ) -> None:
+        """Run every batch formed from now on with ``run_batch``; return once the
+        batches that started on the previous engine have finished, after which
+        nothing calls it again. ``latency_profile_ms`` is the new engine's profile
+        for the adaptive plan."""
+        self.run_batch = run_batch
+        if latency_profile_ms is not None:
+            self._cost = fit_batch_cost(latency_profile_ms)
+            self._next_plan_at = 0.0  # re-plan at the next arrival
+        self._generation += 1
+        generation = self._generation
+        while any(g < generation for g in self._running_by_generation):
+            self._batch_ended.clear()
+            await self._batch_ended.wait()
 
     # -- intake ----------------------------------------------------------------
 
@@ -518,10 +545,13 @@ class DynamicBatcher:
             feeds = batch[0].feeds
         else:
             feeds = {name: np.concatenate([p.feeds[name] for p in batch], axis=0) for name in batch[0].feeds}
+        # The engine is chosen when the batch starts: a swap from now on does not move it.
+        generation, run_batch = self._generation, self.run_batch
         self._running += 1
+        self._running_by_generation[generation] = self._running_by_generation.get(generation, 0) + 1
         try:
             try:
-                outputs = await thread.submit(self.run_batch, feeds)
+                outputs = await thread.submit(run_batch, feeds)
             except asyncio.CancelledError:
                 # The batcher is stopping: answer this batch's requests, then stop.
                 for pending in batch:
@@ -542,6 +572,12 @@ class DynamicBatcher:
             return
         finally:
             self._running -= 1
+            left = self._running_by_generation[generation] - 1
+            if left:
+                self._running_by_generation[generation] = left
+            else:
+                del self._running_by_generation[generation]
+                self._batch_ended.set()
             self.batches_run += 1
             self.requests_run += len(batch)
         compute_s = time.monotonic() - started

@@ -156,6 +156,14 @@ class KilnMetrics:
             ["state"],
             registry=r,
         )
+        self.serving = Gauge(
+            "kiln_engine_serving",
+            "1 for the engine that serves each loaded version: its tier (baseline: the model at "
+            "FP32 on ONNX Runtime while the optimized engine builds; optimized), backend and precision",
+            ["engine", "version", "tier", "backend", "precision"],
+            registry=r,
+        )
+        self._serving_labels: dict[tuple[str, str], tuple[str, ...]] = {}
         for result in BUILD_RESULTS:
             self.builds.labels(result)
         for state in VersionState:
@@ -164,9 +172,22 @@ class KilnMetrics:
     def engine_observer(self, engine: str, version: int) -> EngineObserver:
         return EngineObserver(self, engine, str(version))
 
+    def set_serving(self, engine: str, version: int, tier: str, backend: str, precision: str) -> None:
+        """Mark the engine that now serves a version (its previous series goes)."""
+        key = (engine, str(version))
+        previous = self._serving_labels.pop(key, None)
+        if previous is not None:
+            self.serving.remove(*previous)
+        labels = (*key, tier, backend, precision)
+        self.serving.labels(*labels).set(1)
+        self._serving_labels[key] = labels
+
     def forget_engine(self, engine: str, version: int) -> None:
         """Drop an unloaded version's series so label sets don't pile up."""
         labels = (engine, str(version))
+        serving = self._serving_labels.pop(labels, None)
+        if serving is not None:
+            self.serving.remove(*serving)
         for metric in (
             self.queue_duration,
             self.compute_duration,

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     build_workers: int = Field(1, ge=1, le=16, description="builds that run at once")
     build_timeout_s: float = Field(1800.0, gt=0)
     warmup: bool = True
+    progressive: bool = Field(
+        True,
+        description="a new version serves on its baseline engine (FP32 on ONNX Runtime) within "
+        "seconds while its optimized engine builds, which then swaps in; false: it serves only "
+        "once the optimized engine is ready. An upload's progressive field overrides it",
+    )
 
     # Default batching for engines that do not say otherwise at upload
     max_batch_size: int = Field(8, ge=1, le=4096)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,10 @@ class OnnxRuntimeBackend(Backend):
         options: BuildOptions,
         *,
         instances: int = 1,
-    ) -> Runner:
+        providers: Sequence[Any] = ("CPUExecutionProvider",),
+    ) -> OnnxRuntimeRunner:
+        """Load an artifact (or any ONNX model: the baseline engine loads the upload
+        itself) on ``providers``, ONNX Runtime's execution providers in order."""
         return OnnxRuntimeRunner(
             artifact_path,
             signature,
@@ -134,12 +137,15 @@ class OnnxRuntimeBackend(Backend):
             threads=self.intra_op_threads,
             sessions=instances if self.session_per_instance else 1,
             session_options=self._session_options,
+            providers=providers,
         )
 
 
 class OnnxRuntimeRunner(Runner):
-    """Runs an optimized ONNX model. ``session.run`` is thread-safe, so one shared
-    session serves every instance unless ``sessions`` > 1 asks for one each."""
+    """Runs an ONNX model. ``session.run`` is thread-safe, so one shared session
+    serves every instance unless ``sessions`` > 1 asks for one each. ``providers``
+    are ONNX Runtime's execution providers in order of preference; ``provider`` is
+    the one that runs the model (ONNX Runtime falls back when one cannot start)."""
 
     def __init__(
         self,
@@ -150,6 +156,7 @@ class OnnxRuntimeRunner(Runner):
         threads: int,
         sessions: int,
         session_options: Any,
+        providers: Sequence[Any] = ("CPUExecutionProvider",),
     ) -> None:
         super().__init__(signature, max_batch_size)
         import queue
@@ -163,7 +170,7 @@ class OnnxRuntimeRunner(Runner):
                     ort.InferenceSession(
                         str(artifact_path),
                         sess_options=session_options(threads),
-                        providers=["CPUExecutionProvider"],
+                        providers=list(providers),
                     )
                 )
         except Exception as exc:  # a corrupt or foreign artifact
@@ -171,6 +178,7 @@ class OnnxRuntimeRunner(Runner):
         self._shared = sessions <= 1
         first = self._sessions.get()
         self._output_names = [o.name for o in first.get_outputs()]
+        self.provider: str = first.get_providers()[0]
         self._sessions.put(first)
         if self._shared:
             self._session = first

@@ -36,6 +36,7 @@ UPLOAD_OPTIONS = (
     "repair",
     "repair_max_nodes",
     "repair_seconds",
+    "progressive",
 )
 """Every option an upload takes (the fields of ``UploadFields`` and the data files);
 ``kiln build`` offers each as a flag and passes it on as the same text."""
@@ -160,7 +161,13 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
     registry = Registry(store)
     registry.load()
     manager = EngineManager(
-        settings, store, registry, backend, KilnMetrics(), BuildRunner(1, settings.build_timeout_s)
+        settings,
+        store,
+        registry,
+        backend,
+        KilnMetrics(),
+        BuildRunner(1, settings.build_timeout_s),
+        baselines=False,  # it serves nothing; the record keeps the progressive choice for servers
     )
     files: dict[str, UploadedFile] = {}
     try:

@@ -1,5 +1,11 @@
 """Engine lifecycle: register → build (child process) → load → warm up → serve → unload.
 
+With progressive engines, a version whose optimized engine is not in the store
+first serves on its baseline engine (state ``baseline``); the optimized engine
+then builds, loads and warms up beside it and is swapped into the version's
+batcher (``ready``). If the optimized engine fails, the version stays on the
+baseline (``ready``, with the failure in ``error``).
+
 Every state change of a version goes through ``EngineManager.transition``, checked
 against the table in ``states.py``. The manager owns the background tasks of
 builds, loads and unloads (kept in a set so they are not garbage-collected), and
@@ -15,20 +21,28 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engines.backends.base import Backend
-from engines.build import BuildJob, overall_progress, warm_up
+from engines.backends.base import Backend, Runner
+from engines.backends.onnxruntime import OnnxRuntimeBackend
+from engines.baseline import load_baseline
+from engines.build import BuildJob, overall_progress, warm_up, warm_up_engine
 from engines.errors import EngineError, StoreCorrupted
+from engines.onnx_model import load_model, read_signature
+from engines.shapes import resolve_shapes
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
 from service.lifecycle.jobs import BuildFailure, BuildRunner
 from service.lifecycle.registry import EngineVersion, Registry
-from service.lifecycle.states import RESTORED_AS, SETTLED, WORKING, VersionState
+from service.lifecycle.serving import Serving
+from service.lifecycle.states import RECORDED, RESTORED_AS, SERVABLE, SETTLED, WORKING, VersionState
 from service.metrics import KilnMetrics
 from service.settings import Settings
 
 log = logging.getLogger("kiln.engines")
+
+# States in which a finished optimized build goes on to load (others: deleted meanwhile).
+BUILT = (VersionState.BUILDING, VersionState.BASELINE)
 
 PHASE_ON_ENTRY: dict[VersionState, str | None] = {
     VersionState.LOADING: "load",
@@ -57,13 +71,18 @@ class EngineManager:
         backend: Backend,
         metrics: KilnMetrics,
         builds: BuildRunner,
+        *,
+        baselines: bool = True,
     ) -> None:
+        """``baselines=False``: never serve a baseline engine (a process that only
+        builds), whatever the versions' ``progressive``."""
         self.settings = settings
         self.store = store
         self.registry = registry
         self.backend = backend
         self.metrics = metrics
         self.builds = builds
+        self.baselines = baselines
         self.device = backend.device_signature()
         self._tasks: set[asyncio.Task[None]] = set()
         self._builds: dict[str, SharedBuild] = {}
@@ -103,17 +122,22 @@ class EngineManager:
         phase: str | None = None,
     ) -> None:
         """The one place a version's state changes (``IllegalTransition`` for a move
-        the table does not allow). Settled versions are persisted, and may let older
-        versions of the engine be pruned."""
+        the table does not allow). Settled and servable versions are persisted;
+        settled ones may let older versions of the engine be pruned."""
         version.move_to(state)
         version.error = error
         if phase is not None or state in PHASE_ON_ENTRY:
             version.phase = phase if phase is not None else PHASE_ON_ENTRY[state]
         if state == VersionState.READY:
             version.progress = 1.0
-        if state in SETTLED or state == VersionState.UNLOADING:
+        if state in SETTLED or state in SERVABLE or state == VersionState.UNLOADING:
             self._restoring.discard(version)
-        if state in SETTLED:
+        if version.serving is not None and state in SERVABLE:
+            serving = version.serving
+            self.metrics.set_serving(
+                version.name, version.version, serving.tier, serving.backend, serving.precision
+            )
+        if state in RECORDED:
             self.registry.save(version)
         self._refresh_gauges()
         if state in SETTLED and not self._shutting_down:
@@ -143,8 +167,11 @@ class EngineManager:
         model_filename: str,
         options: BuildOptions,
         batching: BatchingConfig,
+        *,
+        progressive: bool = False,
     ) -> EngineVersion:
-        """Register the next version of ``name`` and start its build in the background."""
+        """Register the next version of ``name`` and start its build in the background
+        (``progressive``: serving on the baseline engine meanwhile)."""
         self.check_limits(name)
         version = EngineVersion(
             name=name,
@@ -154,6 +181,7 @@ class EngineManager:
             options=options,
             batching=batching,
             cache_key=self.cache_key(model_sha256, options),
+            progressive=progressive,
         )
         self.registry.add(version)
         self._refresh_gauges()
@@ -198,24 +226,31 @@ class EngineManager:
             if meta is not None:
                 self.metrics.builds.labels("cached").inc()
             else:
+                if version.progressive and self.baselines:
+                    await self._serve_baseline(version)
+                    if version.state not in BUILT:
+                        return  # deleted while the baseline loaded
                 meta = await self._build_once(version)
                 self.metrics.builds.labels("succeeded").inc()
                 self.metrics.build_duration.observe(time.monotonic() - started)
-            if version.state != VersionState.BUILDING:
+            if version.state not in BUILT:
                 return  # deleted while building
             try:
                 await self._load(version, meta)
             except StoreCorrupted as exc:
                 # The artifact passed its checksum but the backend cannot load it
                 # (for example a plan recorded for another device): rebuild it once.
-                if version.state != VersionState.LOADING:
+                if version.state not in (VersionState.LOADING, VersionState.BASELINE):
                     return
                 log.warning("%s; rebuilding it from the stored model", exc.message)
                 self.store.discard_engine(version.cache_key)
-                self.transition(version, VersionState.BUILDING, phase="rebuild")
+                if version.state == VersionState.LOADING:
+                    self.transition(version, VersionState.BUILDING, phase="rebuild")
+                else:
+                    version.phase = "rebuild"
                 meta = await self._build_once(version)
                 self.metrics.builds.labels("succeeded").inc()
-                if version.state != VersionState.BUILDING:
+                if version.state not in BUILT:
                     return
                 await self._load(version, meta)
         except BuildFailure as failure:
@@ -224,20 +259,25 @@ class EngineManager:
             self.metrics.builds.labels("failed").inc()
             self.metrics.build_duration.observe(time.monotonic() - started)
             log.warning("build of %s v%d failed: %s", version.name, version.version, failure.message)
-            self.transition(version, VersionState.FAILED, error=failure.to_dict())
+            self._fail(version, failure.to_dict())
         except EngineError as exc:
             if version.state not in WORKING:
                 return
             log.warning("loading %s v%d failed: %s", version.name, version.version, exc.message)
-            self.transition(version, VersionState.FAILED, error={"type": exc.kind, "message": exc.message})
+            self._fail(version, {"type": exc.kind, "message": exc.message})
         except Exception as exc:
             log.exception("unexpected error while building %s v%d", version.name, version.version)
             if version.state in WORKING:
-                self.transition(
-                    version,
-                    VersionState.FAILED,
-                    error={"type": "internal", "message": f"{type(exc).__name__}: {exc}"},
-                )
+                self._fail(version, {"type": "internal", "message": f"{type(exc).__name__}: {exc}"})
+
+    def _fail(self, version: EngineVersion, error: dict[str, Any]) -> None:
+        """The optimized engine failed: a version on its baseline keeps serving there
+        (ready, with the error); any other fails."""
+        if version.state == VersionState.BASELINE:
+            log.warning("%s v%d keeps serving on its baseline engine", version.name, version.version)
+            self.transition(version, VersionState.READY, error=error)
+        else:
+            self.transition(version, VersionState.FAILED, error=error)
 
     def _committed_meta(self, cache_key: str) -> dict[str, Any] | None:
         """The stored engine for this key if its checksum holds; a corrupt one is
@@ -292,7 +332,10 @@ class EngineManager:
 
     async def _load(self, version: EngineVersion, meta: dict[str, Any]) -> None:
         version.meta = meta
-        self.transition(version, VersionState.LOADING)
+        if version.state == VersionState.BUILDING:
+            self.transition(version, VersionState.LOADING)
+        else:
+            version.phase = "load"  # beside the baseline, which goes on serving
         signature = Signature.from_dict(meta["signature"])
         artifact = self.store.artifact_path(version.cache_key, meta)
         instances = version.batching.instances
@@ -302,12 +345,15 @@ class EngineManager:
         try:
             max_batch = int(meta["max_batch_size"])
             if self.settings.warmup:
-                await asyncio.to_thread(warm_up, runner, meta, {1, max_batch})
+                await asyncio.to_thread(warm_up_engine, runner, meta, {1, max_batch})
         except Exception:
             runner.close()
             raise
-        if version.state != VersionState.LOADING:  # deleted meanwhile
+        if version.state not in (VersionState.LOADING, VersionState.BASELINE):  # deleted meanwhile
             runner.close()
+            return
+        if version.batcher is not None:
+            await self._swap(version, runner, meta)
             return
         batching = version.batching
         if batching.max_batch_size != max_batch:
@@ -318,6 +364,101 @@ class EngineManager:
                     size for size in batching.preferred_batch_sizes if size <= max_batch
                 ),
             )
+        version.batcher = self._start_batcher(version, runner, signature, batching, _latency_profile(meta))
+        version.runner = runner
+        version.serving = Serving.optimized(meta, runner)
+        self.transition(version, VersionState.READY)
+        _log_ready(version, meta)
+
+    async def _serve_baseline(self, version: EngineVersion) -> None:
+        """Load the upload itself as the baseline engine, warm it up and serve on it
+        (``building`` → ``baseline``). A baseline that cannot load or run is logged
+        and skipped: the optimized build, which goes on, decides the version's fate."""
+        version.phase = "baseline"
+        started = time.monotonic()
+        model_path = self.store.model_path(version.model_sha256)
+        external_data = self.store.is_package(version.model_sha256)
+        runner: Runner | None = None
+        try:
+            signature = await asyncio.to_thread(
+                lambda: read_signature(load_model(model_path, external_data=external_data))
+            )
+            backend = self.backend if isinstance(self.backend, OnnxRuntimeBackend) else None
+            runner = await asyncio.to_thread(
+                load_baseline,
+                model_path,
+                signature,
+                version.options,
+                backend=backend,
+                instances=version.batching.instances,
+            )
+            if self.settings.warmup:
+                resolved = resolve_shapes(signature, version.options.shapes)
+                await asyncio.to_thread(warm_up, runner, signature, {1, runner.max_batch_size}, resolved)
+        except Exception as exc:
+            if runner is not None:
+                runner.close()
+            reason = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "%s v%d has no baseline engine (%s); it serves once its optimized engine is ready",
+                version.name,
+                version.version,
+                reason,
+            )
+            version.phase = "queued"
+            return
+        if version.state != VersionState.BUILDING:  # deleted meanwhile
+            runner.close()
+            return
+        version.batcher = self._start_batcher(version, runner, signature, version.batching, {})
+        version.runner = runner
+        version.serving = Serving.baseline(runner.provider)
+        self.transition(version, VersionState.BASELINE, phase="queued")
+        log.info(
+            "engine %s v%d serves on its baseline engine (%s on %s, %s) after %.2f s; its optimized "
+            "engine builds",
+            version.name,
+            version.version,
+            version.serving.backend,
+            version.serving.provider,
+            version.serving.precision,
+            time.monotonic() - started,
+        )
+
+    async def _swap(self, version: EngineVersion, runner: Runner, meta: dict[str, Any]) -> None:
+        """Swap the warmed-up optimized engine into the version's batcher: new batches
+        run on it, running ones finish on the baseline, which is then closed."""
+        assert version.batcher is not None
+        previous, before = version.runner, version.serving
+        await version.batcher.swap(runner.infer_prechecked, latency_profile_ms=_latency_profile(meta))
+        if version.state != VersionState.BASELINE:  # deleted during the swap: the delete closed the baseline
+            await asyncio.to_thread(runner.close)
+            return
+        version.runner = runner
+        version.serving = Serving.optimized(meta, runner)
+        self.transition(version, VersionState.READY)
+        log.info(
+            "engine %s v%d swapped from its %s engine (%s, %s) to its optimized engine (%s, %s)",
+            version.name,
+            version.version,
+            before.tier if before else "previous",
+            before.backend if before else "?",
+            before.precision if before else "?",
+            version.serving.backend,
+            version.serving.precision,
+        )
+        _log_ready(version, meta)
+        if previous is not None:
+            await asyncio.to_thread(previous.close)
+
+    def _start_batcher(
+        self,
+        version: EngineVersion,
+        runner: Runner,
+        signature: Signature,
+        batching: BatchingConfig,
+        latency_ms: dict[int, float],
+    ) -> DynamicBatcher:
         batcher = DynamicBatcher(
             # Every protocol checks each request's feeds before queueing it.
             runner.infer_prechecked,
@@ -325,21 +466,10 @@ class EngineManager:
             batchable=signature.batchable,
             observer=self.metrics.engine_observer(version.name, version.version),
             name=f"{version.name}-v{version.version}",
-            latency_profile_ms={
-                int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()
-            },
+            latency_profile_ms=latency_ms,
         )
         batcher.start()
-        version.runner = runner
-        version.batcher = batcher
-        self.transition(version, VersionState.READY)
-        log.info(
-            "engine %s v%d is ready (%s, %s)",
-            version.name,
-            version.version,
-            meta.get("backend"),
-            meta.get("precision"),
-        )
+        return batcher
 
     # -- restore, delete, shutdown -----------------------------------------------
 
@@ -368,7 +498,9 @@ class EngineManager:
                 log.warning("skipping a malformed record %s: %s", record.get("name"), exc)
                 continue
             self.registry.index(version)
-            if recorded in WORKING:
+            if "progressive" not in record:  # recorded before progressive engines
+                version.progressive = self.settings.progressive
+            if recorded in WORKING and state == VersionState.FAILED:
                 version.error = {
                     "type": "interrupted",
                     "message": "the server stopped while this version was being built; upload it again",
@@ -448,3 +580,18 @@ class EngineManager:
                 version.runner.close()
             version.runner = None
             version.batcher = None
+
+
+def _log_ready(version: EngineVersion, meta: dict[str, Any]) -> None:
+    log.info(
+        "engine %s v%d is ready (%s, %s)",
+        version.name,
+        version.version,
+        meta.get("backend"),
+        meta.get("precision"),
+    )
+
+
+def _latency_profile(meta: dict[str, Any]) -> dict[int, float]:
+    """The build report's latency per batch size (ms), for the adaptive batcher."""
+    return {int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()}

@@ -37,6 +37,7 @@ class UploadFields(BaseModel):
     repair: bool = True
     repair_max_nodes: int | None = Field(None, ge=1, le=100_000)
     repair_seconds: float = Field(600.0, gt=0, le=86_400)
+    progressive: bool | None = None
 
     @field_validator("tolerance", "shapes", mode="before")
     @classmethod
@@ -73,6 +74,11 @@ def parse_upload_fields(fields: dict[str, str]) -> UploadFields:
         raise BadRequest("invalid upload fields: " + "; ".join(problems)) from None
     except ValueError as exc:
         raise BadRequest(f"invalid upload fields: {exc}") from None
+
+
+def progressive_of(fields: UploadFields, settings: Settings) -> bool:
+    """Whether the version serves on a baseline engine while its optimized one builds."""
+    return settings.progressive if fields.progressive is None else fields.progressive
 
 
 def to_options(

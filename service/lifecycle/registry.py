@@ -17,6 +17,7 @@ from engines.backends.base import Runner
 from engines.types import BuildOptions, Signature
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import BadRequest, NotFound, NotReady
+from service.lifecycle.serving import Serving
 from service.lifecycle.states import SERVABLE, VersionState, check_move
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -53,6 +54,8 @@ class EngineVersion:
     meta: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     model_filename: str = ""
+    progressive: bool = False
+    serving: Serving | None = None
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
     _signature: Signature | None = field(default=None, repr=False)
@@ -73,9 +76,12 @@ class EngineVersion:
 
     @property
     def signature(self) -> Signature | None:
-        """The built engine's signature (parsed once; None before the build ends)."""
+        """The engine's signature: the built engine's (parsed once), else the baseline
+        engine's while it serves; None before either."""
         if self._signature is None and self.meta is not None:
             self._signature = Signature.from_dict(self.meta["signature"])
+        if self._signature is None and self.runner is not None:
+            return self.runner.signature
         return self._signature
 
     @property
@@ -95,6 +101,7 @@ class EngineVersion:
             "state": str(self.state),
             "error": self.error,
             "created_at": self.created_at,
+            "progressive": self.progressive,
         }
 
     @classmethod
@@ -111,6 +118,7 @@ class EngineVersion:
             _state=state,
             error=record.get("error"),
             created_at=float(record.get("created_at", time.time())),
+            progressive=bool(record.get("progressive", False)),
         )
 
     def _adaptive_status(self) -> dict[str, Any] | None:
@@ -142,6 +150,8 @@ class EngineVersion:
             "phase": self.phase,
             "progress": round(self.progress, 4),
             "error": self.error,
+            "progressive": self.progressive,
+            "serving": self.serving.to_dict() if self.serving is not None else None,
             "model_sha256": self.model_sha256,
             "model_filename": self.model_filename,
             "created_at": self.created_at,

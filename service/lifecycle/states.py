@@ -15,13 +15,21 @@ from enum import StrEnum
 class VersionState(StrEnum):
     BUILDING = "building"  # queued or building in a child process (or reusing a stored engine)
     LOADING = "loading"  # the engine is loading and warming up in the server
+    # Serves on its baseline engine (the upload at FP32 on ONNX Runtime) while its
+    # optimized engine builds, loads and warms up; ready once that is swapped in.
+    BASELINE = "baseline"
     READY = "ready"  # its batcher runs: requests are served
     FAILED = "failed"  # the build or load failed; ``error`` says why
     UNLOADING = "unloading"  # being deleted; gone from the registry once unloaded
 
 
 ALLOWED: dict[VersionState, frozenset[VersionState]] = {
-    VersionState.BUILDING: frozenset({VersionState.LOADING, VersionState.FAILED, VersionState.UNLOADING}),
+    VersionState.BUILDING: frozenset(
+        {VersionState.BASELINE, VersionState.LOADING, VersionState.FAILED, VersionState.UNLOADING}
+    ),
+    # BASELINE -> READY: the optimized engine swapped in, or it failed and the
+    # baseline serves on (``error`` says why).
+    VersionState.BASELINE: frozenset({VersionState.READY, VersionState.UNLOADING}),
     # LOADING -> BUILDING: a stored artifact that passed its checksum but does not
     # load (a plan recorded for another device) is rebuilt once.
     VersionState.LOADING: frozenset(
@@ -32,18 +40,23 @@ ALLOWED: dict[VersionState, frozenset[VersionState]] = {
     VersionState.UNLOADING: frozenset(),
 }
 
-SERVABLE = frozenset({VersionState.READY})
+SERVABLE = frozenset({VersionState.BASELINE, VersionState.READY})
 """States in which a version answers requests."""
 
 SETTLED = frozenset({VersionState.READY, VersionState.FAILED})
 """States no background work will move on its own: a version's record is written in
 these (and when it is registered), pruning considers only these."""
 
-WORKING = frozenset({VersionState.BUILDING, VersionState.LOADING})
+WORKING = frozenset({VersionState.BUILDING, VersionState.LOADING, VersionState.BASELINE})
 """States in which a build or load task owns the version."""
+
+RECORDED = SETTLED | SERVABLE
+"""States in which a version's record is written (and when it is registered): a
+restart brings back what was servable."""
 
 RESTORED_AS: dict[VersionState, VersionState | None] = {
     VersionState.READY: VersionState.BUILDING,  # rebuilt if needed, loaded, warmed up
+    VersionState.BASELINE: VersionState.BUILDING,  # on its baseline again while it is rebuilt
     VersionState.FAILED: VersionState.FAILED,
     VersionState.BUILDING: VersionState.FAILED,  # interrupted by the restart
     VersionState.LOADING: VersionState.FAILED,

@@ -20,7 +20,7 @@ from engines.shapes import validate_shapes
 from engines.types import Precision
 from service.errors import BadRequest
 from service.lifecycle.manager import EngineManager
-from service.lifecycle.options import UploadFields, parse_upload_fields, to_options
+from service.lifecycle.options import UploadFields, parse_upload_fields, progressive_of, to_options
 from service.lifecycle.registry import EngineVersion, check_name
 from service.lifecycle.uploads import UploadedFile
 
@@ -98,4 +98,11 @@ async def register_version(
     for purpose in DATA_FILES:
         if purpose in files:
             manager.store.add_data(files[purpose].path, files[purpose].sha256)
-    return manager.create(name, staged.sha256, filename, options, batching)
+    return manager.create(
+        name,
+        staged.sha256,
+        filename,
+        options,
+        batching,
+        progressive=progressive_of(upload, settings),
+    )

@@ -81,6 +81,8 @@ def ready_versions(registry: Registry, name: str) -> list[str]:
 
 
 def _backend(found: EngineVersion) -> str:
+    if found.serving is not None:
+        return found.serving.backend
     return str((found.meta or {}).get("backend", "onnxruntime"))
 
 

@@ -74,7 +74,8 @@ def test_upload_form_shows_the_build_to_ready_and_its_report(
 
     wait_until(state, timeout_s=90, what="the build to finish")
     assert seen[-1].startswith("ready"), seen
-    assert any(s.startswith(("building", "loading")) for s in seen), seen  # it was watched progressing
+    # It was watched progressing (on its baseline engine while the FP16 engine built).
+    assert any(s.startswith(("building", "loading", "baseline")) for s in seen), seen
 
     # The report: fp16's accuracy against the FP32 model, and its latency per batch size.
     table = wait_until(lambda: browser.find_element(By.ID, "accuracy-table"), what="the accuracy table")
@@ -93,7 +94,15 @@ def test_a_build_that_fails_the_gate_shows_why(
     server: ServerProcess, browser: Any, model_files: dict[str, Path]
 ) -> None:
     with server.client() as client:
-        upload(client, model_files["mlp"], "strict", precision="fp16", tolerance='{"max_abs_error": 0}')
+        # Without a baseline engine, which would go on serving: the version fails.
+        upload(
+            client,
+            model_files["mlp"],
+            "strict",
+            precision="fp16",
+            tolerance='{"max_abs_error": 0}',
+            progressive="false",
+        )
         assert wait_for_state(client, "strict")["error"]["type"] == "accuracy_rejected"
     browser.get(server.url + "/#/engines/strict")
     callout = wait_until(

@@ -95,3 +95,13 @@ def test_dockerignore_sends_only_the_package() -> None:
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "engines", "service"}
+
+
+def test_gpu_image_replaces_onnxruntime_with_onnxruntime_gpu() -> None:
+    build = stages()["gpu-build"]
+    runs = instruction(build, "RUN")
+    (swap,) = [run for run in runs if "onnxruntime-gpu==" in run]
+    # Both wheels install the `onnxruntime` module: the CPU one must go first.
+    assert swap.index("uninstall --yes onnxruntime") < swap.index("onnxruntime-gpu==")
+    assert runs.index(swap) > next(i for i, run in enumerate(runs) if " . " in f"{run} ")
+    assert "CUDAExecutionProvider" in swap

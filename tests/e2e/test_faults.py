@@ -198,7 +198,8 @@ def test_sigkill_during_a_build(
     store = tmp_path / "store"
     server, before = serve_keep(servers, store, model_files["mlp"])
     with server.client() as client:
-        upload(client, model_files["cnn"], "victim")
+        # Without a baseline engine: the version is building, unservable, when the server dies.
+        upload(client, model_files["cnn"], "victim", progressive="false")
         children = wait_until(lambda: build_children(server), 30, "a build child process", 0.005)
         assert client.get("/engines/victim").json()["state"] == "building"
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -499,7 +500,16 @@ def test_sigterm_during_a_build_stops_the_child_and_exits_0(
     store = tmp_path / "store"
     server = start(servers, store)
     with server.client() as client:
-        upload(client, model_files["cnn"], "halfway")
+        # INT8 with calibration takes seconds, so the build is still running when
+        # the drain ends (an FP32 build of this model can finish during the drain).
+        upload(
+            client,
+            model_files["cnn"],
+            "halfway",
+            progressive="false",
+            precision="int8",
+            calibration="synthetic",
+        )
         children = wait_until(lambda: build_children(server), 30, "a build child process", 0.005)
     assert server.stop(signal.SIGTERM) == 0
     for child in children:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engines.backends.tensorrt import TensorRTBackend
-from engines.build import BuildJob, run_build, warm_up
+from engines.build import BuildJob, run_build, warm_up_engine
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions, ShapeRange, Signature, engine_cache_key
 from tests.engines.test_tensorrt_backend import tokens_model
@@ -50,7 +50,7 @@ def test_a_profile_minimum_above_one_builds_profiles_at_opt_and_loads(gpu: FakeG
     signature = Signature.from_dict(meta["signature"])
     runner = backend.load(store.artifact_path(meta["cache_key"], meta), signature, options)
     try:
-        assert warm_up(runner, meta, {1, 4}) is None
+        assert warm_up_engine(runner, meta, {1, 4}) is None
         feeds = {"tokens": np.ones((2, 16), dtype=np.float32)}
         np.testing.assert_array_equal(runner.infer(feeds)["scaled"], feeds["tokens"] * 3)
     finally:

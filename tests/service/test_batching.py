@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Mapping
@@ -322,3 +323,122 @@ async def test_stop_during_a_running_batch_answers_its_requests() -> None:
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=2)
     assert all(isinstance(r, Unavailable) and "unloaded" in str(r) for r in results)
     engine.gate.set()
+
+
+class TaggedEngine(FakeEngine):
+    """y = 2x + offset: tells which engine answered. Calls after ``close`` fail, as a
+    closed runner's do."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = offset
+        self.closed = False
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.closed:
+            raise RuntimeError("engine is closed")
+        self.started.set()
+        self.gate.wait(10)
+        self.batches.append(feeds["x"].shape[0])
+        return {"y": 2 * feeds["x"] + self.offset}
+
+
+def answered_by(result: dict[str, np.ndarray], request: dict[str, np.ndarray]) -> float:
+    return float((result["y"] - 2 * request["x"]).flat[0])
+
+
+async def test_swap_sends_new_batches_to_the_new_engine_while_the_running_one_finishes() -> None:
+    old, new = TaggedEngine(1.0), TaggedEngine(2.0)
+    old.gate.clear()
+    batcher = make(old, max_batch_size=4, instances=2)  # type: ignore[arg-type]
+    first = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(old.started.wait, 5)
+    swap = asyncio.create_task(batcher.swap(new))
+    # A request made while the old batch still runs goes to the new engine at once.
+    second = rows(1, start=10)
+    result = await asyncio.wait_for(batcher.infer(second), timeout=2)
+    assert answered_by(result, second) == 2.0
+    assert not swap.done(), "swap returned while a batch still ran on the old engine"
+    old.gate.set()
+    assert answered_by(await first, rows(1)) == 1.0
+    await asyncio.wait_for(swap, timeout=2)
+    old.closed = True
+    third = rows(2, start=20)
+    assert answered_by(await batcher.infer(third), third) == 2.0
+    await batcher.stop()
+    assert old.batches == [1] and new.batches == [1, 2]
+
+
+async def test_requests_queued_behind_a_running_batch_wait_one_batch_then_run_on_the_new_engine() -> None:
+    old, new = TaggedEngine(1.0), TaggedEngine(2.0)
+    old.gate.clear()
+    batcher = make(old, max_batch_size=8, instances=1)  # type: ignore[arg-type]
+    running = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(old.started.wait, 5)
+    queued = [rows(1, start=i) for i in range(5)]
+    tasks = [asyncio.create_task(batcher.infer(feeds)) for feeds in queued]
+    await asyncio.sleep(0)  # let them queue
+    swap = asyncio.create_task(batcher.swap(new))
+    await asyncio.sleep(0)
+    assert not swap.done()
+    old.gate.set()
+    await asyncio.wait_for(swap, timeout=2)
+    old.closed = True
+    results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=2)
+    await running
+    await batcher.stop()
+    assert [answered_by(r, f) for r, f in zip(results, queued, strict=True)] == [2.0] * 5
+    assert old.batches == [1], "only the batch already running may use the old engine"
+    assert new.batches == [5], "the queued requests form the next batch, on the new engine"
+
+
+async def test_no_request_fails_across_repeated_swaps_under_load() -> None:
+    engines = [TaggedEngine(float(i)) for i in range(1, 5)]
+    batcher = make(engines[0], max_batch_size=4, instances=2)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    answers: list[float] = []
+    errors: list[BaseException] = []
+
+    async def client(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            feeds = rows(1, start=k * 1000 + n)
+            n += 1
+            try:
+                answers.append(answered_by(await batcher.infer(feeds), feeds))
+            except Exception as exc:
+                errors.append(exc)
+
+    clients = [asyncio.create_task(client(k)) for k in range(8)]
+    for previous, following in itertools.pairwise(engines):
+        await asyncio.sleep(0.05)
+        await batcher.swap(following)
+        previous.closed = True  # closed as soon as swap returns: a later call would fail
+        served_before = len(answers)
+        await asyncio.sleep(0.02)
+        assert len(answers) > served_before, "traffic stopped after a swap"
+    stop.set()
+    await asyncio.gather(*clients)
+    await batcher.stop()
+    assert errors == []
+    assert set(answers) == {1.0, 2.0, 3.0, 4.0}
+    assert answers[-1] == 4.0
+
+
+async def test_swap_gives_the_adaptive_plan_the_new_engines_latency() -> None:
+    old, new = TaggedEngine(1.0), TaggedEngine(2.0)
+    batcher = DynamicBatcher(
+        old, BatchingConfig(max_batch_size=8, latency_target_ms=10), batchable=True, name="adaptive"
+    )
+    batcher.start()
+    # 1,000 requests/s (arrival times given, not slept). Without a profile a run is
+    # thought free, so all 8 rows fit in the 10 ms target.
+    arrivals = (100.0 + i / 1000 for i in itertools.count())
+    for _ in range(300):
+        batcher._observe_arrival(next(arrivals))
+    assert batcher.plan == (pytest.approx(0.007, rel=0.05), 8)
+    # The new engine takes 7.5 ms per batch: 2.5 ms are left to fill, so 3 rows at most.
+    await batcher.swap(new, latency_profile_ms={1: 7.5, 8: 7.5})
+    batcher._observe_arrival(next(arrivals))
+    assert batcher.plan == (pytest.approx(0.002, rel=0.05), 3)
+    await batcher.stop()

@@ -129,3 +129,31 @@ def test_metric_names_follow_prometheus_conventions() -> None:
     for family in metrics.registry.collect():
         if family.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+
+
+def test_serving_gauge_follows_the_swap_and_goes_with_the_version() -> None:
+    metrics = KilnMetrics()
+
+    def series() -> dict[tuple[str, ...], float]:
+        return {
+            tuple(
+                sample.labels[k] for k in ("engine", "version", "tier", "backend", "precision")
+            ): sample.value
+            for family in metrics.registry.collect()
+            if family.name == "kiln_engine_serving"
+            for sample in family.samples
+        }
+
+    metrics.set_serving("m", 1, "baseline", "onnxruntime", "fp32")
+    metrics.set_serving("n", 1, "optimized", "onnxruntime", "fp32")
+    assert series() == {
+        ("m", "1", "baseline", "onnxruntime", "fp32"): 1.0,
+        ("n", "1", "optimized", "onnxruntime", "fp32"): 1.0,
+    }
+    metrics.set_serving("m", 1, "optimized", "onnxruntime", "int8")
+    assert series() == {
+        ("m", "1", "optimized", "onnxruntime", "int8"): 1.0,
+        ("n", "1", "optimized", "onnxruntime", "fp32"): 1.0,
+    }
+    metrics.forget_engine("m", 1)
+    assert series() == {("n", "1", "optimized", "onnxruntime", "fp32"): 1.0}

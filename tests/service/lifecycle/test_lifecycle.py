@@ -23,7 +23,13 @@ from service.batching import BatchingConfig
 from service.lifecycle.jobs import BuildFailure
 from service.lifecycle.manager import EngineManager
 from service.lifecycle.registry import EngineVersion, Registry
-from service.lifecycle.states import ALLOWED, SETTLED, WORKING, IllegalTransition, VersionState
+from service.lifecycle.states import (
+    ALLOWED,
+    RECORDED,
+    WORKING,
+    IllegalTransition,
+    VersionState,
+)
 from service.metrics import KilnMetrics
 from service.settings import Settings
 
@@ -203,8 +209,8 @@ async def test_every_allowed_move_is_made_and_every_other_refused(
             version, new, error={"type": "x", "message": "y"} if new == "failed" else None
         )
         assert version.state == new
-        # Settled states are persisted; others leave the record as it was.
-        assert (life.records().get(1) == str(new)) is (new in SETTLED)
+        # Settled and servable states are persisted; others leave the record as it was.
+        assert (life.records().get(1) == str(new)) is (new in RECORDED)
     else:
         with pytest.raises(IllegalTransition, match=f"from {current} to {new}"):
             life.manager.transition(version, new)
@@ -390,23 +396,29 @@ async def test_restart_with_versions_in_every_state(tmp_path: Path) -> None:
         assert states == {
             by_state["building"]: "failed",
             by_state["loading"]: "failed",
+            by_state["baseline"]: "building",
             by_state["ready"]: "building",
             by_state["failed"]: "failed",
         }
         interrupted = life.registry.get("m", by_state["building"])
         assert interrupted.error is not None and interrupted.error["type"] == "interrupted"
         restoring = life.registry.get("m", by_state["ready"])
-        assert life.manager.pending_restores() == [restoring]
+        # A version that served on its baseline when the server stopped comes back too.
+        on_baseline = life.registry.get("m", by_state["baseline"])
+        assert life.manager.pending_restores() == [on_baseline, restoring]
         # Until it has loaded, the ready record stays "ready": a crash now retries it.
         await until(lambda: restoring.state == "loading", "the restored version to load")
         assert life.records()[by_state["ready"]] == "ready"
         assert life.builds.started == []  # its engine was in the store
         life.release(by_state["ready"])
+        life.release(by_state["baseline"])
         assert await settled(restoring) == "ready"
+        assert await settled(on_baseline) == "ready"
         assert life.manager.pending_restores() == []
         assert by_state["unloading"] not in life.records()
         assert life.records() == {n: s for n, s in states.items() if s == "failed"} | {
-            by_state["ready"]: "ready"
+            by_state["ready"]: "ready",
+            by_state["baseline"]: "ready",
         }
     finally:
         await life.close()

@@ -103,7 +103,8 @@ def test_strict_tolerance_rejects_int8_with_its_numbers(
     )
     assert response.status_code == 202
     status = wait_for_state(client, "strict8", timeout_s=180)
-    assert status["state"] == "failed"
+    # The version goes on serving on its FP32 baseline, the gate's verdict in its error.
+    assert status["state"] == "ready" and status["serving"]["tier"] == "baseline"
     error = status["error"]
     assert error["type"] == "accuracy_rejected"
     assert "max_abs_error" in error["message"] and "1e-09" in error["message"]

@@ -191,7 +191,7 @@ def test_metadata_errors_use_tritons_statuses_and_error_body(
 
 def test_a_model_still_building_is_unavailable(client: TestClient, tmp_path: Path) -> None:
     # New weights, so the upload builds instead of reusing the cached engine.
-    upload(client, models.mlp(tmp_path / "late.onnx", seed=11), "late")
+    upload(client, models.mlp(tmp_path / "late.onnx", seed=11), "late", progressive="false")
     for path in ("/v2/models/late", "/v2/models/late/config"):
         response = client.get(path)
         assert response.status_code == 503
