@@ -13,20 +13,20 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engines import shapes
 from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
-from engines.calibration import opt_dims
-from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidModel
+from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidInput, InvalidModel
 from engines.onnx_model import load_model, read_signature
 from engines.store import EngineStore
-from engines.types import BuildOptions, CalibrationMethod, Precision, ShapeRange, Signature
+from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
 SYNTHETIC_VALIDATION_SAMPLES = 32
@@ -113,13 +113,17 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
             )
         model = load_model(model_path, external_data=store.is_package(job.model_sha256))
         signature = read_signature(model)
+        names = shapes.dim_names(model)
+        from engines.precision import already_quantized
+
+        quantized_ops = already_quantized(model)
         del model
     batch_sizes = job.batch_sizes if signature.batchable else (1,)
 
     workdir = Path(tempfile.mkdtemp(dir=store.temp_dir, prefix="build-"))
     try:
         with phase_timer("precision"):
-            plan = _precision_plan(options, signature, store)
+            plan = _precision_plan(options, signature, store, model_path, names, batch_sizes, quantized_ops)
             candidates, dropped = _transform(
                 plan,
                 model_path,
@@ -130,6 +134,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 # TensorRT only takes symmetric (zero-point 0) quantization.
                 symmetric_activations=backend.name == "tensorrt",
                 method=options.calibration_method,
+                signature=signature,
             )
         with phase_timer("build"):
             timing_cache = store.timing_cache_path(backend.device_signature().key())
@@ -149,16 +154,34 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     )
                 )
         with phase_timer("accuracy"):
-            _check_accuracy(candidates, backend, signature, options, model_path, plan, batch_sizes)
+            _check_accuracy(
+                candidates,
+                backend,
+                signature,
+                options,
+                model_path,
+                plan,
+                batch_sizes,
+                _RepairSetup(
+                    workdir,
+                    timing_cache,
+                    backend.name == "tensorrt",
+                    lambda fraction: progress("accuracy", fraction),
+                ),
+            )
         with phase_timer("profile"):
             for candidate in candidates:
-                if not candidate.accepted:
-                    continue  # it will not be served, so its speed does not matter
+                if not candidate.accepted or plan.synthetic_rejected:
+                    continue  # not served, or no inputs the model is known to accept
                 runner = backend.load(candidate.artifact_path, signature, options)
                 try:
-                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes, options.shapes)
+                    candidate.latency_ms = profile_latency(runner, signature, batch_sizes, plan.shapes)
                 finally:
                     runner.close()
+                if "repair" in candidate.report:
+                    from engines.repair import add_latency_costs
+
+                    add_latency_costs(candidate.report["repair"], candidate.latency_ms)
         chosen, choice_reason = _choose(candidates, options.precision)
         with phase_timer("commit"):
             meta: dict[str, Any] = {
@@ -174,6 +197,9 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     "choice": choice_reason,
                     "calibration": plan.calibration_report,
                     "validation": plan.validation_report,
+                    "shapes": shapes.report(plan.shapes),
+                    "skipped": _skipped_phases(plan),
+                    **({"note": plan.note} if plan.note else {}),
                     "candidates": [_candidate_summary(c) for c in candidates] + dropped,
                     **chosen.report,
                     "latency_ms": {str(k): v for k, v in chosen.latency_ms.items()},
@@ -218,27 +244,93 @@ class _PrecisionPlan:
     validation: dict[str, np.ndarray] | None
     calibration_report: dict[str, Any]
     validation_report: dict[str, Any]
+    shapes: dict[str, shapes.ResolvedShape]
+    synthetic_rejected: str | None = None
+    """Why the model refused kiln's synthetic inputs (None when it took them)."""
+    note: str | None = None
 
 
-def _precision_plan(options: BuildOptions, signature: Signature, store: EngineStore) -> _PrecisionPlan:
-    """Which precisions to build, and the calibration and validation samples for them."""
-    requested = options.precision
-    if requested == Precision.FP32:
-        return _PrecisionPlan([Precision.FP32], None, None, {}, {})
+def _skipped_phases(plan: _PrecisionPlan) -> dict[str, str]:
+    if not plan.synthetic_rejected:
+        return {}
+    reason = (
+        f"the model rejected kiln's synthetic inputs ({plan.synthetic_rejected}); "
+        f"to enable it, {shapes.HOW_TO_GIVE_SHAPES}"
+    )
+    return {"profile": reason, "warmup": reason}
 
+
+def _precision_plan(
+    options: BuildOptions,
+    signature: Signature,
+    store: EngineStore,
+    model_path: Path,
+    names: dict[str, tuple[str | None, ...]],
+    batch_sizes: tuple[int, ...],
+    quantized_ops: list[str],
+) -> _PrecisionPlan:
+    """Which precisions to build, the calibration and validation samples for them, and
+    the shapes of dynamic dims (from that data first, see ``engines.shapes``)."""
     from engines import calibration as calib
 
-    samples = None
+    requested = options.precision
+    calibration = validation = None
     calibration_report: dict[str, Any] = {}
-    if options.calibration_sha256:
-        samples = calib.load_samples(store.data_path(options.calibration_sha256), signature)
+    validation_report: dict[str, Any] = {}
+    if requested != Precision.FP32 and options.calibration_sha256:
+        calibration = calib.load_samples(store.data_path(options.calibration_sha256), signature)
         calibration_report = {
             "source": "uploaded",
             "sha256": options.calibration_sha256,
             "method": str(options.calibration_method),
         }
-    elif options.synthetic_calibration:
-        samples = calib.synthetic_samples(signature, SYNTHETIC_CALIBRATION_SAMPLES, shapes=options.shapes)
+    if requested != Precision.FP32 and options.validation_sha256:
+        validation = calib.load_samples(
+            store.data_path(options.validation_sha256), signature, purpose="validation"
+        )
+        validation_report = {"source": "uploaded", "sha256": options.validation_sha256}
+    resolved = shapes.resolve_shapes(
+        signature,
+        options.shapes,
+        [data for data in (calibration, validation) if data is not None],
+        names=names,
+        batch=(1, options.opt_batch_size or max(1, max(batch_sizes) // 2), max(batch_sizes)),
+    )
+    rejected = _synthetic_rejected(model_path, signature, resolved)
+
+    def plan(precisions: list[Precision], note: str | None = None) -> _PrecisionPlan:
+        if calibration is not None:
+            calibration_report["samples"] = calib.sample_count(calibration)
+        if validation is not None:
+            validation_report["samples"] = calib.sample_count(validation)
+        return _PrecisionPlan(
+            precisions,
+            calibration,
+            validation,
+            calibration_report,
+            validation_report,
+            resolved,
+            rejected,
+            note,
+        )
+
+    if requested == Precision.FP32:
+        return plan([Precision.FP32])
+    if quantized_ops:
+        return plan(
+            [Precision.FP32],
+            f"the model is already quantized ({', '.join(quantized_ops)}): served as uploaded, "
+            f"not converted to {requested}",
+        )
+
+    how = f"{shapes.HOW_TO_GIVE_SHAPES}"
+    if calibration is None and options.synthetic_calibration:
+        if rejected:
+            raise CalibrationError(
+                f"calibration=synthetic: the model rejects kiln's synthetic inputs ({rejected}); "
+                "upload a 'calibration' .npz of real inputs instead"
+            )
+        calibration = calib.synthetic_samples(signature, SYNTHETIC_CALIBRATION_SAMPLES, resolved)
         calibration_report = {
             "source": "synthetic",
             "method": str(options.calibration_method),
@@ -248,55 +340,67 @@ def _precision_plan(options: BuildOptions, signature: Signature, store: EngineSt
     precisions: list[Precision]
     if requested == Precision.AUTO:
         precisions = [Precision.FP32, Precision.FP16]
-        if samples is not None:
+        if calibration is not None:
             precisions.append(Precision.INT8)
         else:
             calibration_report = {"int8": "skipped: no calibration data was given"}
     else:
         precisions = [requested]
-    if Precision.INT8 in precisions and samples is None:
+    if Precision.INT8 in precisions and calibration is None:
         raise CalibrationError(
             "int8 needs calibration data: upload a 'calibration' .npz with samples of each "
             "input, or pass calibration=synthetic to calibrate on random data"
         )
 
-    validation = None
-    validation_report: dict[str, Any]
-    if options.validation_sha256:
-        validation = calib.load_samples(
-            store.data_path(options.validation_sha256), signature, purpose="validation"
-        )
-        validation_report = {"source": "uploaded", "sha256": options.validation_sha256}
-    elif samples is not None and options.calibration_sha256 and calib.sample_count(samples) >= 2:
-        samples, validation = calib.split_holdout(samples)
-        validation_report = {"source": "held out from the calibration data"}
-    else:
-        try:
-            validation = calib.synthetic_samples(
-                signature, SYNTHETIC_VALIDATION_SAMPLES, seed=1, shapes=options.shapes
+    if validation is None and calibration is not None and options.calibration_sha256:
+        if calib.sample_count(calibration) >= 2:
+            calibration, validation = calib.split_holdout(calibration)
+            validation_report = {"source": "held out from the calibration data"}
+        else:
+            validation = calibration
+            validation_report = {"source": "the calibration data (a single sample)"}
+    if validation is None:
+        if rejected:
+            message = (
+                f"checking the {requested} engine needs inputs the model accepts, and it rejects "
+                f"kiln's synthetic ones ({rejected}): {how}"
             )
+            if requested != Precision.AUTO:
+                raise CalibrationError(message)
+            # Nothing to check a candidate against: auto serves FP32.
+            validation_report = {"source": "none", "note": f"reduced precision skipped: {message}"}
+            return plan([Precision.FP32])
+        try:
+            validation = calib.synthetic_samples(signature, SYNTHETIC_VALIDATION_SAMPLES, resolved, seed=1)
         except CalibrationError as exc:
             if requested != Precision.AUTO:
                 raise CalibrationError(
                     f"cannot make validation inputs for this model ({exc.message}); "
                     "upload a 'validation' .npz to check the reduced-precision engine"
                 ) from exc
-            # Nothing to check a candidate against: auto serves FP32.
-            return _PrecisionPlan(
-                [Precision.FP32],
-                None,
-                None,
-                calibration_report,
-                {
-                    "source": "none",
-                    "note": f"reduced precision skipped: {exc.message}",
-                },
-            )
+            validation_report = {"source": "none", "note": f"reduced precision skipped: {exc.message}"}
+            return plan([Precision.FP32])
         validation_report = {"source": "synthetic"}
-    if samples is not None:
-        calibration_report["samples"] = calib.sample_count(samples)
-    validation_report["samples"] = calib.sample_count(validation)
-    return _PrecisionPlan(precisions, samples, validation, calibration_report, validation_report)
+    return plan(precisions)
+
+
+def _synthetic_rejected(model_path: Path, signature: Signature, resolved: dict[str, Any]) -> str | None:
+    """Run the original model once on kiln's synthetic inputs at the ``opt`` shapes;
+    return the model's complaint, or None when it took them."""
+    from engines.backends.onnxruntime import OnnxRuntimeBackend
+
+    try:
+        feeds = shapes.synthetic_inputs(signature, resolved, 1)
+    except ValueError as exc:
+        return str(exc)
+    runner = OnnxRuntimeBackend(intra_op_threads=1).load(model_path, signature, BuildOptions())
+    try:
+        runner.infer(feeds)
+    except EngineError as exc:
+        return exc.message
+    finally:
+        runner.close()
+    return None
 
 
 def _transform(
@@ -308,6 +412,7 @@ def _transform(
     auto: bool,
     symmetric_activations: bool,
     method: CalibrationMethod,
+    signature: Signature,
 ) -> tuple[list[_Candidate], list[dict[str, Any]]]:
     """The candidates' ONNX files, and (for auto) the candidates whose transform
     failed, with the reason: a model with nothing to quantize still serves FP32."""
@@ -320,9 +425,12 @@ def _transform(
         try:
             if precision != Precision.FP32:
                 from engines import precision as transforms
+                from engines.calibration import iter_batches
 
+                assert plan.validation is not None
                 if precision == Precision.FP16:
-                    report["transform"] = transforms.convert_fp16(model_path, onnx_path)
+                    first = next(iter_batches(plan.validation, 1, signature))
+                    report["transform"] = transforms.convert_fp16(model_path, onnx_path, feeds=first)
                 else:
                     assert plan.calibration is not None
                     report["transform"] = transforms.quantize_int8(
@@ -331,6 +439,7 @@ def _transform(
                         plan.calibration,
                         method=method,
                         symmetric_activations=symmetric_activations,
+                        signature=signature,
                     )
         except EngineError as exc:
             if not auto or precision == Precision.FP32:
@@ -342,6 +451,15 @@ def _transform(
     return candidates, dropped
 
 
+@dataclass(frozen=True)
+class _RepairSetup:
+    workdir: Path
+    timing_cache: Path
+    symmetric_activations: bool
+    progress: Callable[[float], None]
+    """The accuracy phase's progress while a repair runs (share of its time budget)."""
+
+
 def _check_accuracy(
     candidates: list[_Candidate],
     backend: Backend,
@@ -350,6 +468,7 @@ def _check_accuracy(
     model_path: Path,
     plan: _PrecisionPlan,
     batch_sizes: tuple[int, ...],
+    repair_setup: _RepairSetup,
 ) -> None:
     reference: Runner | None = None
     try:
@@ -362,30 +481,138 @@ def _check_accuracy(
                 from engines.backends.onnxruntime import OnnxRuntimeBackend
 
                 reference = OnnxRuntimeBackend().load(model_path, signature, options)
-            runner = backend.load(candidate.artifact_path, signature, options)
-            try:
+            assert plan.validation is not None
+            tolerance = accuracy.parse_tolerance(None, candidate.precision)
+            tolerance.update(dict(options.tolerance))
+
+            def gate(
+                artifact: Path, tolerance: dict[str, float] = tolerance, reference: Runner = reference
+            ) -> tuple[dict[str, Any], list[str]]:
                 assert plan.validation is not None
-                tolerance = accuracy.parse_tolerance(None, candidate.precision)
-                tolerance.update(dict(options.tolerance))
-                comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
-                candidate.report["accuracy"] = comparison
-                candidate.report["tolerance"] = tolerance
-                candidate.rejection = accuracy.check(comparison, tolerance)
-                candidate.accepted = not candidate.rejection
-            finally:
-                runner.close()
+                runner = backend.load(artifact, signature, options)
+                try:
+                    comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
+                finally:
+                    runner.close()
+                return comparison, accuracy.check(comparison, tolerance)
+
+            comparison, candidate.rejection = gate(candidate.artifact_path)
+            candidate.report["accuracy"] = comparison
+            candidate.report["tolerance"] = tolerance
+            if candidate.rejection and options.repair:
+                _repair(
+                    candidate,
+                    candidates,
+                    backend,
+                    signature,
+                    options,
+                    model_path,
+                    plan,
+                    batch_sizes,
+                    gate,
+                    repair_setup,
+                )
+            candidate.accepted = not candidate.rejection
     finally:
         if reference is not None:
             reference.close()
 
 
+def _repair(
+    candidate: _Candidate,
+    candidates: list[_Candidate],
+    backend: Backend,
+    signature: Signature,
+    options: BuildOptions,
+    model_path: Path,
+    plan: _PrecisionPlan,
+    batch_sizes: tuple[int, ...],
+    gate: Callable[[Path], tuple[dict[str, Any], list[str]]],
+    setup: _RepairSetup,
+) -> None:
+    """Repair a candidate that failed the gate (see ``engines.repair``); on success it
+    takes the repaired files and reports, and the repair report goes in either way."""
+    from engines import precision as transforms
+    from engines import repair
+    from engines.calibration import iter_batches
+
+    assert plan.validation is not None
+    validation = plan.validation
+    method = options.calibration_method if candidate.precision == Precision.INT8 else None
+
+    def convert(onnx_path: Path, kept: frozenset[str], method: CalibrationMethod | None) -> dict[str, Any]:
+        if candidate.precision == Precision.FP16:
+            first = next(iter_batches(validation, 1, signature))
+            return transforms.convert_fp16(model_path, onnx_path, feeds=first, keep_fp32=kept)
+        assert plan.calibration is not None and method is not None
+        return transforms.quantize_int8(
+            model_path,
+            onnx_path,
+            plan.calibration,
+            method=method,
+            symmetric_activations=setup.symmetric_activations,
+            exclude_nodes=kept,
+            signature=signature,
+        )
+
+    def build(onnx_path: Path, artifact: Path) -> dict[str, Any]:
+        return backend.build(onnx_path, signature, options, artifact, timing_cache_path=setup.timing_cache)
+
+    def profile(artifact: Path) -> dict[int, float]:
+        runner = backend.load(artifact, signature, options)
+        try:
+            return profile_latency(runner, signature, batch_sizes, plan.shapes)
+        finally:
+            runner.close()
+
+    def fp32_artifact() -> Path:
+        fp32 = next((c for c in candidates if c.precision == Precision.FP32), None)
+        if fp32 is not None:
+            return fp32.artifact_path
+        artifact = setup.workdir / "fp32-reference.engine"
+        if not artifact.exists():
+            build(model_path, artifact)
+        return artifact
+
+    failed = repair.Attempt(
+        candidate.onnx_path,
+        candidate.artifact_path,
+        candidate.report.get("transform", {}),
+        {},
+        candidate.report["accuracy"],
+        candidate.rejection,
+        method,
+    )
+    budget = repair.Budget(
+        options.repair_max_nodes or repair.default_node_budget(repair.weighted_node_count(model_path)),
+        options.repair_seconds,
+    )
+    tools = repair.RepairTools(
+        convert, build, gate, None if plan.synthetic_rejected else profile, fp32_artifact, setup.progress
+    )
+    result, report = repair.repair(
+        candidate.precision, model_path, validation, signature, failed, tools, budget, setup.workdir
+    )
+    candidate.report["repair"] = report
+    if result.passed:
+        candidate.onnx_path, candidate.artifact_path = result.onnx_path, result.artifact_path
+        candidate.report.update(result.build)
+        candidate.report["transform"] = result.transform
+        candidate.report["accuracy"] = result.comparison
+        candidate.rejection = []
+
+
 def profile_latency(
-    runner: Runner, signature: Signature, batch_sizes: tuple[int, ...], shapes: Sequence[ShapeRange] = ()
+    runner: Runner,
+    signature: Signature,
+    batch_sizes: tuple[int, ...],
+    resolved: dict[str, shapes.ResolvedShape] | None = None,
 ) -> dict[int, float]:
-    """Median milliseconds per run at each batch size, on random inputs at the profile's opt."""
+    """Median milliseconds per run at each batch size, on synthetic inputs at the
+    ``opt`` shapes."""
     result = {}
     for batch in batch_sizes:
-        feeds = synthetic_feeds(signature, batch, shapes=shapes)
+        feeds = shapes.synthetic_inputs(signature, resolved, batch)
         for _ in range(2):
             runner.infer(feeds)
         samples: list[float] = []
@@ -398,23 +625,35 @@ def profile_latency(
     return result
 
 
-def synthetic_feeds(
-    signature: Signature, batch: int, *, shapes: Sequence[ShapeRange] = (), seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Random inputs of ``batch`` rows (zeros for integer inputs, which are often indices);
-    other dynamic dims at the opt of their ``shapes`` range (``opt_dims``)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in signature.inputs:
-        shape = opt_dims(spec, shapes)
-        if signature.batchable:
-            shape[0] = batch
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+def warm_up(
+    runner: Runner,
+    signature: Signature,
+    batch_sizes: set[int],
+    resolved: dict[str, shapes.ResolvedShape] | None = None,
+) -> str | None:
+    """Run a freshly loaded engine once per batch size on synthetic inputs at the
+    ``opt`` shapes (``resolved``; None: the graph's and the defaults). Returns why it
+    stopped when the model rejects those inputs, else None: a warm-up never fails a load."""
+    try:
+        for batch in sorted(batch_sizes):
+            runner.infer(shapes.synthetic_inputs(signature, resolved, batch))
+    except InvalidInput as exc:
+        return f"the model rejected kiln's synthetic inputs ({exc.message})"
+    return None
+
+
+def warm_up_engine(runner: Runner, meta: dict[str, Any], batch_sizes: set[int]) -> str | None:
+    """``warm_up`` for a built engine, at the shapes its build resolved; skipped (with
+    the build's reason) when the build found that the model rejects synthetic inputs."""
+    report = meta.get("report", {})
+    skipped = report.get("skipped", {}).get("warmup")
+    if skipped:
+        return str(skipped)
+    resolved = {
+        name: shapes.ResolvedShape(tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]), s["source"])
+        for name, s in report.get("shapes", {}).items()
+    }
+    return warm_up(runner, Signature.from_dict(meta["signature"]), batch_sizes, resolved or None)
 
 
 def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candidate, str]:
@@ -427,6 +666,7 @@ def _choose(candidates: list[_Candidate], requested: Precision) -> tuple[_Candid
                 details={
                     "accuracy": candidate.report.get("accuracy"),
                     "tolerance": candidate.report.get("tolerance"),
+                    **({"repair": candidate.report["repair"]} if "repair" in candidate.report else {}),
                 },
             )
         return candidate, f"{requested} was requested"
@@ -463,4 +703,8 @@ def _candidate_summary(candidate: _Candidate) -> dict[str, Any]:
     }
     if candidate.rejection:
         summary["rejection"] = candidate.rejection
+    if "repair" in candidate.report:
+        repair = candidate.report["repair"]
+        summary["repaired"] = repair["passed"]
+        summary["kept_fp32"] = [node["name"] for node in repair["kept_fp32"]]
     return summary

@@ -3,31 +3,30 @@
 Samples travel as ``dict[input name, np.ndarray]`` with the samples on axis 0 of every
 array, all arrays holding the same number of samples.
 
-The sample axis is the model's own first axis. For a batchable model that is the
-batch axis. For a model that is served unbatched, the first axis of each input must be
-dynamic or fixed at 1: the data still stacks samples on axis 0 (an input of shape
+The sample axis is the model's own first axis where it can be: for a batchable model
+that is the batch axis. For a model that is served unbatched, an input whose first axis
+is dynamic or fixed at 1 still stacks samples on axis 0 (an input of shape
 [1, 3, 32, 32] takes data of shape [N, 3, 32, 32]) and each sample is fed as the slice
-``array[i:i + 1]``, which keeps the model's leading dimension of 1. Inputs with no such
-axis (scalars, a fixed first dimension above 1) cannot be stacked and are refused.
-``iter_batches(samples, 1)`` yields exactly those one-sample feeds.
+``array[i:i + 1]``, which keeps the model's leading dimension of 1. An input with no
+such axis (a scalar, a state tensor of shape [2, ?, 128]) takes one extra leading axis
+instead: data of shape [N, *shape] (a scalar's samples are a 1-D array of N values), and
+sample i is fed as ``array[i]``. Such a model is never batchable, so it is fed one sample
+at a time: ``iter_batches(samples, 1, signature)`` yields exactly those feeds.
 """
 
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from engines.errors import CalibrationError
-from engines.types import DYNAMIC, ShapeRange, Signature, TensorSpec
+from engines.shapes import ResolvedShape, has_sample_axis, synthetic_inputs
+from engines.types import DYNAMIC, Signature, TensorSpec
 
 Samples = dict[str, np.ndarray]
-
-SYNTHETIC_INT_HIGH = 4
-"""Synthetic integer inputs are drawn from [0, SYNTHETIC_INT_HIGH): small enough to be a
-valid index into almost any embedding table or one-hot width."""
 
 
 def load_samples(
@@ -54,7 +53,6 @@ def load_samples(
     samples: Samples = {}
     for spec in signature.inputs:
         array = arrays[spec.name]
-        _check_sample_axis(spec, prefix)
         _check_shape(array, spec, prefix)
         samples[spec.name] = _cast(array, spec, prefix)
 
@@ -68,49 +66,28 @@ def load_samples(
     return samples
 
 
-def opt_dims(spec: TensorSpec, shapes: Sequence[ShapeRange] = ()) -> list[int]:
-    """``spec``'s shape with each dynamic dim at the opt of its ``shapes`` range, else 1.
-
-    An engine only accepts shapes inside its profile (TensorRT), so made-up inputs
-    use the size it was tuned for.
-    """
-    given = next((r for r in shapes if r.input_name == spec.name and len(r.opt) == spec.rank), None)
-    return [
-        dim if dim != DYNAMIC else (given.opt[axis] if given is not None else 1)
-        for axis, dim in enumerate(spec.shape)
-    ]
-
-
 def synthetic_samples(
-    signature: Signature, count: int, *, seed: int = 0, shapes: Sequence[ShapeRange] = ()
+    signature: Signature,
+    count: int,
+    shapes: Mapping[str, ResolvedShape] | None = None,
+    *,
+    seed: int = 0,
 ) -> Samples:
-    """Random samples shaped for the signature: ``count`` samples on axis 0.
-
-    Floats are standard normal, integers are drawn from [0, SYNTHETIC_INT_HIGH), bools
-    are fair coin flips. Dynamic dims other than the sample axis are at ``opt_dims``.
-    Deterministic for a given seed. Raises ``CalibrationError`` for an input that has no
-    sample axis or a dtype that cannot be made up.
-    """
+    """Random samples in the layout of ``load_samples``: ``count`` samples on axis 0,
+    each at its input's ``opt`` shape (``engines.shapes.synthetic_inputs`` makes the
+    values). Deterministic for a given seed. Raises ``CalibrationError`` for a dtype
+    kiln cannot make values of."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    rng = np.random.default_rng(seed)
-    samples: Samples = {}
+    try:
+        stacked = synthetic_inputs(signature, shapes, count, seed=seed)
+    except ValueError as exc:
+        raise CalibrationError(f"synthetic data: {exc}") from exc
     for spec in signature.inputs:
-        _check_sample_axis(spec, "synthetic data")
-        shape = (count, *opt_dims(spec, shapes)[1:])
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            samples[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            samples[spec.name] = rng.integers(0, SYNTHETIC_INT_HIGH, size=shape).astype(dtype)
-        elif dtype.kind == "b":
-            samples[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            raise CalibrationError(
-                f"synthetic data: input '{spec.name}' has dtype {spec.dtype}, "
-                "for which kiln cannot make up samples"
-            )
-    return samples
+        if not has_sample_axis(spec):
+            # The same value for every sample, on a new leading axis (the module doc's layout).
+            stacked[spec.name] = np.repeat(stacked[spec.name][np.newaxis], count, axis=0)
+    return stacked
 
 
 def split_holdout(
@@ -138,17 +115,28 @@ def split_holdout(
     return calibration, validation
 
 
-def iter_batches(samples: Mapping[str, np.ndarray], batch_size: int) -> Iterator[Samples]:
+def iter_batches(
+    samples: Mapping[str, np.ndarray], batch_size: int, signature: Signature | None = None
+) -> Iterator[Samples]:
     """Consecutive batches of ``batch_size`` samples along axis 0, the last one partial.
 
     The arrays are views into ``samples``. With ``batch_size=1`` each batch is one sample
-    with its leading dimension of 1 kept, which is how unbatched models are fed.
+    with its leading dimension of 1 kept, which is how unbatched models are fed; given
+    the ``signature``, inputs without a sample axis get ``array[i]`` (see the module doc),
+    which needs ``batch_size`` 1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    indexed = {spec.name for spec in signature.inputs if not has_sample_axis(spec)} if signature else set()
+    if indexed and batch_size != 1:
+        raise ValueError(f"inputs {sorted(indexed)} have no sample axis: feed them one sample at a time")
     count = sample_count(samples)
     for start in range(0, count, batch_size):
-        yield {name: array[start : start + batch_size] for name, array in samples.items()}
+        yield {
+            # [start, ...] keeps a scalar sample a 0-d array, not a numpy scalar.
+            name: array[start, ...] if name in indexed else array[start : start + batch_size]
+            for name, array in samples.items()
+        }
 
 
 def sample_count(samples: Mapping[str, np.ndarray]) -> int:
@@ -227,23 +215,18 @@ def _check_names(arrays: Mapping[str, np.ndarray], signature: Signature, prefix:
         raise CalibrationError(f"{prefix}: {'; '.join(problems)}; the model takes {takes}")
 
 
-def _check_sample_axis(spec: TensorSpec, prefix: str) -> None:
-    if spec.rank == 0 or spec.shape[0] not in (DYNAMIC, 1):
-        raise CalibrationError(
-            f"{prefix}: input '{spec.name}' (shape {list(spec.shape)}) has no first axis that "
-            "is dynamic or 1, so samples cannot be stacked on axis 0 for it"
-        )
-
-
 def _check_shape(array: np.ndarray, spec: TensorSpec, prefix: str) -> None:
-    expected = ["N", *("any" if dim == DYNAMIC else str(dim) for dim in spec.shape[1:])]
+    # A sample of an input without a sample axis is the whole input: N of them stack on
+    # a new leading axis.
+    per_sample = spec.shape[1:] if has_sample_axis(spec) else spec.shape
+    expected = ["N", *("any" if dim == DYNAMIC else str(dim) for dim in per_sample)]
     where = f"{prefix}: input '{spec.name}' has shape {list(array.shape)}"
     wanted = f"expected [{', '.join(expected)}] with N samples on axis 0"
-    if array.ndim != spec.rank:
-        raise CalibrationError(f"{where} (rank {array.ndim}), {wanted} (rank {spec.rank})")
-    for axis in range(1, spec.rank):
-        if spec.shape[axis] != DYNAMIC and array.shape[axis] != spec.shape[axis]:
-            raise CalibrationError(f"{where}: dimension {axis} must be {spec.shape[axis]}; {wanted}")
+    if array.ndim != len(per_sample) + 1:
+        raise CalibrationError(f"{where} (rank {array.ndim}), {wanted} (rank {len(per_sample) + 1})")
+    for axis, dim in enumerate(per_sample, start=1):
+        if dim != DYNAMIC and array.shape[axis] != dim:
+            raise CalibrationError(f"{where}: dimension {axis} must be {dim}; {wanted}")
     if array.shape[0] == 0 or array.size == 0:
         raise CalibrationError(f"{where}: it is empty; {wanted}, N at least 1")
 

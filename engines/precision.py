@@ -6,11 +6,13 @@ same graphs on the CPU, so both backends build from what this module writes:
 - ``convert_fp16``: float tensors become float16; graph inputs and outputs stay
   float32 behind Cast nodes, so the engine's signature does not change.
 - ``quantize_int8``: QuantizeLinear/DequantizeLinear pairs calibrated on samples
-  around the weighted ops, in the form TensorRT's explicit quantization accepts: int8,
-  symmetric (zero points 0), per-channel weights, per-tensor activations, biases left
-  in float32. ONNX Runtime fuses the same pairs into int8 kernels; a model that only
-  ONNX Runtime will run may take calibrated activation zero points instead, which it
-  runs faster still.
+  around the weighted ops. For TensorRT, in the form its explicit quantization
+  accepts: int8, symmetric (zero points 0), per-channel weights, per-tensor
+  activations, biases left in float32. For ONNX Runtime, uint8 activations with
+  calibrated zero points, which it fuses into its fastest int8 kernels.
+
+Both take the names of nodes to leave alone (``keep_fp32``, ``exclude_nodes``) and the
+int8 calibration method, so a caller can repair a precision loss node by node.
 
 Both run in a build child process. They write ``output_path`` atomically (a temp file
 in the same directory, then ``os.replace``), load and run the result in ONNX Runtime
@@ -23,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ import onnx
 from engines.calibration import iter_batches, sample_count
 from engines.errors import BuildFailed, CalibrationError, UnsupportedModel
 from engines.store import atomic_output
-from engines.types import CalibrationMethod
+from engines.types import CalibrationMethod, Signature
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,11 @@ TRT_QDQ_OPTIONS: dict[str, Any] = {
 }
 
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""Ops whose inputs (and output) get symmetric Q/DQ: the weighted ops, where int8 pays.
-TensorRT's guidance is to quantize the inputs of weighted ops and let it fuse the rest.
-On the CPU, symmetric Q/DQ around everything ORT can quantize (pooling, Flatten,
-Relu...) made a conv net slower: with a Relu between them ORT keeps a
-dequantize-Relu-quantize chain, and runs the MaxPool after it in int8 NCHW with extra
-layout Transposes. With calibrated zero points (``symmetric_activations=False``) ORT
-drops the Relu and keeps the whole chain in int8, so that recipe quantizes every op
-type ORT supports."""
+"""The weighted ops, where int8 pays. For TensorRT only their inputs get Q/DQ (NVIDIA's
+recipe; TensorRT fuses the rest). On this CPU, quantizing the ops between them
+too (Relu, Add, Mul, Sigmoid, pooling, Concat) was slower: with uint8 activations on
+one thread, YOLOv8n ran 2.3x FP32's speed (1.7x with those ops quantized) and a Relu
+conv net 5.3x (2.3x)."""
 
 _ORT_METHODS = {
     CalibrationMethod.MINMAX: "MinMax",
@@ -78,35 +78,82 @@ _ORT_METHODS = {
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def convert_fp16(onnx_path: Path, output_path: Path) -> dict[str, Any]:
+FP16_EXTRA_BLOCKED_OPS = ("ArgMax", "ArgMin", "Resize", "NonZero", "Einsum")
+"""Ops kept in float32 besides the converter's defaults (the ``ai.onnx.ml`` ops, TopK,
+Range, CumSum, NonMaxSuppression...): index results (ArgMax/ArgMin, NonZero) should not
+turn on float16 rounding, Resize's scales must be float32, and ONNX Runtime's CPU has no
+float16 Einsum."""
+
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")
+"""In a main graph with one of these, the recurrent ops, their direct neighbours and the
+Transposes stay float32: torch's float16 Transposes around a GRU crash ONNX Runtime
+1.32's full graph optimization (a segmentation fault at session creation). Only by node
+name, in the main graph: blocking them inside an If or Loop body makes the converter put
+their Casts in the outer graph, before the values exist."""
+
+
+def convert_fp16(
+    onnx_path: Path,
+    output_path: Path,
+    *,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    keep_fp32: Collection[str] = (),
+) -> dict[str, Any]:
     """Convert a float32 model to float16, keeping float32 graph inputs and outputs.
 
-    Uses onnxconverter-common's ``convert_float_to_float16(keep_io_types=True)`` with
-    its default op block list (ops that stay float32 behind Casts), drops the stale
-    ``value_info`` the converter leaves, sorts the graph, checks it with
-    ``onnx.checker`` and runs it once in ONNX Runtime on synthetic input.
+    Uses ONNX Runtime's ``transformers.float16.convert_float_to_float16`` (it rewrites
+    Cast targets and keeps integer paths as they are) with ``keep_io_types=True``, its
+    default op block list plus FP16_EXTRA_BLOCKED_OPS, every node of a non-standard
+    domain (``ai.onnx.ml``), and the nodes named in ``keep_fp32``, which stay float32
+    behind Casts. Then drops the stale ``value_info``, restores graph I/O types the
+    converter changed, sorts the graph (subgraph reads included), checks it with
+    ``onnx.checker``, loads it in ONNX Runtime and, given ``feeds``, runs it once.
 
     Returns a report: converter, ops and nodes kept in float32, Cast nodes added,
-    initializer values the converter clamped into float16 range, sizes in bytes.
-    Raises ``BuildFailed`` naming the failed step.
+    initializer values outside float16's range, sizes in bytes. Raises ``BuildFailed``
+    naming the failed step.
     """
-    from onnxconverter_common import __version__ as converter_version
-    from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    import onnxruntime
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     started = time.perf_counter()
     model = _load(onnx_path, "fp16")
+    _name_nodes(model.graph)
     size_before = onnx_path.stat().st_size
-    block_list = set(DEFAULT_OP_BLOCK_LIST)
-    kept_fp32 = [node for node in model.graph.node if node.op_type in block_list]
+    block_ops = set(DEFAULT_OP_BLOCK_LIST) | set(FP16_EXTRA_BLOCKED_OPS)
+    recurrent_io = {
+        name
+        for node in model.graph.node
+        if node.op_type in RECURRENT_OPS
+        for name in (*node.input, *node.output)
+    }
+    # Constants float16 cannot hold (a BatchNormalization variance of 1e8) stay float32
+    # with the nodes that read them, instead of being clamped to 65504.
+    out_of_range = _constants_outside_fp16(model)
+    _constants_to_initializers(model, out_of_range)
+    kept_fp32 = [
+        node
+        for node in model.graph.node
+        if node.op_type in block_ops
+        or node.domain not in ("", "ai.onnx")
+        or node.name in set(keep_fp32)
+        or (recurrent_io and node.op_type == "Transpose")
+        or recurrent_io & {*node.input, *node.output}
+        or out_of_range & {*node.input, *node.output}
+    ]
     casts_before = sum(node.op_type == "Cast" for node in model.graph.node)
     clamped = _values_outside_fp16_range(model)
     model_types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
 
     try:
-        with warnings.catch_warnings():
-            # One warning per clamped value; the report carries the count instead.
-            warnings.simplefilter("ignore", UserWarning)
-            converted = convert_float_to_float16(model, keep_io_types=True)
+        with warnings.catch_warnings(), _quiet_logger("onnxruntime.transformers"):
+            warnings.simplefilter("ignore")
+            converted = convert_float_to_float16(
+                model,
+                keep_io_types=True,
+                op_block_list=sorted(block_ops),
+                node_block_list=[node.name for node in kept_fp32],
+            )
     except Exception as exc:  # the converter raises bare ValueErrors and KeyErrors
         raise BuildFailed(f"fp16: the float16 conversion failed: {_short(exc)}") from exc
     # Shapes inferred before the conversion still say float32 and contradict the
@@ -114,18 +161,23 @@ def convert_fp16(onnx_path: Path, output_path: Path) -> dict[str, Any]:
     del converted.graph.value_info[:]
     repaired = _restore_io_types(model_types, converted.graph)
     _sort_topologically(converted.graph)
+    _drop_float16_round_trips(converted)  # after sorting: shape inference reads in order
 
     with atomic_output(output_path) as temp_path:
         _save(converted, temp_path, "fp16")
         _check(temp_path, "fp16")
-        _smoke_run(temp_path, "fp16", feeds=None)
+        _smoke_run(temp_path, "fp16", feeds=feeds)
 
     return {
-        "converter": f"onnxconverter-common {converter_version} convert_float_to_float16(keep_io_types=True)",
+        "converter": (
+            f"onnxruntime {onnxruntime.__version__} transformers.float16.convert_float_to_float16"
+            "(keep_io_types=True)"
+        ),
         "fp32_op_types": sorted({node.op_type for node in kept_fp32}),
-        "fp32_nodes": [node.name or node.output[0] for node in kept_fp32],
+        "fp32_nodes": [node.name for node in kept_fp32],
         "cast_nodes_added": sum(node.op_type == "Cast" for node in converted.graph.node) - casts_before,
         "initializer_values_clamped": clamped,
+        "fp32_constants_outside_fp16_range": sorted(out_of_range),
         "io_types_restored": repaired,
         "size_before_bytes": size_before,
         "size_after_bytes": output_path.stat().st_size,
@@ -141,35 +193,47 @@ def quantize_int8(
     method: CalibrationMethod,
     per_channel: bool = True,
     symmetric_activations: bool = True,
+    exclude_nodes: Collection[str] = (),
+    signature: Signature | None = None,
 ) -> dict[str, Any]:
-    """Insert int8 Q/DQ nodes calibrated on ``samples``, in TensorRT's explicit form.
+    """Insert int8 Q/DQ nodes calibrated on ``samples``.
 
-    Steps: upgrade the opset to 13 when per-channel needs it; ``quant_pre_process``
-    (symbolic shape inference, retried without it when it fails on the graph);
-    calibrate on the samples with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each
-    one batch when the model's first axis is a dynamic batch, else one sample at a time);
-    insert Q/DQ around QUANTIZED_OP_TYPES with ``quantize_static`` (QDQ, QInt8/QInt8,
-    symmetric, biases in float32); check every zero point is 0, run ``onnx.checker``,
-    and run the model in ONNX Runtime on the first samples.
+    Steps: refuse a model with no float weighted op (``UnsupportedModel``); upgrade the
+    opset to 13 when per-channel needs it; ``quant_pre_process`` (symbolic shape
+    inference, retried without it when it fails on the graph); calibrate on the samples
+    with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one batch when the
+    model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ with
+    ``quantize_static`` (QDQ, int8 per-channel weights, biases in float32),
+    leaving out the nodes named in ``exclude_nodes`` (unnamed nodes are named
+    ``<op type>_<index>``, as in ``convert_fp16``); run ``onnx.checker`` and run the
+    model in ONNX Runtime on the first samples.
 
-    ``symmetric_activations=False`` is for models only ONNX Runtime will run (TensorRT
-    refuses them): activations get calibrated zero points, which lets ONNX Runtime fold
-    a Relu or Clip into the preceding int8 convolution instead of dequantizing around
-    it; every op type ORT can quantize is then quantized; weights stay symmetric.
+    Only QUANTIZED_OP_TYPES are quantized. ``symmetric_activations=True`` is NVIDIA's
+    recipe for TensorRT: Q/DQ on their inputs, their outputs left float, int8
+    activations, every zero point 0 (checked). ``False`` is for models only ONNX
+    Runtime runs: their outputs are quantized too (ONNX Runtime fuses DQ-Conv-Q into a
+    QLinearConv), uint8 activations with calibrated zero points and int8 weights
+    (U8S8, the fastest int8 kernels on x86; int8 activations ran slower than FP32).
+
+    ORT's quantization tools write scratch files into the working directory and the
+    system temp dir; both point at a work dir beside ``output_path`` while they run,
+    which is removed afterwards (the build runs in its own process).
 
     ``samples`` are keyed by input name with samples on axis 0, as ``load_samples``
-    returns them. Returns a report: method, sample count, opsets, Q/DQ node counts,
+    returns them (``signature`` tells how inputs without a sample axis are fed).
+    Returns a report: method, sample count, opsets, Q/DQ node counts,
     ``quantized_op_types`` (op types reading at least one int8 tensor through a
     DequantizeLinear, with counts), per-channel weight count, sizes, pre-processing
-    mode. Raises ``CalibrationError`` when
-    the samples do not fit the model's inputs, ``UnsupportedModel`` when nothing in the
-    model can be quantized, ``BuildFailed`` for any other failed step.
+    mode. Raises ``CalibrationError`` when the samples do not fit the model's inputs,
+    ``UnsupportedModel`` when nothing in the model can be quantized, ``BuildFailed`` for
+    any other failed step.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     started = time.perf_counter()
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8")
+    _check_quantizable(model)
     count = _check_samples(model, samples)
     batch_size = _calibration_batch_size(model)
     opset_before = _opset(model)
@@ -179,43 +243,63 @@ def quantize_int8(
         "calibration_batch_size": batch_size,
         "per_channel": per_channel,
         "symmetric_activations": symmetric_activations,
+        "excluded_nodes": sorted(exclude_nodes),
         "opset_before": opset_before,
     }
 
     with (
         tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent) as workdir,
         atomic_output(output_path) as temp_path,
+        _scratch_in(Path(workdir)),
     ):
         work = Path(workdir)
         source = onnx_path
         if per_channel and opset_before < PER_CHANNEL_MIN_OPSET:
             source = work / "upgraded.onnx"
-            _save(_upgrade_opset(model, PER_CHANNEL_MIN_OPSET), source, "int8")
+            model = _upgrade_opset(model, PER_CHANNEL_MIN_OPSET)
+            _name_nodes(model.graph)
+            _save(model, source, "int8")
+        elif _name_nodes(model.graph):
+            source = work / "named.onnx"
+            _save(model, source, "int8")
         del model  # the quantizer reads from disk; do not hold a second copy
 
         prepared = work / "prepared.onnx"
         report["pre_process"] = _pre_process(source, prepared)
 
         tensor_ranges = work / "ranges.json"
-        op_types = _op_types_to_quantize(symmetric_activations)
-        _calibrate(prepared, samples, method, op_types, batch_size, work, tensor_ranges)
+        op_types = list(QUANTIZED_OP_TYPES)
+        unusable = _calibrate(prepared, samples, method, op_types, batch_size, work, tensor_ranges, signature)
+        kept_float = _touching(prepared, unusable)
+        if kept_float:
+            report["kept_float_for_nonfinite_range"] = kept_float
+        extra_options: dict[str, Any] = {
+            **TRT_QDQ_OPTIONS,
+            "ActivationSymmetric": symmetric_activations,
+            # Biases stay float (QuantizeBias False), so ORT's int32-bias scale adjustment
+            # has nothing to do, and it crashes on per-channel MatMul weights.
+            "QDQDisableWeightAdjustForInt32Bias": True,
+        }
+        if symmetric_activations:
+            # NVIDIA's recipe: quantize the inputs of weighted ops, not their outputs.
+            # ONNX Runtime needs the Q after a Conv to fuse it into a QLinearConv.
+            extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
         try:
-            quantize_static(
-                str(prepared),
-                str(temp_path),
-                calibration_data_reader=None,
-                calibration_cache_path=str(tensor_ranges),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=_ort_method(method),
-                op_types_to_quantize=op_types,
-                extra_options={
-                    **TRT_QDQ_OPTIONS,
-                    "ActivationSymmetric": symmetric_activations,
-                },
-            )
+            with _quiet_logger("root"), contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(prepared),
+                    str(temp_path),
+                    calibration_data_reader=None,
+                    calibration_cache_path=str(tensor_ranges),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=_ort_method(method),
+                    op_types_to_quantize=op_types,
+                    nodes_to_exclude=[*exclude_nodes, *kept_float],
+                    extra_options=extra_options,
+                )
         except Exception as exc:  # ORT's quantizer raises whatever its helpers raise
             raise BuildFailed(f"int8: inserting Q/DQ nodes failed: {_short(exc)}") from exc
 
@@ -223,20 +307,87 @@ def quantize_int8(
         report.update(_qdq_summary(quantized))
         if report["quantize_nodes"] == 0 and report["dequantize_nodes"] == 0:
             raise UnsupportedModel(
-                "int8: the model has no operator that kiln quantizes "
-                f"({', '.join(QUANTIZED_OP_TYPES)}); build it as fp16 or fp32"
+                "int8: the quantizer found nothing to quantize in this model "
+                f"({', '.join(QUANTIZED_OP_TYPES)} with float weights); build it as fp16 or fp32"
             )
-        _check_zero_points(quantized, activations_too=symmetric_activations)
+        if symmetric_activations:
+            _check_zero_points(quantized)
         report["opset_after"] = _opset(quantized)
         del quantized
         _check(temp_path, "int8")
-        first = next(iter_batches(samples, batch_size))
+        first = next(iter_batches(samples, batch_size, signature))
         _smoke_run(temp_path, "int8", feeds=first)
 
     report["size_before_bytes"] = onnx_path.stat().st_size
     report["size_after_bytes"] = output_path.stat().st_size
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+QUANTIZED_MODEL_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+)
+"""Ops that mark a model as quantized already (QLinear* are matched by prefix too)."""
+
+
+def already_quantized(model: onnx.ModelProto) -> list[str]:
+    """The quantized op types in the model, sorted (empty for a float model)."""
+    return sorted(
+        {
+            node.op_type
+            for node in model.graph.node
+            if node.op_type in QUANTIZED_MODEL_OPS or node.op_type.startswith("QLinear")
+        }
+    )
+
+
+def _check_quantizable(model: onnx.ModelProto) -> None:
+    """Refuse a model with no weighted op that has a float weight: int8 would only add
+    Q/DQ pairs around other ops (tree ensembles, integer-only graphs)."""
+    float_initializers = {
+        init.name
+        for init in model.graph.initializer
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    }
+    constants = {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OP_TYPES and any(
+            name in float_initializers or name in constants for name in node.input[1:2]
+        ):
+            return
+    ops = sorted({node.op_type for node in model.graph.node})
+    raise UnsupportedModel(
+        "int8: nothing to quantize: the model has no "
+        f"{', '.join(QUANTIZED_OP_TYPES)} with float weights in its main graph (its ops: "
+        f"{', '.join(ops[:12])}{'...' if len(ops) > 12 else ''}; ops inside If or Loop "
+        "subgraphs are not quantized); serve it as fp32 or fp16"
+    )
+
+
+@contextlib.contextmanager
+def _scratch_in(directory: Path) -> Iterator[None]:
+    """Point the working directory and the temp dir at ``directory`` while ORT's
+    quantization tools run: symbolic shape inference saves ``sym_shape_infer_temp.onnx``
+    and a ``<uuid>.data`` into the working directory when it gives up, and the quantizer
+    makes temp dirs in the system temp dir."""
+    previous_cwd = os.getcwd() if _cwd_exists() else None
+    previous_tempdir = tempfile.tempdir
+    os.chdir(directory)
+    tempfile.tempdir = str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous_tempdir
+        if previous_cwd is not None:
+            os.chdir(previous_cwd)
+
+
+def _cwd_exists() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # -- INT8 steps ---------------------------------------------------------------------------
@@ -317,8 +468,11 @@ def _calibrate(
     batch_size: int,
     workdir: Path,
     ranges_path: Path,
-) -> None:
+    signature: Signature | None,
+) -> list[str]:
     """Run the calibration passes and save the tensor ranges for ``quantize_static``.
+    Returns the tensors whose range is not finite (an attention mask's -inf, say):
+    they cannot be quantized, so their ranges are left out.
 
     Calibrating here rather than inside ``quantize_static`` bounds memory: ORT's
     histogram calibrators hold every activation of one ``collect_data`` call, so the
@@ -338,20 +492,29 @@ def _calibrate(
         # ORT's calibrators print progress to stdout; keep the build's output clean.
         with contextlib.redirect_stdout(io.StringIO()):
             for chunk in iter_batches(samples, CALIBRATION_PASS_SAMPLES):
-                calibrator.collect_data(_SampleReader(chunk, batch_size))
+                calibrator.collect_data(_SampleReader(chunk, batch_size, signature))
             ranges = calibrator.compute_data()
+        unusable = sorted(name for name in ranges if not _finite_range(ranges[name].range_value))
+        for name in unusable:
+            del ranges.data[name]
         save_tensors_data(ranges, ranges_path)
     except Exception as exc:  # calibration runs the model: any runtime error can come out
         raise BuildFailed(f"int8: calibration ({method}) failed: {_short(exc)}") from exc
+    return unusable
 
 
-def _op_types_to_quantize(symmetric_activations: bool) -> list[str]:
-    if symmetric_activations:
-        return list(QUANTIZED_OP_TYPES)
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+def _finite_range(range_value: Any) -> bool:
+    low, high = (np.asarray(bound, dtype=np.float64) for bound in range_value)
+    return bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(high - low < 1e30))
 
-    # What quantize_static quantizes when given no op types.
-    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+
+def _touching(path: Path, tensors: Collection[str]) -> list[str]:
+    """Names of the nodes that read or write any of ``tensors``."""
+    if not tensors:
+        return []
+    wanted = set(tensors)
+    model = onnx.load(path, load_external_data=False)
+    return [node.name for node in model.graph.node if wanted & {*node.input, *node.output}]
 
 
 def _ort_method(method: CalibrationMethod) -> Any:
@@ -363,8 +526,10 @@ def _ort_method(method: CalibrationMethod) -> Any:
 class _SampleReader:
     """ORT's CalibrationDataReader protocol (``get_next`` → feeds or None) over samples."""
 
-    def __init__(self, samples: Mapping[str, np.ndarray], batch_size: int) -> None:
-        self._batches = iter_batches(samples, batch_size)
+    def __init__(
+        self, samples: Mapping[str, np.ndarray], batch_size: int, signature: Signature | None
+    ) -> None:
+        self._batches = iter_batches(samples, batch_size, signature)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -401,19 +566,13 @@ def _qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
-def _check_zero_points(model: onnx.ModelProto, *, activations_too: bool) -> None:
-    """TensorRT refuses any Q/DQ zero point other than 0 ("symmetric only").
-
-    Weights (a DequantizeLinear of an initializer) are always checked; activations
-    only when ``activations_too``."""
+def _check_zero_points(model: onnx.ModelProto) -> None:
+    """TensorRT refuses any Q/DQ zero point other than 0 ("symmetric only")."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type not in _QDQ_OPS or len(node.input) < 3 or not node.input[2]:
-            continue
-        is_weight = node.op_type == "DequantizeLinear" and node.input[0] in initializers
-        if not (is_weight or activations_too):
             continue
         zero_point = initializers.get(node.input[2])
         if zero_point is None:
@@ -469,46 +628,13 @@ def _smoke_run(path: Path, step: str, *, feeds: Mapping[str, np.ndarray] | None)
             f"{step}: the converted model does not load in ONNX Runtime: {_short(exc)}"
         ) from exc
     if feeds is None:
-        feeds = _synthetic_feeds(session)
+        return  # nothing the model is known to accept: loading is the check
     try:
         outputs = session.run(None, dict(feeds))
     except Exception as exc:  # as above, at run time
         raise BuildFailed(f"{step}: the converted model fails to run in ONNX Runtime: {_short(exc)}") from exc
     if not outputs:
         raise BuildFailed(f"{step}: the converted model produced no outputs")
-
-
-def _synthetic_feeds(session: Any) -> dict[str, np.ndarray]:
-    """One small input per session input, from ORT's own view of the inputs (dynamic
-    dims become 1; integers are zeros, a valid index anywhere)."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in session.get_inputs():
-        shape = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in value.shape]
-        dtype = _ORT_TYPES.get(value.type)
-        if dtype is None:
-            raise UnsupportedModel(f"input '{value.name}' has type {value.type}")
-        if np.dtype(dtype).kind == "f":
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[value.name] = np.zeros(shape, dtype=dtype)
-    return feeds
-
-
-_ORT_TYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int8)": np.int8,
-    "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
 
 
 def _restore_io_types(original: Mapping[str, int], graph: onnx.GraphProto) -> list[str]:
@@ -561,12 +687,78 @@ def _restore_io_types(original: Mapping[str, int], graph: onnx.GraphProto) -> li
     return repaired
 
 
+def _drop_float16_round_trips(model: onnx.ModelProto) -> None:
+    """Join neighbouring float32 nodes that the converter split with a float16 round trip.
+
+    The converter casts every block-listed node's outputs to float16 and back for the
+    next block-listed node, so a value kept in float32 because it leaves float16's range
+    still overflows between two kept nodes. A Cast to float32 of a Cast to float16 of a
+    float32 value is dropped and its readers read the float32 value; the float16 Cast
+    stays only while something else reads it. Types come from ONNX shape inference; a
+    graph it cannot type is left as it is.
+    """
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference fails on some custom domains: nothing is dropped
+        return
+    float32 = {
+        value.name
+        for value in (*inferred.value_info, *inferred.input, *inferred.output)
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    } | {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    producer = {output: node for node in graph.node for output in node.output}
+    # Values read inside If/Loop bodies or leaving the graph keep their Casts.
+    untouchable = {value.name for value in graph.output}
+    for node in graph.node:
+        untouchable |= _subgraph_inputs(node)
+    replaced: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_target(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if (
+            first is not None
+            and first.op_type == "Cast"
+            and _cast_target(first) == onnx.TensorProto.FLOAT16
+            and first.input[0] in float32
+            and node.output[0] not in untouchable
+        ):
+            replaced[node.output[0]] = first.input[0]
+    if not replaced:
+        return
+    kept = [node for node in graph.node if not (node.op_type == "Cast" and node.output[0] in replaced)]
+    for node in kept:
+        node.input[:] = [replaced.get(name, name) for name in node.input]
+    read = {name for node in kept for name in node.input} | untouchable
+    kept = [
+        node
+        for node in kept
+        if not (
+            node.op_type == "Cast"
+            and _cast_target(node) == onnx.TensorProto.FLOAT16
+            and node.output[0] not in read
+        )
+    ]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _cast_target(node: onnx.NodeProto) -> int | None:
+    return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
+
+
 def _sort_topologically(graph: onnx.GraphProto) -> None:
     """Order nodes so each comes after the producers of its inputs (stable otherwise).
 
     Names used inside a node's subgraphs count as its inputs, since a subgraph may read
-    outer-scope values. A graph with a cycle is left as it is for the checker to report.
+    outer-scope values; subgraphs (If and Loop bodies) are sorted too. A graph with a
+    cycle is left as it is for the checker to report.
     """
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]:
+                _sort_topologically(subgraph)
     nodes = list(graph.node)
     producer = {output: index for index, node in enumerate(nodes) for output in node.output}
     depends_on: list[set[int]] = []
@@ -602,7 +794,8 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 def _values_outside_fp16_range(model: onnx.ModelProto) -> int:
-    """Float32 initializer values the converter will clamp (|v| > 1e4 or 0 < |v| < 1e-7)."""
+    """Float32 initializer values float16 cannot hold: clamped to its largest finite value
+    or flushed from below its smallest subnormal by the converter."""
     from onnx import numpy_helper
 
     count = 0
@@ -610,8 +803,73 @@ def _values_outside_fp16_range(model: onnx.ModelProto) -> int:
         if init.data_type != onnx.TensorProto.FLOAT:
             continue
         values = np.abs(numpy_helper.to_array(init))
-        count += int(np.count_nonzero((values > 1e4) | ((values > 0) & (values < 1e-7))))
+        count += int(np.count_nonzero((values > 65504.0) | ((values > 0) & (values < 5.96e-08))))
     return count
+
+
+def _constants_outside_fp16(model: onnx.ModelProto) -> set[str]:
+    """Names of float initializers and Constant outputs with a finite value beyond
+    float16's largest (65504)."""
+    from onnx import numpy_helper
+
+    tensors = [(init.name, init) for init in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    tensors.append((node.output[0], attribute.t))
+    names = set()
+    for name, tensor in tensors:
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        values = np.abs(numpy_helper.to_array(tensor))
+        if np.any(np.isfinite(values) & (values > 65504.0)):
+            names.add(name)
+    return names
+
+
+def _constants_to_initializers(model: onnx.ModelProto, names: Collection[str]) -> None:
+    """Turn the Constant nodes making ``names`` into initializers: the converter keeps an
+    initializer float32 when only blocked nodes read it, but converts Constant nodes
+    (clamping their values) whatever the block list says."""
+    wanted = set(names)
+    constants = [node for node in model.graph.node if node.op_type == "Constant" and node.output[0] in wanted]
+    for node in constants:
+        value = next(attribute.t for attribute in node.attribute if attribute.name == "value")
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        model.graph.node.remove(node)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> bool:
+    """Give every unnamed node a unique name, ``<op type>_<index>``: block lists,
+    exclusions and reports go by name, the same in fp16 and int8. Returns whether any
+    node was renamed."""
+    taken = {node.name for node in graph.node if node.name}
+    renamed = False
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            renamed = True
+    return renamed
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a library logger that reports every node it touches at INFO or WARNING."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _input_names(model: onnx.ModelProto) -> list[str]:

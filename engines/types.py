@@ -109,6 +109,10 @@ class BuildOptions:
     shapes: tuple[ShapeRange, ...] = ()
     workspace_bytes: int | None = None
     optimization_level: int | None = None
+    repair: bool = True
+    repair_max_nodes: int | None = None
+    """Most nodes a repair may keep in FP32; None = ``engines.repair.default_node_budget``."""
+    repair_seconds: float = 600.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,6 +142,9 @@ class BuildOptions:
             ),
             workspace_bytes=data.get("workspace_bytes"),
             optimization_level=data.get("optimization_level"),
+            repair=bool(data.get("repair", True)),
+            repair_max_nodes=data.get("repair_max_nodes"),
+            repair_seconds=float(data.get("repair_seconds", 600.0)),
         )
 
 

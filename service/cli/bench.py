@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from engines.build import synthetic_feeds
+from engines.shapes import synthetic_inputs
 from engines.types import Signature
 
 
@@ -110,7 +110,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=60) as client:
         status = (await client.get(f"/engines/{args.engine}")).raise_for_status().json()
         signature = status["report"]["signature"]
-        feeds = synthetic_feeds(Signature.from_dict(signature), args.rows)
+        feeds = synthetic_inputs(Signature.from_dict(signature), None, args.rows)
         path, body, request_headers = build_request(args.protocol, args.engine, args.version, feeds)
         before = parse_histogram((await client.get("/metrics")).text, "kiln_batch_size", args.engine)
         latencies: list[float] = []

@@ -33,6 +33,9 @@ UPLOAD_OPTIONS = (
     "latency_target_ms",
     "workspace_bytes",
     "optimization_level",
+    "repair",
+    "repair_max_nodes",
+    "repair_seconds",
     "progressive",
 )
 """Every option an upload takes (the fields of ``UploadFields`` and the data files);
@@ -232,6 +235,8 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
         "latency_ms": meta.get("report", {}).get("latency_ms"),
         "artifact_bytes": meta.get("artifact_bytes"),
     }
+    if "repair" in meta.get("report", {}):
+        summary["kept_fp32"] = [node["name"] for node in meta["report"]["repair"]["kept_fp32"]]
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -18,18 +18,18 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from engines.backends.base import Backend, Runner
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.baseline import load_baseline
-from engines.build import BuildJob, overall_progress, synthetic_feeds
+from engines.build import BuildJob, overall_progress, warm_up, warm_up_engine
 from engines.errors import EngineError, StoreCorrupted
 from engines.onnx_model import load_model, read_signature
+from engines.shapes import resolve_shapes
 from engines.store import EngineStore
-from engines.types import BuildOptions, ShapeRange, Signature, engine_cache_key
+from engines.types import BuildOptions, Signature, engine_cache_key
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
 from service.lifecycle.jobs import BuildFailure, BuildRunner
@@ -423,7 +423,7 @@ class EngineManager:
         try:
             max_batch = int(meta["max_batch_size"])
             if self.settings.warmup:
-                await asyncio.to_thread(_warm_up, runner, signature, {1, max_batch}, version.options.shapes)
+                await asyncio.to_thread(warm_up_engine, runner, meta, {1, max_batch})
         except Exception:
             runner.close()
             raise
@@ -471,9 +471,8 @@ class EngineManager:
                 instances=version.batching.instances,
             )
             if self.settings.warmup:
-                await asyncio.to_thread(
-                    _warm_up, runner, signature, {1, runner.max_batch_size}, version.options.shapes
-                )
+                resolved = resolve_shapes(signature, version.options.shapes)
+                await asyncio.to_thread(warm_up, runner, signature, {1, runner.max_batch_size}, resolved)
         except Exception as exc:
             if runner is not None:
                 runner.close()
@@ -673,11 +672,3 @@ def _log_ready(version: EngineVersion, meta: dict[str, Any]) -> None:
 def _latency_profile(meta: dict[str, Any]) -> dict[int, float]:
     """The build report's latency per batch size (ms), for the adaptive batcher."""
     return {int(size): float(ms) for size, ms in (meta.get("report", {}).get("latency_ms") or {}).items()}
-
-
-def _warm_up(
-    runner: Any, signature: Signature, batch_sizes: set[int], shapes: Sequence[ShapeRange] = ()
-) -> None:
-    # At the profile's opt: an engine only accepts shapes inside its profile.
-    for batch in sorted(batch_sizes):
-        runner.infer(synthetic_feeds(signature, batch, shapes=shapes))

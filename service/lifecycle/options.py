@@ -34,6 +34,9 @@ class UploadFields(BaseModel):
     shapes: dict[str, dict[str, list[int]]] | None = None
     workspace_bytes: int | None = Field(None, ge=1)
     optimization_level: int | None = Field(None, ge=0, le=5)
+    repair: bool = True
+    repair_max_nodes: int | None = Field(None, ge=1, le=100_000)
+    repair_seconds: float = Field(600.0, gt=0, le=86_400)
     progressive: bool | None = None
 
     @field_validator("tolerance", "shapes", mode="before")
@@ -123,6 +126,9 @@ def to_options(
         shapes=tuple(shapes),
         workspace_bytes=fields.workspace_bytes,
         optimization_level=fields.optimization_level,
+        repair=fields.repair,
+        repair_max_nodes=fields.repair_max_nodes,
+        repair_seconds=fields.repair_seconds,
     )
     batching = BatchingConfig(
         max_batch_size=max_batch,

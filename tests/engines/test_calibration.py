@@ -16,6 +16,7 @@ from engines.calibration import (
     synthetic_samples,
 )
 from engines.errors import CalibrationError
+from engines.shapes import resolve_shapes
 from engines.types import DYNAMIC, ShapeRange, Signature, TensorSpec
 
 IMAGE = TensorSpec("image", "float32", (DYNAMIC, 1, 8, 8))
@@ -220,28 +221,55 @@ def test_fixed_batch_of_one_stacks_samples_on_axis_0(tmp_path: Path) -> None:
     np.testing.assert_array_equal(feeds[3]["image"][0], images[3])
 
 
-def test_input_without_a_sample_axis_is_refused(tmp_path: Path) -> None:
+def test_inputs_without_a_sample_axis_stack_on_a_new_axis(tmp_path: Path) -> None:
+    # silero-vad's layout: a state tensor with its batch on axis 1 and a scalar rate.
+    signature = Signature(
+        (
+            TensorSpec("state", "float32", (2, -1, 4)),
+            TensorSpec("sr", "int64", ()),
+            TensorSpec("x", "float32", (-1, 8)),
+        ),
+        (LOGITS,),
+        False,
+        "scalar",
+    )
+    state = np.arange(3 * 2 * 1 * 4, dtype=np.float32).reshape(3, 2, 1, 4)
+    path = write_npz(tmp_path / "c.npz", state=state, sr=np.full(3, 16000), x=np.zeros((3, 8), np.float32))
+
+    samples = load_samples(path, signature)
+    feeds = list(iter_batches(samples, 1, signature))
+
+    assert len(feeds) == 3
+    assert feeds[1]["state"].shape == (2, 1, 4) and feeds[1]["sr"].shape == ()
+    assert feeds[1]["x"].shape == (1, 8)
+    np.testing.assert_array_equal(feeds[2]["state"], state[2])
+    assert int(feeds[0]["sr"]) == 16000
+    with pytest.raises(ValueError, match="one sample at a time"):
+        next(iter_batches(samples, 2, signature))
+
+
+def test_an_input_without_a_sample_axis_needs_the_extra_axis(tmp_path: Path) -> None:
     signature = Signature((TensorSpec("table", "float32", (3, 4)),), (LOGITS,), False, "fixed")
     path = write_npz(tmp_path / "c.npz", table=np.zeros((3, 4), dtype=np.float32))
 
-    with pytest.raises(CalibrationError, match=r"input 'table' \(shape \[3, 4\]\) has no first axis"):
+    with pytest.raises(
+        CalibrationError, match=r"input 'table' has shape \[3, 4\] \(rank 2\), expected \[N, 3, 4\]"
+    ):
         load_samples(path, signature)
 
 
 def test_synthetic_samples_follow_the_signature() -> None:
-    # Dynamic dims take the opt of the engine's `shapes` range: inside its profile.
-    shapes = (ShapeRange("tokens", (1, 2), (1, 3), (1, 9)),)
-    samples = synthetic_samples(BATCHABLE, 7, shapes=shapes)
+    shapes = resolve_shapes(BATCHABLE, [ShapeRange("tokens", (1, 3), (1, 3), (1, 3))])
+    samples = synthetic_samples(BATCHABLE, 7, shapes)
 
     assert samples["image"].shape == (7, 1, 8, 8)
     assert samples["image"].dtype == np.float32
     assert samples["tokens"].shape == (7, 3)
     assert samples["tokens"].dtype == np.int64
     assert samples["tokens"].min() >= 0 and samples["tokens"].max() < 4
-    again = synthetic_samples(BATCHABLE, 7, shapes=shapes)
+    again = synthetic_samples(BATCHABLE, 7, shapes)
     np.testing.assert_array_equal(samples["image"], again["image"])
-    other = synthetic_samples(BATCHABLE, 7, seed=1, shapes=shapes)
-    assert synthetic_samples(BATCHABLE, 2)["tokens"].shape == (2, 1), "1 without a range"
+    other = synthetic_samples(BATCHABLE, 7, shapes, seed=1)
     assert not np.array_equal(samples["image"], other["image"])
 
 

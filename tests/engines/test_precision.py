@@ -178,7 +178,7 @@ def test_model_with_nothing_to_quantize_is_unsupported(tmp_path: Path) -> None:
 
     with pytest.raises(
         UnsupportedModel,
-        match=r"no operator that kiln quantizes \(Conv, ConvTranspose, Gemm, MatMul\)",
+        match=r"nothing to quantize: the model has no Conv, ConvTranspose, Gemm, MatMul with float weights",
     ):
         quantize_int8(path, output, {"x": np.ones((3, 4), np.float32)}, method=CalibrationMethod.MINMAX)
     assert not output.exists()
@@ -234,8 +234,7 @@ def test_fp16_reports_block_listed_ops_kept_in_float32(tmp_path: Path) -> None:
 
     assert report["fp32_op_types"] == ["TopK"]
     assert report["fp32_nodes"] == ["top2"]
-    # keep_io_types misses an output made by a block-listed op; it is cast back.
-    assert report["io_types_restored"] == ["values"]
+    # The output made by a block-listed op keeps its float32 type.
     result = OrtRunner(tmp_path / "topk.fp16.onnx").infer(
         {"x": rng.standard_normal((3, 6)).astype(np.float32)}
     )
@@ -286,3 +285,44 @@ def test_asymmetric_activations_for_onnx_runtime_only(cnn: Path, tmp_path: Path)
     got = OrtRunner(output).infer(samples)["logits"]
     cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
     assert cosine > 0.99
+
+
+def test_onnx_runtime_recipe_quantizes_weighted_outputs_in_uint8(cnn: Path, tmp_path: Path) -> None:
+    output = tmp_path / "cnn.int8-ort.onnx"
+    quantize_int8(
+        cnn, output, image_samples(40), method=CalibrationMethod.MINMAX, symmetric_activations=False
+    )
+
+    values = initializers(output)
+    activation_types = {
+        values[node.input[2]].dtype for node in quantization_nodes(output) if node.op_type == "QuantizeLinear"
+    }
+    assert activation_types == {np.dtype(np.uint8)}
+    # Each Conv's output is quantized, so ONNX Runtime fuses DQ-Conv-Q into QLinearConv.
+    made_by = producers(output)
+    quantized_outputs = {
+        made_by[n.input[0]].op_type for n in quantization_nodes(output) if n.input[0] in made_by
+    }
+    assert "Conv" in quantized_outputs
+
+
+def test_nodes_named_to_keep_stay_float(cnn: Path, tmp_path: Path) -> None:
+    names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(onnx.load(cnn).graph.node)]
+    first_conv = names[0]
+    report = convert_fp16(cnn, tmp_path / "cnn.fp16.onnx", keep_fp32={first_conv})
+    assert first_conv in report["fp32_nodes"]
+    conv = next(n for n in onnx.load(tmp_path / "cnn.fp16.onnx").graph.node if n.name == first_conv)
+    weight = initializers(tmp_path / "cnn.fp16.onnx")[conv.input[1]]
+    assert weight.dtype == np.float32
+
+    output = tmp_path / "cnn.int8.onnx"
+    report = quantize_int8(
+        cnn, output, image_samples(20), method=CalibrationMethod.ENTROPY, exclude_nodes={first_conv}
+    )
+    assert report["excluded_nodes"] == [first_conv]
+    node = next(n for n in onnx.load(output).graph.node if n.name == first_conv)
+    made_by = producers(output)
+    assert all(
+        made_by.get(name) is None or made_by[name].op_type != "DequantizeLinear" for name in node.input
+    )
+    assert report["quantized_op_types"].get("Conv") == 1

@@ -26,11 +26,10 @@ from onnx import TensorProto, helper, numpy_helper
 from engines.backends import select_backend
 from engines.backends.tensorrt import TensorRTBackend, TensorRTExecutionError, fusion_report, split_artifact
 from engines.backends.tensorrt import library as trt_library
-from engines.build import BuildJob, run_build
+from engines.build import BuildJob, run_build, warm_up_engine
 from engines.errors import BackendUnavailable, BuildFailed, DeviceLost, InvalidInput, UnsupportedModel
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions, ShapeRange, Signature, TensorSpec, engine_cache_key
-from service.lifecycle.manager import _warm_up
 from tests.engines.test_tensorrt_backend import (
     MLP,
     TOKENS,
@@ -123,7 +122,7 @@ def test_finding_1_dynamic_dim_with_minimum_above_one_builds_profiles_at_opt_and
     runner = TensorRTBackend().load(store.artifact_path(meta["cache_key"], meta), TOKENS, options)
     try:
         gpu.trt.executed_shapes.clear()
-        _warm_up(runner, TOKENS, {1, 8}, options.shapes)
+        assert warm_up_engine(runner, meta, {1, 8}) is None
         assert {shapes["tokens"] for shapes in gpu.trt.executed_shapes} == {(1, 64), (8, 64)}
     finally:
         runner.close()

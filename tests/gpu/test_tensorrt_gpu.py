@@ -248,8 +248,8 @@ def test_data_dependent_output_is_refused_at_build(tensorrt: Any, tmp_path: Path
 def test_a_dynamic_dim_with_minimum_above_one_builds_profiles_and_loads(
     tensorrt: Any, tmp_path: Path
 ) -> None:
+    from engines.build import warm_up_engine
     from engines.store import EngineStore
-    from service.lifecycle.manager import _warm_up
     from tests.engines.test_tensorrt_audit import run_tensorrt_build
 
     graph = helper.make_graph(
@@ -268,7 +268,7 @@ def test_a_dynamic_dim_with_minimum_above_one_builds_profiles_and_loads(
     meta = run_tensorrt_build(store, path, options)
     runner = TensorRTBackend().load(store.artifact_path(meta["cache_key"], meta), TOKENS, options)
     try:
-        _warm_up(runner, TOKENS, {1, 8}, options.shapes)
+        assert warm_up_engine(runner, meta, {1, 8}) is None
     finally:
         runner.close()
 
