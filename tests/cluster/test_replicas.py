@@ -137,14 +137,20 @@ def test_a_killed_lease_holder_is_taken_over_and_one_artifact_is_committed(
 ) -> None:
     servers = [replicas.start(), replicas.start()]
     with servers[0].client() as client:
-        upload(client, model_files["cnn"], "m")
+        upload(client, model_files["cnn"], "m", progressive="false")  # no baseline: nothing to serve yet
     row = wait_until(lambda: replicas.build_row("m"), 10, "a build lease")
     assert row[0] == "building"
     holder = next(s for s in servers if _replica_id(s) == row[1])
     survivor = next(s for s in servers if s is not holder)
     assert holder.stop(signal.SIGKILL) == -signal.SIGKILL
     # It exists, but the lease has not expired yet: retry later, not "no such version".
-    waiting = wait_until(lambda: (r := predict(survivor, "m", 1)).status_code != 404 and r, 5, "adopted")
+    image = {"image": [[[[0.0] * 16] * 16] * 3]}  # the cnn's input, one image
+    body = {"engine": "m", "version": 1, "inputs": image}
+    waiting = wait_until(
+        lambda: (r := httpx.post(f"{survivor.url}/predict", json=body, timeout=10)).status_code != 404 and r,
+        5,
+        "adopted",
+    )
     assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "1"
     assert "not ready on this replica yet" in waiting.json()["error"]["message"]
     with survivor.client() as client:
