@@ -12,6 +12,10 @@ client continue its trace, and the response carries the span's own
 ``traceparent``), ``decode`` and ``encode`` spans for its body, a ``queue``
 span for its wait in the batch queue, and one ``batch`` span per engine run,
 parented to the batch's first request and linked to every request it served.
+An upload (``POST /engines``) gets a server span too, and its build a ``build``
+span in the same trace with one child span per build phase (``validate``,
+``precision``, ``build``, ``accuracy``, ``profile``, ...), ended when the engine
+is committed or the build fails.
 
 When tracing is off every hook is a check of one module global: the hot path
 pays nothing measurable (docs/BENCHMARKS.md).
@@ -196,3 +200,41 @@ def current_trace_id() -> str | None:
 
     span_context = get_current_span().get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else None
+
+
+class BuildSpans:
+    """A ``build`` span (a child of the context it was made in: the upload's) and
+    one child span per phase, switched as the build reports its progress."""
+
+    def __init__(self, tracer: Tracer, attributes: dict[str, str | int]) -> None:
+        from opentelemetry.trace import set_span_in_context
+
+        self._tracer = tracer
+        self._build = tracer.start_span("build", attributes=attributes)
+        self._context = set_span_in_context(self._build)
+        self._phase_name: str | None = None
+        self._phase: Any = None
+
+    def phase(self, name: str) -> None:
+        if name == self._phase_name:
+            return
+        if self._phase is not None:
+            self._phase.end()
+        self._phase_name = name
+        self._phase = self._tracer.start_span(name, context=self._context)
+
+    def end(self, error: str | None = None) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        if self._phase is not None:
+            self._phase.end()
+            self._phase = None
+        if error is not None:
+            self._build.set_status(Status(StatusCode.ERROR, error))
+        self._build.end()
+
+
+def build_spans(attributes: dict[str, str | int]) -> BuildSpans | None:
+    """Spans for a build started in the current context; None when tracing is off."""
+    tracer = _tracer
+    return None if tracer is None else BuildSpans(tracer, attributes)

@@ -30,6 +30,7 @@ from engines.onnx_model import load_model, read_signature
 from engines.shapes import resolve_shapes
 from engines.store import EngineStore
 from engines.types import BuildOptions, Signature, engine_cache_key
+from service import tracing
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import NotFound, TooManyEngines
 from service.lifecycle.jobs import BuildFailure, BuildRunner
@@ -265,8 +266,10 @@ class EngineManager:
 
     # -- build and load ------------------------------------------------------------
 
-    def progress_handler(self, version: EngineVersion) -> Any:
+    def progress_handler(self, version: EngineVersion, spans: tracing.BuildSpans | None = None) -> Any:
         def on_progress(phase: str, fraction: float) -> None:
+            if spans is not None:
+                spans.phase(phase)
             if version.state not in WORKING:
                 return
             version.phase = phase
@@ -395,11 +398,23 @@ class EngineManager:
             batch_sizes=self.batch_sizes(version.options, version.batching),
             backend_kwargs=self.backend_kwargs(),
         )
+        spans = tracing.build_spans(
+            {
+                "kiln.engine": version.name,
+                "kiln.version": version.version,
+                "kiln.cache_key": version.cache_key,
+            }
+        )
+        on_progress = self.progress_handler(version, spans)
         try:
-            meta = await self.builds.run(job, self.progress_handler(version), job_id=build.job_id)
+            meta = await self.builds.run(job, on_progress, job_id=build.job_id)
             build.future.set_result(meta)
+            if spans is not None:
+                spans.end()
             return meta
         except BaseException as exc:
+            if spans is not None:
+                spans.end(error=f"{type(exc).__name__}: {exc}")
             build.future.set_exception(exc)
             build.future.exception()  # mark retrieved when nobody else waits
             raise

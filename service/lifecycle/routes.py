@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from service import tracing
 from service.auth import require_management_key
 from service.errors import Unavailable
 from service.lifecycle import cluster_view
@@ -38,13 +39,15 @@ async def upload_engine(request: Request) -> JSONResponse:
     )
     try:
         model_data = [(part.filename, part.path) for part in form.repeated.get("model_data", [])]
-        version = await register_version(state.manager, form.fields, form.files, model_data=model_data)
+        # The build's spans (started in this context) join the upload's trace.
+        with tracing.request_span("POST /engines", request.headers.get) as trace_headers:
+            version = await register_version(state.manager, form.fields, form.files, model_data=model_data)
     finally:
         form.discard()
     return JSONResponse(
         {"name": version.name, "version": version.version, "state": str(version.state), "url": version.url},
         status_code=202,
-        headers={"Location": version.url},
+        headers={"Location": version.url, **trace_headers},
     )
 
 

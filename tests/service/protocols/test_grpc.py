@@ -285,3 +285,25 @@ def test_tracing_is_off_by_default(app: TestClient) -> None:
         headers={"traceparent": traceparent(0xD1)},
     )
     assert response.status_code == 200 and "traceparent" not in response.headers
+
+
+def test_an_upload_traces_its_build_phases(
+    app: TestClient, spans: InMemorySpanExporter, model_files: dict[str, Path]
+) -> None:
+    trace_id = 0xE1
+    response = app.post(
+        "/engines",
+        files={"model": ("mlp.onnx", model_files["mlp"].read_bytes())},
+        # A batch limit no other engine here has: a new cache key, so a build runs.
+        data={"name": "traced", "progressive": "false", "max_batch_size": "5"},
+        headers={"traceparent": traceparent(trace_id)},
+    )
+    assert response.status_code == 202
+    assert response.headers["traceparent"].startswith(f"00-{trace_id:032x}-")
+    assert wait_for_state(app, "traced")["state"] == "ready"
+    finished = [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+    upload_span = next(s for s in finished if s.name == "POST /engines")
+    build = next(s for s in finished if s.name == "build" and s.attributes.get("kiln.engine") == "traced")
+    assert build.parent is not None and build.parent.span_id == upload_span.context.span_id
+    phases = [s.name for s in finished if s.parent is not None and s.parent.span_id == build.context.span_id]
+    assert {"validate", "accuracy"} <= set(phases), phases
