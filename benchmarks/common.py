@@ -145,6 +145,50 @@ def hey(
     return result
 
 
+def alternating_v2_runs(
+    server: Server,
+    names: tuple[str, ...],
+    body_file: Path,
+    headers: dict[str, str],
+    *,
+    runs: int,
+    seconds: float,
+    concurrency: int,
+) -> dict[str, list[dict[str, float]]]:
+    """hey runs of a KServe v2 binary body against each model in ``names``, alternating, ``runs`` rounds."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for _ in range(runs):
+        for name in names:
+            results[name].append(
+                hey(
+                    f"{server.url}/v2/models/{name}/infer",
+                    body_file,
+                    seconds=seconds,
+                    concurrency=concurrency,
+                    headers=headers,
+                    content_type="application/octet-stream",
+                )
+            )
+    return results
+
+
+def print_int8_vs_fp32(
+    results: dict[str, list[dict[str, float]]], reports: dict[str, dict[str, Any]], batch: int
+) -> None:
+    """Median served req/s and latencies per engine beside its build report's latency at 1 and ``batch``,
+    then the INT8 / FP32 throughput ratio."""
+    header = f"{'engine':<6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7}"
+    print(f"{header} {f'build-report latency ms (batch 1 / {batch})':>40}")
+    for name, runs in results.items():
+        latency = reports[name]["latency_ms"]
+        print(
+            f"{name:<6} {median([r['rps'] for r in runs]):>7.1f} {median([r['p50_ms'] for r in runs]):>7.2f} "
+            f"{median([r['p99_ms'] for r in runs]):>7.2f} {latency['1']:>19.2f} / {latency[str(batch)]:.2f}"
+        )
+    speedup = median([r["rps"] for r in results["int8"]]) / median([r["rps"] for r in results["fp32"]])
+    print(f"served throughput INT8 / FP32: {speedup:.2f}x")
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2

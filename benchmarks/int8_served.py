@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import hey, median, start_kiln, upload
+from benchmarks.common import alternating_v2_runs, print_int8_vs_fp32, start_kiln, upload, wait_ready
 from benchmarks.int8_models import conv_net
 from service.cli.bench import build_request
 
@@ -42,7 +42,6 @@ def main() -> None:
 
     server = start_kiln(work / "store")
     reports = {}
-    results: dict[str, list[dict[str, float]]] = {"fp32": [], "int8": []}
     try:
         reports["fp32"] = upload(server, model, "fp32", max_batch_size=8)["report"]
         import httpx
@@ -57,39 +56,23 @@ def main() -> None:
                 data={"name": "int8", "precision": "int8", "max_batch_size": "8"},
             )
             response.raise_for_status()
-        from benchmarks.common import wait_ready
-
         reports["int8"] = wait_ready(server, "int8")["report"]
-        for _ in range(args.runs):
-            for name in ("fp32", "int8"):
-                results[name].append(
-                    hey(
-                        f"{server.url}/v2/models/{name}/infer",
-                        body,
-                        seconds=args.seconds,
-                        concurrency=args.concurrency,
-                        headers=v2_headers,
-                        content_type="application/octet-stream",
-                    )
-                )
+        results = alternating_v2_runs(
+            server,
+            ("fp32", "int8"),
+            body,
+            v2_headers,
+            runs=args.runs,
+            seconds=args.seconds,
+            concurrency=args.concurrency,
+        )
     finally:
         server.stop()
     print(
         f"conv net 3x64x64 (channels 64-64-128-128), INT8 vs FP32 in one kiln server, KServe v2 binary, "
         f"hey -c {args.concurrency} -z {args.seconds}s, {args.runs} alternating runs, medians"
     )
-    print(
-        f"{'engine':<6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'build-report latency ms (batch 1 / 8)':>40}"
-    )
-    for name, runs in results.items():
-        latency = reports[name]["latency_ms"]
-        print(
-            f"{name:<6} {median([r['rps'] for r in runs]):>7.1f} {median([r['p50_ms'] for r in runs]):>7.2f} "
-            f"{median([r['p99_ms'] for r in runs]):>7.2f} {latency['1']:>19.2f} / {latency['8']:.2f}"
-        )
-    speedup = median([r["rps"] for r in results["int8"]]) / median([r["rps"] for r in results["fp32"]])
-    print(f"served throughput INT8 / FP32: {speedup:.2f}x")
+    print_int8_vs_fp32(results, reports, 8)
     accuracy = reports["int8"].get("accuracy", {})
     print("INT8 accuracy vs FP32 (validation):", json.dumps(accuracy)[:300])
 

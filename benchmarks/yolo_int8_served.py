@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import hey, median, start_kiln, wait_ready
+from benchmarks.common import alternating_v2_runs, print_int8_vs_fp32, start_kiln, wait_ready
 from service.cli.bench import build_request
 
 SIZE = 320
@@ -77,7 +77,6 @@ def main() -> None:
 
     server = start_kiln(work / "store")
     reports = {}
-    results: dict[str, list[dict[str, float]]] = {"fp32": [], "int8": []}
     try:
         with httpx.Client(base_url=server.url, timeout=600) as client:
             for name in ("fp32", "int8"):
@@ -88,20 +87,17 @@ def main() -> None:
                 client.post("/engines", files=files, data=fields).raise_for_status()
                 reports[name] = wait_ready(server, name)["report"]
             outputs = {
-                name: np.stack([infer(client, name, x[None])[0] for x in held_out]) for name in results
+                name: np.stack([infer(client, name, x[None])[0] for x in held_out]) for name in reports
             }
-        for _ in range(args.runs):
-            for name in ("fp32", "int8"):
-                results[name].append(
-                    hey(
-                        f"{server.url}/v2/models/{name}/infer",
-                        body,
-                        seconds=args.seconds,
-                        concurrency=args.concurrency,
-                        headers=v2_headers,
-                        content_type="application/octet-stream",
-                    )
-                )
+        results = alternating_v2_runs(
+            server,
+            ("fp32", "int8"),
+            body,
+            v2_headers,
+            runs=args.runs,
+            seconds=args.seconds,
+            concurrency=args.concurrency,
+        )
     finally:
         server.stop()
     classes, iou = agreement(outputs["fp32"], outputs["int8"])
@@ -113,16 +109,7 @@ def main() -> None:
         f"YOLOv8n 320n.onnx at 1x3x{SIZE}x{SIZE}, INT8 vs FP32 in one kiln server, KServe v2 binary, "
         f"hey -c {args.concurrency} -z {args.seconds}s, {args.runs} alternating runs, medians"
     )
-    header = f"{'engine':<6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7}"
-    print(f"{header} {'build-report latency ms (batch 1 / 4)':>40}")
-    for name, runs in results.items():
-        latency = reports[name]["latency_ms"]
-        print(
-            f"{name:<6} {median([r['rps'] for r in runs]):>7.1f} {median([r['p50_ms'] for r in runs]):>7.2f} "
-            f"{median([r['p99_ms'] for r in runs]):>7.2f} {latency['1']:>19.2f} / {latency['4']:.2f}"
-        )
-    speedup = median([r["rps"] for r in results["int8"]]) / median([r["rps"] for r in results["fp32"]])
-    print(f"served throughput INT8 / FP32: {speedup:.2f}x")
+    print_int8_vs_fp32(results, reports, 4)
     print(
         f"INT8 vs FP32 on {len(held_out)} held-out images: top class agreement {classes:.3f} and mean box "
         f"IoU {iou:.3f} over each image's {TOP_ANCHORS} highest-scoring anchors; output cosine {cosine:.5f}"
