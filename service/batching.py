@@ -234,8 +234,8 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._threads: list[InferenceThread] = []
-        self._running = 0
-        # Engine generation: bumped by each swap; running batches counted per generation.
+        # Engine generation: bumped by each swap; running batches counted per generation
+        # (a generation with none running has no entry).
         self._generation = 0
         self._running_by_generation: dict[int, int] = {}
         self._batch_ended = asyncio.Event()
@@ -268,7 +268,7 @@ class DynamicBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or self._running > 0
+        return bool(self._queue) or bool(self._running_by_generation)
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         """Stop intake; let queued and running batches finish for up to
@@ -547,7 +547,6 @@ class DynamicBatcher:
             feeds = {name: np.concatenate([p.feeds[name] for p in batch], axis=0) for name in batch[0].feeds}
         # The engine is chosen when the batch starts: a swap from now on does not move it.
         generation, run_batch = self._generation, self.run_batch
-        self._running += 1
         self._running_by_generation[generation] = self._running_by_generation.get(generation, 0) + 1
         try:
             try:
@@ -571,7 +570,6 @@ class DynamicBatcher:
                 device_lost(exc)
             return
         finally:
-            self._running -= 1
             left = self._running_by_generation[generation] - 1
             if left:
                 self._running_by_generation[generation] = left
