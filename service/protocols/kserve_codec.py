@@ -401,7 +401,7 @@ def encode_infer_response(
             "shape": list(array.shape),
         }
         if choice.binary:
-            array = _little_endian_contiguous(array)
+            array = little_endian_contiguous(array)
             tensor["parameters"] = {"binary_data_size": array.nbytes}
             binary_parts.append(array)
         else:
@@ -422,7 +422,8 @@ def encode_infer_response(
     }
 
 
-def _little_endian_contiguous(array: np.ndarray) -> np.ndarray:
+def little_endian_contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` as binary tensor data carries it: little-endian, row-major."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return np.ascontiguousarray(array)

@@ -22,6 +22,7 @@ from service.protocols.kserve_codec import (
     check_datatype,
     check_shape,
     datatype_of,
+    little_endian_contiguous,
 )
 from service.protocols.native_codec import cast_checked
 
@@ -158,7 +159,5 @@ def encode_response(
     for choice in choices:
         array = outputs[choice.name]
         response.outputs.add(name=choice.name, datatype=datatype_of(array.dtype), shape=array.shape)
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
-        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        response.raw_output_contents.append(little_endian_contiguous(array).tobytes())
     return response
