@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from engines.errors import EngineError
+from engines.types import Signature
 from service.errors import BadRequest, PayloadTooLarge, ServiceError, Unavailable, status_of
 from service.lifecycle.registry import EngineVersion
 from service.state import AppState
@@ -29,9 +30,14 @@ class RequestMetrics:
         self.version = ""
         self.code = 500
 
-    def bind(self, version: EngineVersion) -> None:
+    def admit(self, version: EngineVersion) -> Signature:
+        """Count the request under a ready ``version`` and refuse it now if its queue
+        is full (before decoding: overload stays cheap). Returns its signature."""
         self.engine = version.name
         self.version = str(version.version)
+        assert version.signature is not None and version.batcher is not None
+        version.batcher.check_capacity()
+        return version.signature
 
     def __enter__(self) -> RequestMetrics:
         return self

@@ -256,15 +256,13 @@ async def infer_v2(
             check_key(headers, state.api_keys)
         check_intake(state)
         found = ready_version(state.registry, name, version)
-        record.bind(found)
-        assert found.signature is not None and found.batcher is not None
-        found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
+        signature = record.admit(found)
         with tracing.span("decode"):
             body = decompress_body(body, headers("content-encoding"), settings.max_request_bytes)
             parsed = parse_infer_request(
                 body,
                 headers(INFERENCE_HEADER.lower()),
-                found.signature,
+                signature,
                 max_json_depth=settings.max_json_depth,
                 max_tensor_elements=settings.max_tensor_elements,
             )

@@ -63,12 +63,10 @@ async def predict_native(
         ):
             raise BadRequest("'timeout_ms' must be a positive number")
         found = state.registry.servable(engine, version)
-        record.bind(found)
-        assert found.signature is not None and found.batcher is not None
-        found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
+        signature = record.admit(found)
         with tracing.span("decode"):
             feeds = decode_native_inputs(
-                payload["inputs"], found.signature, max_elements=settings.max_tensor_elements
+                payload["inputs"], signature, max_elements=settings.max_tensor_elements
             )
         outputs = await infer(found, feeds, timeout_ms=timeout_ms, disconnected=disconnected)
         with tracing.span("encode"):

@@ -207,13 +207,11 @@ class InferenceService(services.GRPCInferenceServiceServicer):
         with counted(state, "grpc") as record:
             check_intake(state)
             found = ready_version(state.registry, request.model_name, request.model_version or None)
-            record.bind(found)
-            assert found.signature is not None and found.batcher is not None
-            found.batcher.check_capacity()  # refuse before decoding: overload stays cheap
+            signature = record.admit(found)
             with tracing.span("decode"):
                 codec.check_parameters(request)
-                feeds = codec.decode_inputs(request, found.signature, settings.max_tensor_elements)
-                choices = codec.output_choices(request, found.signature)
+                feeds = codec.decode_inputs(request, signature, settings.max_tensor_elements)
+                choices = codec.output_choices(request, signature)
                 timeout_ms = codec.timeout_ms(request)
             if deadline_s is not None:  # the client's own gRPC deadline bounds the queue too
                 timeout_ms = min(timeout_ms or deadline_s * 1000, deadline_s * 1000)
