@@ -8,7 +8,6 @@ Labels stay low-cardinality: engine name, version, protocol, status code.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -163,7 +162,6 @@ class KilnMetrics:
             ["engine", "version", "tier", "backend", "precision"],
             registry=r,
         )
-        self._serving_labels: dict[tuple[str, str], tuple[str, ...]] = {}
         # Cluster mode (a PostgreSQL catalog); absent from a single node's output.
         self.catalog = CatalogMetrics(r) if cluster else None
         for result in BUILD_RESULTS:
@@ -176,21 +174,14 @@ class KilnMetrics:
 
     def set_serving(self, engine: str, version: int, tier: str, backend: str, precision: str) -> None:
         """Mark the engine that now serves a version (its previous series goes)."""
-        key = (engine, str(version))
-        previous = self._serving_labels.pop(key, None)
-        if previous is not None:
-            self.serving.remove(*previous)
-        labels = (*key, tier, backend, precision)
-        self.serving.labels(*labels).set(1)
-        self._serving_labels[key] = labels
+        self.serving.remove_by_labels({"engine": engine, "version": str(version)})
+        self.serving.labels(engine, str(version), tier, backend, precision).set(1)
 
     def forget_engine(self, engine: str, version: int) -> None:
         """Drop an unloaded version's series so label sets don't pile up."""
-        labels = (engine, str(version))
-        serving = self._serving_labels.pop(labels, None)
-        if serving is not None:
-            self.serving.remove(*serving)
-        for metric in (
+        labels = {"engine": engine, "version": str(version)}
+        for family in (
+            self.serving,
             self.queue_duration,
             self.compute_duration,
             self.batch_size,
@@ -200,17 +191,13 @@ class KilnMetrics:
             self.batches,
             self.request_compute,
             self.last_inference,
-        ):
-            with contextlib.suppress(KeyError):
-                metric.remove(*labels)
-        for family in (
             self.requests,
             self.request_duration,
             self.request_outcomes,
             self.batch_runs,
             self.rejections,
         ):
-            family.remove_by_labels({"engine": engine, "version": str(version)})
+            family.remove_by_labels(labels)
 
     def statistics(self, engine: str, version: int) -> dict[str, Any]:
         """One version's statistics in Triton's form (the statistics extension), read
