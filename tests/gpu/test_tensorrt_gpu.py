@@ -46,6 +46,21 @@ TOKENS = Signature(
 )
 
 
+def tokens_model(path: Path) -> Path:
+    """A graph of TOKENS (``scaled = tokens * 3``) saved at ``path``."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["tokens", "three"], ["scaled"], name="scale")],
+        "tokens",
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", "seq"])],
+        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
 def feeds_for(signature: Signature, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {
         spec.name: rng.standard_normal(tuple(batch if d == -1 else d for d in spec.shape)).astype(np.float32)
@@ -163,17 +178,7 @@ def test_int8_engine_from_a_qdq_graph(tensorrt: Any, model_files: dict[str, Path
 
 
 def test_user_ranges_for_a_dynamic_sequence(tensorrt: Any, tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["tokens", "three"], ["scaled"], name="scale")],
-        "tokens",
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
-        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", "seq"])],
-        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "tokens.onnx"
-    onnx.save_model(model, str(path))
+    path = tokens_model(tmp_path / "tokens.onnx")
     options = BuildOptions(max_batch_size=4, shapes=(ShapeRange("tokens", (1, 1), (2, 16), (4, 64)),))
     runner, _ = build_and_load(path, TOKENS, tmp_path, options)
     try:
@@ -252,17 +257,7 @@ def test_a_dynamic_dim_with_minimum_above_one_builds_profiles_and_loads(
     from engines.store import EngineStore
     from tests.engines.test_tensorrt_audit import run_tensorrt_build
 
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["tokens", "three"], ["scaled"], name="scale")],
-        "tokens",
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
-        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", "seq"])],
-        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "tokens.onnx"
-    onnx.save_model(model, str(path))
+    path = tokens_model(tmp_path / "tokens.onnx")
     options = BuildOptions(max_batch_size=8, shapes=(ShapeRange("tokens", (1, 8), (4, 64), (8, 128)),))
     store = EngineStore(tmp_path / "store")
     meta = run_tensorrt_build(store, path, options)
