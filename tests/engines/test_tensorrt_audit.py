@@ -34,6 +34,7 @@ from tests.engines.test_tensorrt_backend import (
     MLP,
     TOKENS,
     build,
+    load_mlp,
     nonzero_model,
     random_feeds,
     save,
@@ -219,8 +220,7 @@ def test_finding_4_cache_key_follows_tensorrt_and_its_cuda_not_cuda_python_or_th
 def test_finding_5_errors_are_reported_per_call(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions())
+    runner = load_mlp(gpu, model_files, tmp_path)
     feeds = random_feeds(MLP, 2, np.random.default_rng(0))
     try:
         gpu.trt.enqueue_error = "first call's failure"
@@ -250,8 +250,7 @@ def test_finding_5_errors_are_reported_per_call(
 def test_finding_6_a_sticky_cuda_error_is_device_lost_for_every_later_call(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions())
+    runner = load_mlp(gpu, model_files, tmp_path)
     feeds = random_feeds(MLP, 2, np.random.default_rng(0))
     runner.infer(feeds)
     gpu.cudart.fault(cudaError_t.cudaErrorIllegalAddress)
@@ -327,8 +326,7 @@ def test_finding_10c_an_invalid_profile_index_is_build_failed(
 def test_finding_10c_a_refused_tensor_address_stops_the_batch(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions())
+    runner = load_mlp(gpu, model_files, tmp_path)
     try:
         monkeypatch.setattr(
             gpu.trt.module.IExecutionContext, "set_tensor_address", lambda self, name, memory: False

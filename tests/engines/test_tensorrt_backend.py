@@ -22,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.backends import cuda
+from engines.backends.base import Runner
 from engines.backends.tensorrt import (
     ARTIFACT_MAGIC,
     TensorRTBackend,
@@ -129,6 +130,12 @@ def build(
     artifact = tmp_path / f"{onnx_path.stem}.plan"
     report = backend.build(onnx_path, signature, options or BuildOptions(), artifact, **kwargs)
     return backend, artifact, report
+
+
+def load_mlp(gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path) -> Runner:
+    """The MLP model built with default options and loaded with one slot."""
+    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
+    return backend.load(artifact, MLP, BuildOptions())
 
 
 def random_feeds(signature: Signature, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -489,8 +496,7 @@ def test_round_trip_matches_onnx_runtime(
 def test_outputs_are_fresh_arrays_owned_by_the_caller(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions())
+    runner = load_mlp(gpu, model_files, tmp_path)
     try:
         first = runner.infer({"x": np.ones((2, 16), dtype=np.float32)})["y"]
         kept = first.copy()
@@ -557,8 +563,7 @@ def test_close_frees_every_buffer_and_stream_and_drops_contexts_before_the_engin
 def test_close_waits_for_running_calls_and_refuses_waiting_ones(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions(), instances=1)
+    runner = load_mlp(gpu, model_files, tmp_path)
     in_kernel, release = threading.Event(), threading.Event()
     real_sync = gpu.cudart.module.cudaStreamSynchronize
 
@@ -597,8 +602,7 @@ def test_close_waits_for_running_calls_and_refuses_waiting_ones(
 def test_a_cuda_error_mid_batch_is_raised_and_the_slot_survives(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions(), instances=1)
+    runner = load_mlp(gpu, model_files, tmp_path)
     try:
         feeds = {"x": np.ones((2, 16), dtype=np.float32)}
         gpu.cudart.fail_calls["cudaMemcpyAsync"] = cudaError_t.cudaErrorMemoryAllocation
@@ -613,8 +617,7 @@ def test_a_cuda_error_mid_batch_is_raised_and_the_slot_survives(
 def test_execute_returning_false_is_an_error(
     gpu: FakeGpu, model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend, artifact, _ = build(gpu, model_files["mlp"], MLP, tmp_path)
-    runner = backend.load(artifact, MLP, BuildOptions())
+    runner = load_mlp(gpu, model_files, tmp_path)
     context_class = gpu.trt.module.IExecutionContext
 
     def refuse(self: Any, stream_handle: int) -> bool:

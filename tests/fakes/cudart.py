@@ -138,9 +138,9 @@ class FakeCudaRuntime:
         self.violations: list[str] = []
         self.calls: list[str] = []
         self.fail_calls: dict[str, cudaError_t] = {}
+        """Name of a cudart function -> the error it returns from now on (fault injection)."""
         self.sticky: cudaError_t | None = None
         """Set by ``fault``: every call returns it from then on."""
-        """Name of a cudart function -> the error it returns from now on (fault injection)."""
         self._lock = threading.RLock()
         self._thread_device: dict[int, int] = {}
         self._device: dict[int, _Allocation] = {}

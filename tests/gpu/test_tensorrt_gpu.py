@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from engines.backends.tensorrt import TensorRTBackend, split_artifact
 from engines.errors import InvalidInput, UnsupportedModel
@@ -163,17 +163,9 @@ def test_int8_engine_from_a_qdq_graph(tensorrt: Any, model_files: dict[str, Path
 
 
 def test_user_ranges_for_a_dynamic_sequence(tensorrt: Any, tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["tokens", "three"], ["scaled"], name="scale")],
-        "tokens",
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
-        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", "seq"])],
-        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "tokens.onnx"
-    onnx.save_model(model, str(path))
+    from tests.engines.test_tensorrt_backend import tokens_model
+
+    path = tokens_model(tmp_path / "tokens.onnx")
     options = BuildOptions(max_batch_size=4, shapes=(ShapeRange("tokens", (1, 1), (2, 16), (4, 64)),))
     runner, _ = build_and_load(path, TOKENS, tmp_path, options)
     try:
@@ -251,18 +243,9 @@ def test_a_dynamic_dim_with_minimum_above_one_builds_profiles_and_loads(
     from engines.build import warm_up_engine
     from engines.store import EngineStore
     from tests.engines.test_tensorrt_audit import run_tensorrt_build
+    from tests.engines.test_tensorrt_backend import tokens_model
 
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["tokens", "three"], ["scaled"], name="scale")],
-        "tokens",
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
-        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", "seq"])],
-        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "tokens.onnx"
-    onnx.save_model(model, str(path))
+    path = tokens_model(tmp_path / "tokens.onnx")
     options = BuildOptions(max_batch_size=8, shapes=(ShapeRange("tokens", (1, 8), (4, 64), (8, 128)),))
     store = EngineStore(tmp_path / "store")
     meta = run_tensorrt_build(store, path, options)

@@ -7,16 +7,14 @@ from trtexec) also loads, trusting the caller's cache key.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from engines.errors import StoreCorrupted
+from engines.store import atomic_output
 
 ARTIFACT_MAGIC = b"KILN-TRT"
 _HEADER_LENGTH = struct.Struct("<I")
@@ -24,27 +22,9 @@ PLAN_ALIGNMENT = 4096
 
 
 def write_atomically(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
-    """Write ``chunks`` to ``path`` through a temp file, fsync and rename; returns the size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                size += handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return size
+    """Write ``chunks`` to ``path`` atomically (``engines.store.atomic_output``); returns the size."""
+    with atomic_output(path) as temp, temp.open("wb") as handle:
+        return sum(handle.write(chunk) for chunk in chunks)
 
 
 def pack_artifact_header(metadata: Mapping[str, Any]) -> bytes:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engines.backends.tensorrt.builder import ShapeTriple
-from engines.backends.tensorrt.library import dims, errors_or, first_line
+from engines.backends.tensorrt.library import dims, errors_or, first_line, io_names
 from engines.backends.tensorrt.runner import output_shapes_at
 
 
@@ -116,11 +116,7 @@ def inspect_plan(
 def _check_outputs_follow_inputs(
     trt: Any, logger: Any, engine: Any, profile: Mapping[str, ShapeTriple]
 ) -> None:
-    inputs: list[str] = []
-    outputs: list[str] = []
-    for index in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(index)
-        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
+    inputs, outputs = io_names(trt, engine)
     largest = {
         name: profile[name][2] if name in profile else dims(engine.get_tensor_shape(name)) for name in inputs
     }

@@ -160,6 +160,16 @@ def errors_or(logger: Any, fallback: str) -> str:
     return "; ".join(errors[-5:]) if errors else fallback
 
 
+def io_names(trt: Any, engine: Any) -> tuple[list[str], list[str]]:
+    """An engine's input and output tensor names, each in engine order."""
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
+    return inputs, outputs
+
+
 def numpy_dtype(trt: Any, tensor_dtype: Any, what: str) -> np.dtype[Any]:
     try:
         return np.dtype(trt.nptype(tensor_dtype))

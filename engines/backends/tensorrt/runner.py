@@ -24,6 +24,7 @@ from engines.backends.tensorrt.library import (
     dims,
     errors_or,
     first_line,
+    io_names,
     numpy_dtype,
     volume,
 )
@@ -230,21 +231,10 @@ class TensorRTRunner(Runner):
 
     # -- set-up ------------------------------------------------------------------
 
-    def _io_names(self, trt: Any) -> tuple[list[str], list[str]]:
-        engine = self._engine
-        inputs, outputs = [], []
-        for index in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(index)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                inputs.append(name)
-            else:
-                outputs.append(name)
-        return inputs, outputs
-
     def _describe_io(self, trt: Any) -> tuple[list[_TensorBinding], dict[str, np.dtype[Any]]]:
         """Input bindings with their profile ranges, and the output dtypes (in engine order)."""
         engine = self._engine
-        input_names, output_names = self._io_names(trt)
+        input_names, output_names = io_names(trt, engine)
         expected_inputs = {spec.name for spec in self.signature.inputs}
         expected_outputs = {spec.name for spec in self.signature.outputs}
         if set(input_names) != expected_inputs or set(output_names) != expected_outputs:
