@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engines.build import BuildJob
 from engines.errors import StoreCorrupted
 from engines.store import EngineStore
 from service.catalog.base import (
@@ -271,17 +270,7 @@ class ClusterReplica:
         """Build, then commit fenced by the lease. None when the lease was lost."""
         manager = self.manager
         job_id = f"{version.name}-v{version.version}-lease{lease.generation}"
-        job = BuildJob(
-            store_root=str(manager.store.root),
-            model_sha256=version.model_sha256,
-            options=version.options.to_dict(),
-            backend=manager.backend.name,
-            cache_key=version.cache_key,
-            batch_sizes=manager.batch_sizes(version.options, version.batching),
-            backend_kwargs=manager.backend_kwargs(),
-            temp_owner=self.replica_id,
-            write_commit_point=False,
-        )
+        job = manager.build_job(version, temp_owner=self.replica_id, write_commit_point=False)
         renewal = asyncio.create_task(self._renew(lease, job_id))
         started = time.monotonic()
         try:
