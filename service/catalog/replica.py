@@ -295,7 +295,7 @@ class ClusterReplica:
         winner = _folder((status.meta or {}).get("artifact")) if status else None
         mine = _folder(meta["artifact"])
         if mine is not None and winner != mine:
-            manager.store.remove_artifact(version.cache_key, mine)
+            await asyncio.to_thread(manager.store.remove_artifact, version.cache_key, mine)
         log.warning(
             "commit of %s refused: its build lease passed to another replica; removed %s",
             version.cache_key[:16],
