@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engines.build import BuildJob
 from engines.errors import StoreCorrupted
 from engines.store import EngineStore
 from service.catalog.base import (
     Allocation,
     BuildLease,
     BuildState,
+    BuildStatus,
     CatalogState,
     CatalogUnavailable,
     NewVersion,
@@ -271,17 +271,7 @@ class ClusterReplica:
         """Build, then commit fenced by the lease. None when the lease was lost."""
         manager = self.manager
         job_id = f"{version.name}-v{version.version}-lease{lease.generation}"
-        job = BuildJob(
-            store_root=str(manager.store.root),
-            model_sha256=version.model_sha256,
-            options=version.options.to_dict(),
-            backend=manager.backend.name,
-            cache_key=version.cache_key,
-            batch_sizes=manager.batch_sizes(version.options, version.batching),
-            backend_kwargs=manager.backend_kwargs(),
-            temp_owner=self.replica_id,
-            write_commit_point=False,
-        )
+        job = manager.build_job(version, temp_owner=self.replica_id, write_commit_point=False)
         renewal = asyncio.create_task(self._renew(lease, job_id))
         started = time.monotonic()
         try:
@@ -305,7 +295,7 @@ class ClusterReplica:
         winner = _folder((status.meta or {}).get("artifact")) if status else None
         mine = _folder(meta["artifact"])
         if mine is not None and winner != mine:
-            manager.store.remove_artifact(version.cache_key, mine)
+            await asyncio.to_thread(manager.store.remove_artifact, version.cache_key, mine)
         log.warning(
             "commit of %s refused: its build lease passed to another replica; removed %s",
             version.cache_key[:16],
@@ -353,21 +343,43 @@ async def collect_garbage(catalog: PostgresCatalog, store: EngineStore, grace_s:
     """Remove what no version references and no live lease covers, once older than
     ``grace_s``: temp dirs of replicas whose heartbeat expired, engines of no version,
     artifacts that lost their commit, models and data sets of no version. Call it
-    under the ``gc`` lease. Returns how many entries were removed."""
+    under the ``gc`` lease. Returns how many entries were removed. The store is
+    walked and pruned off the event loop."""
     removed = 0
     for replica in await catalog.forget_expired_replicas():
-        store.remove_temp_dir(_safe_owner(replica))
+        await asyncio.to_thread(store.remove_temp_dir, _safe_owner(replica))
         removed += 1
     live = set(await catalog.live_replicas())
+    removed += await asyncio.to_thread(_collect_temp_dirs, store, live, grace_s)
+    for build in await catalog.unreferenced_builds(grace_s):
+        await asyncio.to_thread(store.discard_engine, build.cache_key)
+        await catalog.forget_build(build.cache_key)
+        removed += 1
+    builds = {build.cache_key: build for build in await catalog.builds()}
+    removed += await asyncio.to_thread(_collect_engines, store, builds, grace_s)
+    versions = await catalog.versions()
+    models = {v.model_sha256 for v in versions}
+    data = {
+        sha
+        for v in versions
+        for sha in (v.options.get("calibration_sha256"), v.options.get("validation_sha256"))
+        if sha
+    }
+    removed += await asyncio.to_thread(_collect_models_and_data, store, models, data, grace_s)
+    return removed
+
+
+def _collect_temp_dirs(store: EngineStore, live: set[str], grace_s: float) -> int:
+    removed = 0
     for owner in store.temp_owners():
         if owner not in live and _older_than(store.root / "tmp" / owner, grace_s):
             store.remove_temp_dir(owner)
             removed += 1
-    for build in await catalog.unreferenced_builds(grace_s):
-        store.discard_engine(build.cache_key)
-        await catalog.forget_build(build.cache_key)
-        removed += 1
-    builds = {build.cache_key: build for build in await catalog.builds()}
+    return removed
+
+
+def _collect_engines(store: EngineStore, builds: dict[str, BuildStatus], grace_s: float) -> int:
+    removed = 0
     for directory in sorted((store.root / "engines").iterdir()):
         if directory.name not in builds:
             if _older_than(directory, grace_s):
@@ -384,14 +396,11 @@ async def collect_garbage(catalog: PostgresCatalog, store: EngineStore, grace_s:
             ):
                 store.remove_artifact(directory.name, artifact.name)
                 removed += 1
-    versions = await catalog.versions()
-    models = {v.model_sha256 for v in versions}
-    data = {
-        sha
-        for v in versions
-        for sha in (v.options.get("calibration_sha256"), v.options.get("validation_sha256"))
-        if sha
-    }
+    return removed
+
+
+def _collect_models_and_data(store: EngineStore, models: set[str], data: set[str], grace_s: float) -> int:
+    removed = 0
     for model in (store.root / "models").iterdir():  # <sha>.onnx, or a package <sha>/
         if model.stem not in models and _older_than(model, grace_s):
             store.remove_model(model.stem)

@@ -112,6 +112,23 @@ class EngineManager:
         sizes = {1, options.max_batch_size, *batching.preferred_batch_sizes}
         return tuple(sorted(size for size in sizes if 1 <= size <= options.max_batch_size))
 
+    def build_job(
+        self, version: EngineVersion, *, temp_owner: str | None = None, write_commit_point: bool = True
+    ) -> BuildJob:
+        """The build of ``version``'s engine (in a cluster: in the replica's own temp
+        directory, committed through the catalog rather than meta.json)."""
+        return BuildJob(
+            store_root=str(self.store.root),
+            model_sha256=version.model_sha256,
+            options=version.options.to_dict(),
+            backend=self.backend.name,
+            cache_key=version.cache_key,
+            batch_sizes=self.batch_sizes(version.options, version.batching),
+            backend_kwargs=self.backend_kwargs(),
+            temp_owner=temp_owner,
+            write_commit_point=write_commit_point,
+        )
+
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -389,15 +406,7 @@ class EngineManager:
             waiters={version},
         )
         self._builds[version.cache_key] = build
-        job = BuildJob(
-            store_root=str(self.store.root),
-            model_sha256=version.model_sha256,
-            options=version.options.to_dict(),
-            backend=self.backend.name,
-            cache_key=version.cache_key,
-            batch_sizes=self.batch_sizes(version.options, version.batching),
-            backend_kwargs=self.backend_kwargs(),
-        )
+        job = self.build_job(version)
         spans = tracing.build_spans(
             {
                 "kiln.engine": version.name,
