@@ -171,7 +171,7 @@ class EngineStore:
         publish(source, destination)
 
     def write_bytes(self, destination: Path, data: bytes) -> None:
-        with atomic_output(destination, temp_dir=self.root / "tmp") as path:
+        with atomic_output(destination, temp_dir=self.temp_dir) as path:
             path.write_bytes(data)
 
     def write_json(self, destination: Path, value: Any) -> None:
