@@ -427,23 +427,15 @@ def _transform(
         report: dict[str, Any] = {}
         try:
             if precision != Precision.FP32:
-                from engines import precision as transforms
-                from engines.calibration import iter_batches
-
-                assert plan.validation is not None
-                if precision == Precision.FP16:
-                    first = next(iter_batches(plan.validation, 1, signature))
-                    report["transform"] = transforms.convert_fp16(model_path, onnx_path, feeds=first)
-                else:
-                    assert plan.calibration is not None
-                    report["transform"] = transforms.quantize_int8(
-                        model_path,
-                        onnx_path,
-                        plan.calibration,
-                        method=method,
-                        symmetric_activations=symmetric_activations,
-                        signature=signature,
-                    )
+                report["transform"] = _convert(
+                    precision,
+                    model_path,
+                    onnx_path,
+                    plan,
+                    signature,
+                    method=method,
+                    symmetric_activations=symmetric_activations,
+                )
         except EngineError as exc:
             if not auto or precision == Precision.FP32:
                 raise
@@ -452,6 +444,38 @@ def _transform(
         candidates.append(_Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report))
         progress("precision", (index + 1) / len(plan.precisions))
     return candidates, dropped
+
+
+def _convert(
+    precision: Precision,
+    model_path: Path,
+    onnx_path: Path,
+    plan: _PrecisionPlan,
+    signature: Signature,
+    *,
+    method: CalibrationMethod | None,
+    symmetric_activations: bool,
+    keep_fp32: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """Write the FP16 or INT8 transform of the model to ``onnx_path``, with the nodes in
+    ``keep_fp32`` left in FP32; returns the transform's report."""
+    from engines import precision as transforms
+    from engines.calibration import iter_batches
+
+    assert plan.validation is not None
+    if precision == Precision.FP16:
+        first = next(iter_batches(plan.validation, 1, signature))
+        return transforms.convert_fp16(model_path, onnx_path, feeds=first, keep_fp32=keep_fp32)
+    assert plan.calibration is not None and method is not None
+    return transforms.quantize_int8(
+        model_path,
+        onnx_path,
+        plan.calibration,
+        method=method,
+        symmetric_activations=symmetric_activations,
+        exclude_nodes=keep_fp32,
+        signature=signature,
+    )
 
 
 @dataclass(frozen=True)
@@ -517,9 +541,7 @@ def _repair(
 ) -> None:
     """Repair a candidate that failed the gate (see ``engines.repair``); on success it
     takes the repaired files and reports, and the repair report goes in either way."""
-    from engines import precision as transforms
     from engines import repair
-    from engines.calibration import iter_batches
 
     backend, signature, options, plan, model_path = (
         setup.backend,
@@ -533,18 +555,15 @@ def _repair(
     method = options.calibration_method if candidate.precision == Precision.INT8 else None
 
     def convert(onnx_path: Path, kept: frozenset[str], method: CalibrationMethod | None) -> dict[str, Any]:
-        if candidate.precision == Precision.FP16:
-            first = next(iter_batches(validation, 1, signature))
-            return transforms.convert_fp16(model_path, onnx_path, feeds=first, keep_fp32=kept)
-        assert plan.calibration is not None and method is not None
-        return transforms.quantize_int8(
+        return _convert(
+            candidate.precision,
             model_path,
             onnx_path,
-            plan.calibration,
+            plan,
+            signature,
             method=method,
             symmetric_activations=_symmetric_activations(backend),
-            exclude_nodes=kept,
-            signature=signature,
+            keep_fp32=kept,
         )
 
     def build(onnx_path: Path, artifact: Path) -> dict[str, Any]:
