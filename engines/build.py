@@ -543,13 +543,8 @@ def _repair(
     takes the repaired files and reports, and the repair report goes in either way."""
     from engines import repair
 
-    backend, signature, options, plan, model_path = (
-        setup.backend,
-        setup.signature,
-        setup.options,
-        setup.plan,
-        setup.model_path,
-    )
+    backend, signature, options, plan = setup.backend, setup.signature, setup.options, setup.plan
+    model_path = setup.model_path
     assert plan.validation is not None
     validation = plan.validation
     method = options.calibration_method if candidate.precision == Precision.INT8 else None
