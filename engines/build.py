@@ -90,6 +90,12 @@ def make_backend(name: str, kwargs: dict[str, Any]) -> Backend:
     return backend_class(name)(**kwargs)
 
 
+def _symmetric_activations(backend: Backend) -> bool:
+    """Asymmetric activations let ONNX Runtime keep Conv+Relu chains in int8;
+    TensorRT only takes symmetric (zero-point 0) quantization."""
+    return backend.name == "tensorrt"
+
+
 def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[str, Any]:
     """Build, check and commit one engine. Returns its metadata (see ``EngineStore``).
 
@@ -130,9 +136,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 workdir,
                 progress,
                 auto=options.precision == Precision.AUTO,
-                # Asymmetric activations let ONNX Runtime keep Conv+Relu chains in int8;
-                # TensorRT only takes symmetric (zero-point 0) quantization.
-                symmetric_activations=backend.name == "tensorrt",
+                symmetric_activations=_symmetric_activations(backend),
                 method=options.calibration_method,
                 signature=signature,
             )
@@ -156,16 +160,15 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
         with phase_timer("accuracy"):
             _check_accuracy(
                 candidates,
-                backend,
-                signature,
-                options,
-                model_path,
-                plan,
-                batch_sizes,
-                _RepairSetup(
+                _AccuracySetup(
+                    backend,
+                    signature,
+                    options,
+                    model_path,
+                    plan,
+                    batch_sizes,
                     workdir,
                     timing_cache,
-                    backend.name == "tensorrt",
                     lambda fraction: progress("accuracy", fraction),
                 ),
             )
@@ -424,23 +427,15 @@ def _transform(
         report: dict[str, Any] = {}
         try:
             if precision != Precision.FP32:
-                from engines import precision as transforms
-                from engines.calibration import iter_batches
-
-                assert plan.validation is not None
-                if precision == Precision.FP16:
-                    first = next(iter_batches(plan.validation, 1, signature))
-                    report["transform"] = transforms.convert_fp16(model_path, onnx_path, feeds=first)
-                else:
-                    assert plan.calibration is not None
-                    report["transform"] = transforms.quantize_int8(
-                        model_path,
-                        onnx_path,
-                        plan.calibration,
-                        method=method,
-                        symmetric_activations=symmetric_activations,
-                        signature=signature,
-                    )
+                report["transform"] = _convert(
+                    precision,
+                    model_path,
+                    onnx_path,
+                    plan,
+                    signature,
+                    method=method,
+                    symmetric_activations=symmetric_activations,
+                )
         except EngineError as exc:
             if not auto or precision == Precision.FP32:
                 raise
@@ -451,25 +446,56 @@ def _transform(
     return candidates, dropped
 
 
+def _convert(
+    precision: Precision,
+    model_path: Path,
+    onnx_path: Path,
+    plan: _PrecisionPlan,
+    signature: Signature,
+    *,
+    method: CalibrationMethod | None,
+    symmetric_activations: bool,
+    keep_fp32: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """Write the FP16 or INT8 transform of the model to ``onnx_path``, with the nodes in
+    ``keep_fp32`` left in FP32; returns the transform's report."""
+    from engines import precision as transforms
+    from engines.calibration import iter_batches
+
+    assert plan.validation is not None
+    if precision == Precision.FP16:
+        first = next(iter_batches(plan.validation, 1, signature))
+        return transforms.convert_fp16(model_path, onnx_path, feeds=first, keep_fp32=keep_fp32)
+    assert plan.calibration is not None and method is not None
+    return transforms.quantize_int8(
+        model_path,
+        onnx_path,
+        plan.calibration,
+        method=method,
+        symmetric_activations=symmetric_activations,
+        exclude_nodes=keep_fp32,
+        signature=signature,
+    )
+
+
 @dataclass(frozen=True)
-class _RepairSetup:
+class _AccuracySetup:
+    """What the accuracy phase, and a repair within it, work with."""
+
+    backend: Backend
+    signature: Signature
+    options: BuildOptions
+    model_path: Path
+    plan: _PrecisionPlan
+    batch_sizes: tuple[int, ...]
     workdir: Path
     timing_cache: Path
-    symmetric_activations: bool
     progress: Callable[[float], None]
     """The accuracy phase's progress while a repair runs (share of its time budget)."""
 
 
-def _check_accuracy(
-    candidates: list[_Candidate],
-    backend: Backend,
-    signature: Signature,
-    options: BuildOptions,
-    model_path: Path,
-    plan: _PrecisionPlan,
-    batch_sizes: tuple[int, ...],
-    repair_setup: _RepairSetup,
-) -> None:
+def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None:
+    backend, signature, options, plan = setup.backend, setup.signature, setup.options, setup.plan
     reference: Runner | None = None
     try:
         for candidate in candidates:
@@ -480,7 +506,7 @@ def _check_accuracy(
             if reference is None:
                 from engines.backends.onnxruntime import OnnxRuntimeBackend
 
-                reference = OnnxRuntimeBackend().load(model_path, signature, options)
+                reference = OnnxRuntimeBackend().load(setup.model_path, signature, options)
             assert plan.validation is not None
             tolerance = accuracy.parse_tolerance(None, candidate.precision)
             tolerance.update(dict(options.tolerance))
@@ -491,7 +517,7 @@ def _check_accuracy(
                 assert plan.validation is not None
                 runner = backend.load(artifact, signature, options)
                 try:
-                    comparison = accuracy.compare(reference, runner, plan.validation, list(batch_sizes))
+                    comparison = accuracy.compare(reference, runner, plan.validation, list(setup.batch_sizes))
                 finally:
                     runner.close()
                 return comparison, accuracy.check(comparison, tolerance)
@@ -500,18 +526,7 @@ def _check_accuracy(
             candidate.report["accuracy"] = comparison
             candidate.report["tolerance"] = tolerance
             if candidate.rejection and options.repair:
-                _repair(
-                    candidate,
-                    candidates,
-                    backend,
-                    signature,
-                    options,
-                    model_path,
-                    plan,
-                    batch_sizes,
-                    gate,
-                    repair_setup,
-                )
+                _repair(candidate, candidates, gate, setup)
             candidate.accepted = not candidate.rejection
     finally:
         if reference is not None:
@@ -521,38 +536,29 @@ def _check_accuracy(
 def _repair(
     candidate: _Candidate,
     candidates: list[_Candidate],
-    backend: Backend,
-    signature: Signature,
-    options: BuildOptions,
-    model_path: Path,
-    plan: _PrecisionPlan,
-    batch_sizes: tuple[int, ...],
     gate: Callable[[Path], tuple[dict[str, Any], list[str]]],
-    setup: _RepairSetup,
+    setup: _AccuracySetup,
 ) -> None:
     """Repair a candidate that failed the gate (see ``engines.repair``); on success it
     takes the repaired files and reports, and the repair report goes in either way."""
-    from engines import precision as transforms
     from engines import repair
-    from engines.calibration import iter_batches
 
+    backend, signature, options, plan = setup.backend, setup.signature, setup.options, setup.plan
+    model_path = setup.model_path
     assert plan.validation is not None
     validation = plan.validation
     method = options.calibration_method if candidate.precision == Precision.INT8 else None
 
     def convert(onnx_path: Path, kept: frozenset[str], method: CalibrationMethod | None) -> dict[str, Any]:
-        if candidate.precision == Precision.FP16:
-            first = next(iter_batches(validation, 1, signature))
-            return transforms.convert_fp16(model_path, onnx_path, feeds=first, keep_fp32=kept)
-        assert plan.calibration is not None and method is not None
-        return transforms.quantize_int8(
+        return _convert(
+            candidate.precision,
             model_path,
             onnx_path,
-            plan.calibration,
+            plan,
+            signature,
             method=method,
-            symmetric_activations=setup.symmetric_activations,
-            exclude_nodes=kept,
-            signature=signature,
+            symmetric_activations=_symmetric_activations(backend),
+            keep_fp32=kept,
         )
 
     def build(onnx_path: Path, artifact: Path) -> dict[str, Any]:
@@ -561,7 +567,7 @@ def _repair(
     def profile(artifact: Path) -> dict[int, float]:
         runner = backend.load(artifact, signature, options)
         try:
-            return profile_latency(runner, signature, batch_sizes, plan.shapes)
+            return profile_latency(runner, signature, setup.batch_sizes, plan.shapes)
         finally:
             runner.close()
 

@@ -145,8 +145,8 @@ def _named_files(graph: Path) -> set[str]:
 
 @contextmanager
 def _workdir(store: EngineStore) -> Iterator[Path]:
-    """A fresh directory under ``tmp/``, removed if staging fails."""
-    workdir = Path(tempfile.mkdtemp(dir=store.root / "tmp", prefix="upload-"))
+    """A fresh directory in the store's temp directory, removed if staging fails."""
+    workdir = Path(tempfile.mkdtemp(dir=store.temp_dir, prefix="upload-"))
     try:
         yield workdir
     except BaseException:

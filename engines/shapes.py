@@ -250,7 +250,3 @@ def _triple(bounds: Sequence[tuple[int, int, int]], source: str) -> ResolvedShap
         max=tuple(b[2] for b in bounds),
         source=source,
     )
-
-
-def _shown(shape: Sequence[int]) -> str:
-    return "[" + ", ".join("?" if dim == DYNAMIC else str(dim) for dim in shape) + "]"

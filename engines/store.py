@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from engines.errors import StoreCorrupted, StoreInUse
 
@@ -150,28 +150,14 @@ class EngineStore:
 
     # -- atomic writes -------------------------------------------------------
 
-    @contextmanager
-    def temp_file(self, suffix: str = "") -> Iterator[tuple[BinaryIO, Path]]:
-        """A file in ``tmp/`` that is removed unless the caller moves it away."""
-        fd, name = tempfile.mkstemp(dir=self.temp_dir, suffix=suffix)
-        path = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                yield handle, path
-        finally:
-            path.unlink(missing_ok=True)
-
     def temp_path(self, suffix: str = "") -> Path:
         """A fresh, empty path under ``tmp/``; the caller publishes or deletes it."""
         fd, name = tempfile.mkstemp(dir=self.temp_dir, suffix=suffix)
         os.close(fd)
         return Path(name)
 
-    def publish(self, source: Path, destination: Path) -> None:
-        publish(source, destination)
-
     def write_bytes(self, destination: Path, data: bytes) -> None:
-        with atomic_output(destination, temp_dir=self.root / "tmp") as path:
+        with atomic_output(destination, temp_dir=self.temp_dir) as path:
             path.write_bytes(data)
 
     def write_json(self, destination: Path, value: Any) -> None:
@@ -259,7 +245,7 @@ class EngineStore:
         if destination.exists():
             temp_path.unlink(missing_ok=True)
         else:
-            self.publish(temp_path, destination)
+            publish(temp_path, destination)
         return destination
 
     # -- engines ---------------------------------------------------------------
@@ -339,8 +325,8 @@ class EngineStore:
         full_meta["cache_key"] = cache_key
         if weights_sha256:  # the artifact names this file, so it keeps its name
             full_meta["artifact_data"] = {f"{folder}/{weights.name}": weights_sha256}
-            self.publish(weights, directory / weights.name)
-        self.publish(artifact_temp, directory / f"engine{suffix}")
+            publish(weights, directory / weights.name)
+        publish(artifact_temp, directory / f"engine{suffix}")
         if write_commit_point:
             self.write_json(self.engine_dir(cache_key) / "meta.json", full_meta)
         return full_meta

@@ -4,7 +4,6 @@ with it, within the node and time budgets, and on both backends."""
 
 from __future__ import annotations
 
-import io
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,12 @@ from engines.calibration import load_samples
 from engines.errors import AccuracyRejected
 from engines.precision import convert_fp16
 from engines.repair import default_node_budget
-from engines.store import EngineStore, sha256_file
+from engines.store import EngineStore
 from engines.types import BuildOptions, Precision, Signature, engine_cache_key
 from tests import repair_models
 from tests.fakes.install import TENSORRT_11, install_fake_gpu
 from tests.fakes.tensorrt import PLAN_MAGIC, plan_header
+from tests.zoo.harness import npz_bytes, put_bytes
 
 BATCH_SIZES = (1, 8)
 OVERFLOW_LAYER = {"MatMul1", "Add1", "Relu1", "MatMul2"}
@@ -39,20 +39,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "fp16": repair_models.fp16_overflow_mlp(directory),
         "int8": repair_models.int8_outlier_mlp(directory),
     }
-
-
-def npz(**samples: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **samples)
-    return buffer.getvalue()
-
-
-def _put(store: EngineStore, data: bytes, *, model: bool = False) -> str:
-    temp = store.temp_path()
-    temp.write_bytes(data)
-    sha = sha256_file(temp)
-    (store.add_model if model else store.add_data)(temp, sha)
-    return sha
 
 
 def build(
@@ -69,11 +55,11 @@ def build(
         data = {repair_models.INPUT: calibration}, {repair_models.INPUT: validation}
     options = BuildOptions(
         max_batch_size=max(BATCH_SIZES),
-        calibration_sha256=_put(store, npz(**data[0])),
-        validation_sha256=_put(store, npz(**data[1])),
+        calibration_sha256=put_bytes(store, npz_bytes(data[0])),
+        validation_sha256=put_bytes(store, npz_bytes(data[1])),
         **fields,
     )
-    model_sha = _put(store, model.read_bytes(), model=True)
+    model_sha = put_bytes(store, model.read_bytes(), model=True)
     if backend == "onnxruntime":
         device = OnnxRuntimeBackend().device_signature()
     else:
@@ -90,7 +76,7 @@ def served_outputs_match_fp32(root: Path, meta: dict[str, Any], model: Path) -> 
     options = BuildOptions(max_batch_size=max(BATCH_SIZES))
     backend = OnnxRuntimeBackend()
     path = root / "judge.npz"
-    path.write_bytes(npz(**{repair_models.INPUT: repair_models.digits_split()[1]}))
+    path.write_bytes(npz_bytes({repair_models.INPUT: repair_models.digits_split()[1]}))
     samples = load_samples(path, signature)
     reference = backend.load(model, signature, options)
     engine = backend.load(EngineStore(root).artifact_path(meta["cache_key"], meta), signature, options)

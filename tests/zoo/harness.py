@@ -49,7 +49,8 @@ def npz_bytes(samples: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _put(store: EngineStore, data: bytes, suffix: str, model: bool = False) -> str:
+def put_bytes(store: EngineStore, data: bytes, *, model: bool = False) -> str:
+    """Store ``data`` as a model or a data set under its sha256, which it returns."""
     temp = store.temp_path()
     temp.write_bytes(data)
     sha = sha256_file(temp)
@@ -66,13 +67,13 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
     """Build ``model`` at ``precision`` (int8 and auto with calibration data, fp16 and
     auto with validation data) and compare the engine with ONNX Runtime on the original."""
     store = EngineStore(store_root)
-    model_sha = _put(store, model_path.read_bytes(), ".onnx", model=True)
+    model_sha = put_bytes(store, model_path.read_bytes(), model=True)
     calibration, validation = data_for(model)
     calibration_sha = validation_sha = None
     if precision in ("int8", "auto"):
-        calibration_sha = _put(store, npz_bytes(calibration), ".npz")
+        calibration_sha = put_bytes(store, npz_bytes(calibration))
     if precision in ("fp16", "auto"):
-        validation_sha = _put(store, npz_bytes(validation), ".npz")
+        validation_sha = put_bytes(store, npz_bytes(validation))
     options = BuildOptions(
         precision=Precision(precision),
         max_batch_size=max(BATCH_SIZES),
