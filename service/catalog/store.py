@@ -143,8 +143,11 @@ class StoreCatalog:
                 self.problems.append(f"{raw.get('name')} v{raw.get('version')} (malformed record: {exc})")
                 continue
             self._records[record.key] = record
+            if raw.get("state") != state or "retries" not in raw:
+                self._save(record)  # in this catalog's format from now on
             if raw.get("cache_key"):  # older records name their engine
                 self._legacy_keys[str(raw["cache_key"])] = (record.model_sha256, record.options)
+        self._upgrade_engines()
         numbers = self.store.root / "records" / NUMBERS
         if numbers.exists():
             try:
@@ -153,6 +156,19 @@ class StoreCatalog:
                 log.warning("unreadable %s (%s); numbering continues from the records", numbers, exc)
         for name, number in self._records:
             self._numbers[name] = max(self._numbers.get(name, 0), number)
+
+    def _upgrade_engines(self) -> None:
+        """Engines committed before the catalog name only their options in ``meta.json``;
+        their versions' older records name their key. Write the model and options digest
+        in, so garbage collection matches them to versions as it does newer ones."""
+        for cache_key, (model_sha256, options) in self._legacy_keys.items():
+            try:
+                meta = self.store.engine_meta(cache_key)
+            except StoreCorrupted:
+                continue  # rebuilt when a version needs it
+            if meta is not None and not meta.get("model_sha256"):
+                meta.update(model_sha256=model_sha256, options_digest=options_digest(options))
+                self.store.write_json(self.store.engine_dir(cache_key) / "meta.json", meta)
 
     def highest(self, name: str) -> int:
         """The highest number ``name`` ever had here (0: none)."""

@@ -94,8 +94,11 @@ class EngineSource:
 
     async def _wait_for_change(self, timeout_s: float) -> None:
         self._change.clear()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+        # that arrives as the event is set.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._change.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._change.wait()
 
     # -- the job ------------------------------------------------------------------
 
@@ -331,7 +334,7 @@ class EngineSource:
             else backoff_s(self.settings.build_retry_backoff_s, attempts)
         )
         error = failure.to_dict()
-        if retry_after is None and not permanent:
+        if retry_after is None and attempts > 1:
             error["message"] = f"the build failed {attempts} times; the last time: {failure.message}"
         with contextlib.suppress(CatalogUnavailable):  # unrecorded, the lease expires: tried again
             await self.catalog.fail_build(lease, error, retry_after_s=retry_after)

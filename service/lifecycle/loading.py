@@ -97,12 +97,14 @@ class EngineLoader:
     def serve(self, version: EngineVersion, runner: Runner, meta: dict[str, Any]) -> None:
         """Start the version's batcher on its optimized engine (``meta``)."""
         batching = _fitted(version.batching, int(meta["max_batch_size"]))
-        version.batcher = self._start_batcher(version, runner, batching, latency_profile(meta))
+        batchable = Signature.from_dict(meta["signature"]).batchable
+        version.batcher = self._start_batcher(version, runner, batchable, batching, latency_profile(meta))
         version.runner, version.serving = runner, Serving.optimized(meta, runner)
 
     def serve_baseline(self, version: EngineVersion, runner: OnnxRuntimeRunner) -> None:
         """Start the version's batcher on its baseline engine."""
-        version.batcher = self._start_batcher(version, runner, version.batching, {})
+        batchable = runner.signature.batchable
+        version.batcher = self._start_batcher(version, runner, batchable, version.batching, {})
         version.runner, version.serving = runner, Serving.baseline(runner.provider)
 
     async def swap(self, version: EngineVersion, runner: Runner, meta: dict[str, Any]) -> Runner | None:
@@ -130,6 +132,7 @@ class EngineLoader:
         self,
         version: EngineVersion,
         runner: Runner,
+        batchable: bool,
         batching: BatchingConfig,
         latency_ms: dict[int, float],
     ) -> DynamicBatcher:
@@ -137,7 +140,7 @@ class EngineLoader:
             # Every protocol checks each request's feeds before queueing it.
             runner.infer_prechecked,
             batching,
-            batchable=runner.signature.batchable,
+            batchable=batchable,
             observer=self.metrics.engine_observer(version.name, version.version),
             name=f"{version.name}-v{version.version}",
             latency_profile_ms=latency_ms,

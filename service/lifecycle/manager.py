@@ -219,7 +219,9 @@ class EngineManager:
         started = time.monotonic()
         try:
             meta = await self.source.committed(version)
-            if meta is None and version.progressive and self.baselines and version.batcher is None:
+            if meta is not None:
+                self.metrics.builds.labels("cached").inc()
+            elif version.progressive and self.baselines and version.batcher is None:
                 await self._serve_baseline(version)
                 if version.state not in BUILT:
                     return  # deleted while the baseline loaded

@@ -107,8 +107,11 @@ class Reconciler:
 
     async def _loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the event is set, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.catalog_resync_s)
+                async with asyncio.timeout(self.settings.catalog_resync_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.sync()
