@@ -5,7 +5,9 @@ optimized engine is ready can be watched; ``fail`` makes the next builds fail.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 from engines.build import BuildJob, run_build
@@ -18,6 +20,10 @@ class HeldBuilds:
         self.cancelled: list[str] = []
         self.fail: BuildFailure | None = None
         self.active = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        yield
 
     async def run(self, job: BuildJob, on_progress: Any, *, job_id: str) -> dict[str, Any]:
         await asyncio.to_thread(self.release.wait, 30)
