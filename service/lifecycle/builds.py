@@ -65,6 +65,10 @@ class SharedObtain:
     waiters: set[EngineVersion] = field(default_factory=set)
     task: asyncio.Task[dict[str, Any]] | None = None
     job_id: str | None = None  # while a build child runs here
+    # How the engine came: "succeeded" (built here), "cached" (committed already),
+    # "skipped" (built by another replica, waited for).
+    outcome: str = "cached"
+    first: EngineVersion | None = None
 
 
 class EngineSource:
@@ -151,7 +155,7 @@ class EngineSource:
         """The committed engine's metadata for ``version``; raises ``BuildFailure``."""
         shared = self._shared.get(version.cache_key)
         if shared is None:
-            shared = SharedObtain(version.cache_key)
+            shared = SharedObtain(version.cache_key, first=version)
             self._shared[version.cache_key] = shared
             shared.task = asyncio.create_task(self._obtain(shared, version))
             shared.task.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -160,7 +164,9 @@ class EngineSource:
         shared.waiters.add(version)
         try:
             assert shared.task is not None
-            return await asyncio.shield(shared.task)
+            meta = await asyncio.shield(shared.task)
+            self._count(shared, version)
+            return meta
         except asyncio.CancelledError:
             if shared.task is not None and shared.task.cancelled() and version.state not in WORKING:
                 raise BuildFailure("cancelled", "the version was removed") from None
@@ -173,6 +179,18 @@ class EngineSource:
                 and shared.task.done()
             ):
                 del self._shared[version.cache_key]
+
+    def _count(self, shared: SharedObtain, version: EngineVersion) -> None:
+        """Each version that got its engine counts once: the one a build here ran for
+        as built, others waiting beside it as cached, and where another replica built
+        it, as skipped."""
+        outcome = shared.outcome
+        if outcome == "succeeded" and version is not shared.first:
+            outcome = "cached"
+        if outcome == "skipped":
+            self.catalog_metrics.builds_skipped.inc()
+        else:
+            self.metrics.builds.labels(outcome).inc()
 
     def release(self, version: EngineVersion) -> None:
         """The version no longer waits (deleted): its build stops unless an identical
@@ -225,10 +243,7 @@ class EngineSource:
                 meta = await self._verified(version, status)
                 if meta is None:
                     continue
-                if waited_for_another:
-                    self.catalog_metrics.builds_skipped.inc()
-                else:
-                    self.metrics.builds.labels("cached").inc()
+                shared.outcome = "skipped" if waited_for_another else "cached"
                 return meta
             if status is not None and status.state == BuildState.FAILED:
                 error = status.error or {}
@@ -256,6 +271,7 @@ class EngineSource:
                 continue
             meta = await self._build_here(shared, version, take_over)
             if meta is not None:
+                shared.outcome = "succeeded"
                 return meta
 
     async def _build_here(
@@ -316,7 +332,6 @@ class EngineSource:
             spans.end()
         self.metrics.build_duration.observe(time.monotonic() - started)
         if await self._commit(shared, lease, meta):
-            self.metrics.builds.labels("succeeded").inc()
             return meta
         await self._fenced_out(version, meta)
         return None
