@@ -272,7 +272,7 @@ class StoreCatalog:
         try:
             meta = self.store.engine_meta(cache_key)
         except StoreCorrupted as exc:
-            log.warning("%s; building it again", exc.message)
+            log.warning("%s; rebuilding it from the stored model", exc.message)
             self.store.discard_engine(cache_key)
             return None
         if meta is None:

@@ -139,7 +139,7 @@ class EngineSource:
         try:
             await asyncio.to_thread(self.store.verify_artifact, version.cache_key, status.meta)
         except StoreCorrupted as exc:
-            log.warning("%s; building it again", exc.message)
+            log.warning("%s; rebuilding it from the stored model", exc.message)
             with contextlib.suppress(CatalogUnavailable):
                 await self.catalog.invalidate_build(version.cache_key, status.meta["artifact_sha256"])
             return None
