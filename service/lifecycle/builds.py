@@ -413,9 +413,11 @@ class EngineSource:
             return False
 
     async def shutdown(self) -> None:
-        for shared in list(self._shared.values()):
-            if shared.task is not None and shared.job_id is None:
-                shared.task.cancel()
+        """Stop obtaining (after the runner stopped the build children)."""
+        tasks = [shared.task for shared in self._shared.values() if shared.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def batch_sizes(version: EngineVersion) -> tuple[int, ...]:
