@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,13 +29,13 @@ class Replicas:
         self.started: list[ServerProcess] = []
 
     def start(self, **env: str) -> ServerProcess:
-        server = ServerProcess(
-            self.store,
-            KILN_CATALOG_URL=self.catalog_url,
-            KILN_CATALOG_LEASE_TTL_S=LEASE_TTL_S,
-            KILN_CATALOG_RESYNC_S=RESYNC_S,
+        settings = {
+            "KILN_CATALOG_URL": self.catalog_url,
+            "KILN_CATALOG_LEASE_TTL_S": LEASE_TTL_S,
+            "KILN_CATALOG_RESYNC_S": RESYNC_S,
             **env,
-        )
+        }
+        server = ServerProcess(self.store, **settings)
         self.started.append(server)
         return server.start()
 
@@ -47,7 +48,8 @@ class Replicas:
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.catalog_url, autocommit=True) as conn:
-            return conn.execute(sql.encode(), params or None).fetchall()
+            cursor = conn.execute(sql.encode(), params or None)
+            return cursor.fetchall() if cursor.description else []
 
     def build_row(self, name: str) -> tuple[str, str | None, int, dict[str, Any] | None] | None:
         """(state, holder, generation, meta) of the build of ``name``'s newest version."""
@@ -94,3 +96,32 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def replica_id(server: ServerProcess) -> str:
+    """The replica id a server logged at start-up."""
+    for line in server.log.read_text().splitlines():
+        if "cluster mode: replica " in line:
+            return line.split("cluster mode: replica ", 1)[1].split(",", 1)[0]
+    raise AssertionError(f"no replica id in {server.log}")
+
+
+def build_children(server: ServerProcess) -> list[psutil.Process]:
+    """The server's build child processes now."""
+    assert server.process is not None
+    children = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "multiprocessing" in command and "resource_tracker" not in command:
+            children.append(child)
+    return children
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
