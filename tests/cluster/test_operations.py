@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 
@@ -100,15 +99,16 @@ def test_a_delete_on_one_replica_stops_the_build_on_another(replicas: Replicas, 
     big = cnn(tmp_path / "big.onnx", channels=64, size=128)  # several seconds to build
     with a.client() as client:
         upload(client, big, "m", progressive="false", precision="auto", calibration="synthetic")
-    children = wait_until(lambda: build_children(a), 30, "A's build child", 0.005)
-    assert build_children(b) == []  # A took the lease: B waits for its commit
-    with b.client() as client:
+    builder = wait_until(lambda: [s for s in (a, b) if build_children(s)], 30, "a build child", 0.005)[0]
+    children = build_children(builder)
+    other = b if builder is a else a  # it waits for the builder's commit
+    with other.client() as client:
         assert client.delete("/engines/m").json() == {"name": "m", "deleted_versions": [1]}
     deleted_at = time.monotonic()
     for child in children:
-        wait_until(lambda c=child: gone(c), 5, "the end of A's build")
+        wait_until(lambda c=child: gone(c), 5, "the end of the build on the other replica")
     assert time.monotonic() - deleted_at < 5
-    with a.client() as client:
+    with builder.client() as client:
         assert client.get("/engines/m").status_code == 404
 
 
@@ -172,16 +172,20 @@ def test_a_rollout_whose_load_fails_on_one_replica_leaves_it_serving_the_old_ver
         upload(client, mlp(tmp_path / "v2.onnx", seed=3), "m", progressive="false", instances="64")
         assert wait_for_state(client, "m", 2)["state"] == "ready"
     with b.client() as client:
-        status = wait_for_state(client, "m", 2, timeout_s=30)
-        assert status["state"] == "failed" and status["attempts"] >= 1, status
-        assert {row["state"] for row in status["replica_states"]} == {"ready", "failed"}
+        assert wait_for_state(client, "m", 2, timeout_s=30)["state"] == "failed"
     # v1 stays, and each replica answers: A with v2, B with v1.
     for _ in range(3):  # several passes later
         time.sleep(float(RESYNC_S))
         assert predict(a, "m").json()["version"] == 2
-        assert predict(b, "m").json()["version"] == 1
+        answer = predict(b, "m")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"] == 1
     with a.client() as client:
-        assert [v["version"] for v in client.get("/engines/m").json()["versions"]] == [1, 2]
+        status = client.get("/engines/m").json()
+    assert [v["version"] for v in status["versions"]] == [1, 2]
+    assert {row["state"] for row in status["replica_states"]} == {"ready", "failed"}
+    failure = next(row for row in status["replica_states"] if row["state"] == "failed")
+    assert failure["attempts"] >= 1 and failure["error"]["type"] == "internal"
 
 
 def _address_space(pid: int) -> int:
@@ -303,27 +307,20 @@ def test_a_single_node_never_gives_a_deleted_version_number_again(
 def test_a_replica_takes_a_build_lease_only_with_a_free_build_slot(
     replicas: Replicas, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    """One build slot each (KILN_BUILD_WORKERS=1): two uploads on A build on A and B
-    at once, rather than one after the other on A while B idles."""
-    a, b = replicas.start(), replicas.start()
+    """One build slot each (KILN_BUILD_WORKERS=1): while A builds a long one, a second
+    upload on A is built by B, which starts meanwhile, rather than after the first on A."""
+    a = replicas.start()
     with a.client() as client:
-        upload(client, model_files["mlp"], "one", progressive="false")
-        upload(client, mlp(tmp_path / "second.onnx", seed=4), "two", progressive="false")
-    most_held = 0
-
-    def all_ready() -> bool:
-        return all(
-            httpx.get(f"{s.url}/engines/{name}/versions/1", timeout=5).json()["state"] == "ready"
-            for s in (a, b)
-            for name in ("one", "two")
-        )
-
-    deadline = time.monotonic() + 90
-    while not all_ready():
-        assert time.monotonic() < deadline, "not ready in 90 s"
-        holders = [row[0] for row in replicas.query("SELECT holder FROM builds WHERE state = 'building'")]
-        most_held = max([most_held, *(holders.count(h) for h in holders)])
-        time.sleep(0.01)
-    assert most_held == 1
+        big = cnn(tmp_path / "big.onnx", channels=64, size=128)  # several seconds to build
+        upload(client, big, "long", progressive="false", precision="auto", calibration="synthetic")
+        wait_until(lambda: build_children(a), 30, "the long build", 0.005)
+        upload(client, model_files["mlp"], "short", progressive="false")
+    b = replicas.start()
+    with b.client() as client:
+        assert wait_for_state(client, "short", timeout_s=60)["state"] == "ready"
+    assert build_children(a), "the long build still runs on A"
     committed = replicas.query("SELECT holder FROM builds WHERE state = 'committed'")
-    assert {row[0] for row in committed} == {replica_id(a), replica_id(b)}
+    assert committed == [(replica_id(b),)]
+    with a.client() as client:
+        assert wait_for_state(client, "short")["state"] == "ready"
+        client.delete("/engines/long")  # its build is stopped

@@ -576,3 +576,71 @@ async def test_a_corrupt_artifact_is_rebuilt(tmp_path: Path, how: str) -> None:
         assert len(life.builds.started) == 1
     finally:
         await life.close()
+
+
+# -- following the catalog ---------------------------------------------------------------
+
+
+class FlakyFeed(StoreCatalog):
+    """A catalog whose change feed fails once, unexpectedly (a driver error no one
+    foresaw), then works."""
+
+    def __init__(self, store: EngineStore) -> None:
+        super().__init__(store)
+        self.feeds = 0
+
+    async def changes(self, on_change: Any) -> None:
+        self.feeds += 1
+        if self.feeds == 1:
+            raise RuntimeError("the feed broke")
+        await super().changes(on_change)
+
+
+async def test_a_feed_that_fails_is_started_again(tmp_path: Path) -> None:
+    life = Lifecycle(tmp_path / "store")
+    life.catalog = FlakyFeed(life.store)
+    life.manager.catalog = life.manager.source.catalog = life.catalog
+    life.reconciler = Reconciler(life.catalog, life.manager)
+    await life.start()
+    try:
+        await until(lambda: life.catalog.feeds == 2, "the feed started again", timeout_s=5)
+    finally:
+        await life.close()
+
+
+async def test_a_version_the_catalog_cannot_give_does_not_stop_the_others(tmp_path: Path) -> None:
+    life = Lifecycle(tmp_path / "store")
+    broken = record("broken", 1, "ready")
+    broken["options"] = {"precision": "fp99"}  # written by some other kiln
+    life.store.save_record(broken)
+    life.store.save_record(record("m", 1, "ready"))
+    life.store.model_path(MODEL_SHA).write_bytes(b"model")
+    commit_engine(life.store)
+    await life.start()
+    try:
+        assert life.registry.names() == ["m"]
+        life.release(1)
+        assert await settled(life.registry.get("m", 1)) == "ready"
+    finally:
+        await life.close()
+
+
+def test_the_lifecycle_knows_one_catalog_and_the_catalog_knows_no_lifecycle() -> None:
+    """One code path for a single node and a cluster: the lifecycle calls the
+    ``VersionCatalog`` interface and never asks which catalog it has; the catalog
+    records and leases, and never reaches into the lifecycle."""
+    service = Path(__file__).parents[3] / "service"
+    branches = [
+        f"{path.name}: {line.strip()}"
+        for path in (service / "lifecycle").glob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"cluster is (not )?None|\.cluster\b|isinstance\([^)]*Catalog\)", line)
+    ]
+    assert branches == []
+    imports = [
+        f"{path.name}: {line.strip()}"
+        for path in (service / "catalog").glob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"^\s*(from|import) service\.lifecycle", line)
+    ]
+    assert imports == []
