@@ -63,6 +63,8 @@ async def overview(state: AppState, sampler: TrafficSampler) -> dict[str, Any]:
             "backend_reason": state.backend_reason,
             "not_ready_reason": not_ready_reason(state),
             "draining": state.draining,
+            # In a cluster: this replica, and that the page shows every replica's state.
+            "cluster": state.catalog.shared,
             "replica": state.catalog.replica_id if state.catalog.shared else None,
         },
         "engines": engines,
@@ -77,6 +79,8 @@ async def engine(state: AppState, sampler: TrafficSampler, name: str) -> dict[st
     replicas = await state.catalog.live_replicas()
     return {
         "name": name,
+        "cluster": state.catalog.shared,
+        "replica": state.catalog.replica_id if state.catalog.shared else None,
         "versions": [management.status(state, record, replicas) for record in reversed(records)],
         "traffic": sampler.series(name),
         "sample_interval_s": sampler.interval_s,
