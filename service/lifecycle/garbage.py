@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
 from engines.store import EngineStore
 from service.catalog.base import BuildState, BuildStatus, VersionCatalog
+
+_KEY = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 async def collect_garbage(catalog: VersionCatalog, store: EngineStore, grace_s: float) -> int:
@@ -76,6 +79,8 @@ def _collect_temp_dirs(store: EngineStore, live: set[str], grace_s: float) -> in
 def _collect_engines(store: EngineStore, builds: dict[str, BuildStatus], grace_s: float) -> int:
     removed = 0
     for directory in sorted((store.root / "engines").iterdir()):
+        if not directory.is_dir() or not _KEY.match(directory.name):
+            continue  # not kiln's
         build = builds.get(directory.name)
         if build is None:
             if _idle_s(directory) > grace_s:
