@@ -332,10 +332,12 @@ def cmd_catalog_retry(args: argparse.Namespace) -> int:
         print(f"kiln: {exc.message}", file=sys.stderr)
         return 1
     if not retried:
-        what = (
-            f"version {args.version} of '{args.name}'" if args.version else f"an engine named '{args.name}'"
+        missing = (
+            f"engine '{args.name}' has no version {args.version}"
+            if args.version
+            else f"no engine named '{args.name}'"
         )
-        print(f"kiln: the catalog has no {what}", file=sys.stderr)
+        print(f"kiln: {missing} in the catalog", file=sys.stderr)
         return 1
     print(json.dumps({"name": args.name, "retried_versions": retried}))
     return 0
