@@ -139,7 +139,8 @@ class KilnMetrics:
         )
         self.builds = Counter(
             "kiln_engine_builds",
-            "Engine builds by result",
+            "Engine builds by result: succeeded (built here), failed (an attempt, retries included), "
+            "cached (a version that got an engine already built)",
             ["result"],
             registry=r,
         )
