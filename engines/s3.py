@@ -189,7 +189,7 @@ class S3Client:
                 error = self._translate(exc, bucket, key)
                 if _status(exc) == 412:
                     error = ObjectStoreUnavailable(
-                        f"s3://{bucket}/{key} was replaced while it was read; retry"
+                        f"s3://{bucket}/{key} was replaced while being read; retry"
                     )
                 if not isinstance(error, ObjectStoreUnavailable) or attempt == 2 or _status(exc) == 412:
                     raise error from None
@@ -300,8 +300,8 @@ class S3Client:
             code = str(error.get("Code", status))
             detail = f"{code}: {error.get('Message', '')}".rstrip(": ")
             if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
-                what = "its bucket" if code == "NoSuchBucket" else "it"
-                return ObjectNotFound(f"{where} does not exist ({what} is missing at {self.endpoint})")
+                bucket_missing = " (no such bucket)" if code == "NoSuchBucket" else ""
+                return ObjectNotFound(f"{where} does not exist on {self.endpoint}{bucket_missing}")
             if status in (401, 403):
                 return ObjectAccessDenied(
                     f"the object store at {self.endpoint} refused access to {where} ({detail}); check "

@@ -211,11 +211,8 @@ class _Target:
             return
         parts = urlsplit(uri)
         if parts.scheme not in ("https", "http") or (parts.scheme == "http" and not allow_http):
-            allowed = "s3:// and https://" + (" (and http://)" if allow_http else "")
-            raise InvalidSource(
-                f"'{_shown(uri)}' is not a URI kiln fetches: it takes {allowed} "
-                + ("" if allow_http else "(plain http:// only with KILN_SOURCE_ALLOW_HTTP=true)")
-            )
+            plain = "" if allow_http else "; plain http:// only with KILN_SOURCE_ALLOW_HTTP=true"
+            raise InvalidSource(f"'{_shown(uri)}' is not a URI kiln fetches: use s3:// or https://{plain}")
         if not parts.hostname:
             raise InvalidSource(f"'{_shown(uri)}' names no host")
         self.filename = unquote(posixpath.basename(parts.path)) or "model.onnx"

@@ -1,5 +1,6 @@
 """A plain HTTP file server on 127.0.0.1 for the tests of models by URL: serves the
-bytes it is given by path, counts requests, and answers 404 for anything else."""
+bytes it is given by path (query strings ignored), records each request's path, and
+answers 404 for anything else."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def serve_files() -> Iterator[Files]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             files.requests.append(self.path)
-            body = files.files.get(self.path)
+            body = files.files.get(self.path.split("?", 1)[0])
             if body is None:
                 self.send_error(404)
                 return

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -120,13 +119,11 @@ class SeaweedS3:
         return f"s3://{self.bucket}/{key}"
 
     def stop(self) -> None:
+        """Take the endpoint away at once (SIGKILL: ``weed mini``'s graceful shutdown
+        takes over ten seconds); what it had stored is kept for ``start()``."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            self.process.kill()
+            self.process.wait(10)
         self.process = None
 
     def close(self) -> None:

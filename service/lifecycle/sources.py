@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines import sources
-from engines.errors import ObjectStoreUnavailable
+from engines.errors import ObjectStoreUnavailable, TooLarge
 from engines.store import EngineStore
-from service.errors import BadRequest, ServiceError
+from service.errors import BadRequest, PayloadTooLarge, ServiceError
 from service.lifecycle.options import parse_upload_fields
 from service.lifecycle.registry import check_name
 from service.lifecycle.uploads import UploadedFile
@@ -94,6 +94,7 @@ async def fetch_sources(
     check_name(parse_upload_fields(fields).name)
     fetched.workdir = Path(tempfile.mkdtemp(dir=store.temp_dir, prefix="fetch-"))
     fetcher = sources.Fetcher(allow_http=settings.source_allow_http)
+    limit = "KILN_MAX_UPLOAD_BYTES"
     try:
         if "source" in named:
             model = await fetcher.fetch_model(
@@ -106,6 +107,7 @@ async def fetch_sources(
                 "model", model.filename, model.model.path, model.model.size, model.model.sha256
             )
             fetched.model_data = model.data_files
+        limit = "KILN_MAX_DATA_BYTES"
         for purpose in ("calibration", "validation"):
             uri = named.get(f"{purpose}_source")
             if uri is not None:
@@ -117,6 +119,9 @@ async def fetch_sources(
     except ObjectStoreUnavailable as exc:
         fetched.discard()
         raise SourceUnavailable(exc.message, headers={"Retry-After": "10"}) from None
+    except TooLarge as exc:
+        fetched.discard()
+        raise PayloadTooLarge(f"{exc.message} ({limit})") from None
     except BaseException:
         fetched.discard()
         raise
