@@ -113,8 +113,12 @@ class Clone:
         self.root = root
         self.port = free_port()
         self.grpc_port = free_port()
-        # A user's shell: none of the suite's KILN_* settings.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+        # A user's shell: none of the suite's KILN_* settings, nor make test's own make flags.
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("KILN_") and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+        }
         self.env["KILN_GRPC_PORT"] = str(self.grpc_port)  # 8001 is shared; the blocks get this port
         self.log = root / "serve.log"
         self.server: subprocess.Popen[bytes] | None = None
@@ -224,7 +228,7 @@ def _summaries(step: Step, out: str, clone: Clone) -> None:
     """The wait loop ends, and each engine's summary line is what the README shows:
     for reduced precision, the precision that was asked for serves."""
     lines = out.strip().splitlines()
-    assert len(lines) == len(step.shown), f"the README shows {step.shown}, it printed:\n{out}"
+    assert step.shown and len(lines) == len(step.shown), f"the README shows {step.shown}, it printed:\n{out}"
     for line, shown in zip(lines, step.shown, strict=True):
         assert_shows(line, shown)
         summary = json.loads(line)
