@@ -108,6 +108,13 @@ class Settings(BaseSettings):
 
     _split_keys = field_validator("api_keys", "require_ready", mode="before")(_split_csv)
 
+    @field_validator("store")
+    @classmethod
+    def _absolute_store(cls, value: Path) -> Path:
+        """Pin a relative store (``make serve``'s ``data/store``) to the directory kiln
+        starts in, once: builds hand store paths to tools that change directory."""
+        return value.expanduser().absolute()
+
     @field_validator("preferred_batch_sizes", mode="before")
     @classmethod
     def _split_sizes(cls, value: object) -> object:
