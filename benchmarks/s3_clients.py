@@ -19,6 +19,9 @@ botocore than boto3's newest), so the benchmark runs in its own environment::
 
 Parallel variants use 8 connections and 16 MiB parts where the library lets one
 choose; awscrt's S3 client is given 16 MiB parts and picks its own connections.
+``kiln`` is kiln's own ``engines.s3`` (aiobotocore): its download also computes the
+sha256 (in order, behind the parallel ranged GETs), its upload is the conditional
+``put_if_absent`` (multipart, ``If-None-Match: *`` on completion).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +145,29 @@ def download(client: str, bucket: str, target: Path, size: int) -> None:
         asyncio.run(_obstore_ranges(target, size))
     elif client == "aiobotocore-ranges":
         asyncio.run(_aiobotocore_ranges(bucket, target, size))
+    elif client == "kiln":
+        asyncio.run(_kiln_download(bucket, target))
     elif client == "minio":
         _minio().fget_object(bucket, KEY, str(target))
     elif client == "minio-ranges":
         _minio_ranges(bucket, target, size)
     else:
         raise SystemExit(f"unknown client {client}")
+
+
+async def _kiln_download(bucket: str, target: Path) -> None:
+    from engines.s3 import S3Client
+
+    async with S3Client.connect() as s3:
+        await s3.download(bucket, KEY, target)
+
+
+async def _kiln_upload(bucket: str, source: Path, key: str) -> None:
+    from engines.s3 import S3Client
+
+    async with S3Client.connect() as s3:
+        if not await s3.put_if_absent(bucket, key, source):
+            raise RuntimeError(f"{key} existed already")
 
 
 async def _obstore_ranges(target: Path, size: int) -> None:
@@ -230,6 +249,8 @@ def upload(client: str, bucket: str, source: Path, key: str) -> None:
         obstore.put(_obstore(), key, source, chunk_size=PART, max_concurrency=CONNECTIONS)
     elif client.startswith("aiobotocore"):
         asyncio.run(_aiobotocore_upload(bucket, source, key))
+    elif client == "kiln":
+        asyncio.run(_kiln_upload(bucket, source, key))
     elif client.startswith("minio"):
         _minio().fput_object(bucket, key, str(source), part_size=PART, num_parallel_uploads=CONNECTIONS)
     else:
@@ -278,6 +299,7 @@ def child(args: argparse.Namespace) -> None:
         "aiobotocore": lambda: __import__("aiobotocore.session"),
         "minio": lambda: __import__("minio"),
         "awscrt": lambda: __import__("awscrt.s3"),
+        "kiln": lambda: (__import__("aiobotocore.session"), __import__("engines.s3")),
     }[args.client.split("-")[0]]()
     before = _rss_kib()
     cpu0 = sum(os.times()[:2])
@@ -301,7 +323,7 @@ def conditional_create(client: str, bucket: str) -> str:
 
     def attempt(body: bytes) -> bool:
         """True when the server accepted the write."""
-        if client.startswith(("boto3", "aiobotocore")):
+        if client.startswith(("boto3", "aiobotocore", "kiln")):
             from botocore.exceptions import ClientError
 
             try:
@@ -390,6 +412,7 @@ CLIENTS = (
     "aiobotocore-ranges",
     "minio",
     "minio-ranges",
+    "kiln",
 )
 
 
