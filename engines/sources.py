@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import posixpath
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -132,23 +133,27 @@ class Fetcher:
     async def _fetch_http(self, url: str, target: Path, max_bytes: int) -> RemoteFile:
         import httpx
 
+        async def refuse_plain_http(request: httpx.Request) -> None:
+            """Runs before every request, redirects included: a redirect to plain
+            http:// is refused before it is followed."""
+            if request.url.scheme != "https" and not self.allow_http:
+                raise InvalidSource(
+                    f"{_shown(url)} redirects to the plain http:// URL {_shown(str(request.url))}; "
+                    "kiln fetches https:// only (KILN_SOURCE_ALLOW_HTTP)"
+                )
+
         hasher = hashlib.sha256()
         size = 0
         try:
             async with (
                 httpx.AsyncClient(
                     follow_redirects=True,
-                    timeout=httpx.Timeout(self.http_timeout_s, connect=10.0),
                     max_redirects=5,
+                    timeout=httpx.Timeout(self.http_timeout_s, connect=10.0),
+                    event_hooks={"request": [refuse_plain_http]},
                 ) as client,
                 client.stream("GET", url) as response,
             ):
-                for hop in [*response.history, response]:
-                    if hop.url.scheme != "https" and not self.allow_http:
-                        raise InvalidSource(
-                            f"{_shown(url)} redirects to the plain http:// URL {_shown(str(hop.url))}; "
-                            "kiln fetches https:// only (KILN_SOURCE_ALLOW_HTTP)"
-                        )
                 _check_status(url, response.status_code)
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
@@ -162,10 +167,29 @@ class Fetcher:
         except httpx.TooManyRedirects:
             raise InvalidSource(f"{_shown(url)} redirects more than 5 times") from None
         except (httpx.TransportError, OSError) as exc:
-            raise ObjectStoreUnavailable(
-                f"{_shown(url)} cannot be fetched: {exc or type(exc).__name__}"
-            ) from None
+            if _untrusted_certificate(exc):
+                raise InvalidSource(
+                    f"the TLS certificate of {_shown(url)} is not trusted ({_root(exc)}); a server with a "
+                    "private CA needs it in SSL_CERT_FILE on the kiln server"
+                ) from None
+            reason = str(exc) or type(exc).__name__
+            raise ObjectStoreUnavailable(f"{_shown(url)} cannot be fetched: {reason}") from None
         return RemoteFile(target, size, hasher.hexdigest())
+
+
+def _root(exc: BaseException) -> BaseException:
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return exc
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @asynccontextmanager

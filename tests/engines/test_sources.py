@@ -1,29 +1,49 @@
-"""``engines.sources``: models by URL over HTTP(S) (a local plain-HTTP server; kiln
-takes http:// only when allowed) and the rules every URI follows."""
+"""``engines.sources``: models by URL over real HTTPS (a local server with a
+certificate from a test CA, trusted as an operator trusts a private CA, through
+``SSL_CERT_FILE``) and plain HTTP (only when allowed), and the rules every URI
+follows."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from engines.errors import ChecksumMismatch, InvalidSource, ObjectNotFound, TooLarge
+from engines.errors import ChecksumMismatch, InvalidModel, InvalidSource, ObjectNotFound, TooLarge
 from engines.sources import Fetcher
-from tests.external_data_models import package_members
+from tests.external_data_models import package_members, with_location
 from tests.http_files import serve_files
 
 
-def test_a_graph_by_url_brings_the_data_files_it_names_from_beside_it(
-    dynamo_model: Path, tmp_path: Path
+@pytest.fixture(scope="module")
+def ca() -> Any:
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def trusted(ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The test CA trusted by the process, as a private CA is (``SSL_CERT_FILE``)."""
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return ca
+
+
+def test_a_graph_by_https_url_brings_the_data_files_it_names_from_beside_it(
+    dynamo_model: Path, tmp_path: Path, trusted: Any
 ) -> None:
     members = package_members(dynamo_model)
-    with serve_files() as web:
+    with serve_files(trusted) as web:
+        assert web.url.startswith("https://")
         web.files = {f"/exports/cnn/{name}": data for name, data in members.items()}
         web.files["/exports/cnn/unrelated.bin"] = b"never fetched"
         fetched = asyncio.run(
-            Fetcher(allow_http=True).fetch_model(
+            Fetcher().fetch_model(
                 f"{web.url}/exports/cnn/model.onnx?token=abc",
                 tmp_path,
                 max_bytes=10**7,
@@ -86,3 +106,31 @@ def test_uris_kiln_does_not_fetch_are_refused_before_any_connection(
 ) -> None:
     with pytest.raises(InvalidSource, match=problem):
         asyncio.run(Fetcher().fetch_model(uri, tmp_path, max_bytes=100))
+
+
+def test_a_redirect_to_plain_http_is_refused_before_it_is_followed(trusted: Any, tmp_path: Path) -> None:
+    with serve_files(trusted) as secure, serve_files() as plain:
+        plain.files["/model.onnx"] = b"not fetched"
+        secure.redirects["/model.onnx"] = f"{plain.url}/model.onnx"
+        with pytest.raises(InvalidSource, match="redirects to the plain http:// URL"):
+            asyncio.run(Fetcher().fetch_model(f"{secure.url}/model.onnx", tmp_path, max_bytes=100))
+        assert secure.requests == ["/model.onnx"] and plain.requests == []
+
+
+def test_a_certificate_kiln_does_not_trust_is_named(ca: Any, tmp_path: Path) -> None:
+    with serve_files(ca) as web, pytest.raises(InvalidSource, match=r"TLS certificate .* is not trusted"):
+        web.files["/model.onnx"] = b"x"
+        asyncio.run(Fetcher().fetch_model(f"{web.url}/model.onnx", tmp_path, max_bytes=100))
+
+
+def test_a_graph_naming_a_file_outside_its_folder_fetches_nothing_more(
+    dynamo_model: Path, tmp_path: Path
+) -> None:
+    with serve_files() as web:
+        web.files["/m/model.onnx"] = with_location(dynamo_model, "../secret.bin")
+        web.files["/secret.bin"] = b"outside the model's folder"
+        with pytest.raises(InvalidModel, match="climbs out of its directory"):
+            asyncio.run(
+                Fetcher(allow_http=True).fetch_model(f"{web.url}/m/model.onnx", tmp_path, max_bytes=10**7)
+            )
+        assert web.requests == ["/m/model.onnx"]
