@@ -104,3 +104,21 @@ def s3(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> Any:
+    """A certificate authority for HTTPS test servers (``tests.http_files``)."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def trusted_ca(test_ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The test CA trusted by this process, as an operator trusts a private CA
+    (``SSL_CERT_FILE``, which httpx reads)."""
+    bundle = tmp_path / "test-ca.pem"
+    test_ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return test_ca

@@ -18,27 +18,11 @@ from tests.external_data_models import package_members, with_location
 from tests.http_files import serve_files
 
 
-@pytest.fixture(scope="module")
-def ca() -> Any:
-    import trustme
-
-    return trustme.CA()
-
-
-@pytest.fixture
-def trusted(ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The test CA trusted by the process, as a private CA is (``SSL_CERT_FILE``)."""
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    return ca
-
-
 def test_a_graph_by_https_url_brings_the_data_files_it_names_from_beside_it(
-    dynamo_model: Path, tmp_path: Path, trusted: Any
+    dynamo_model: Path, tmp_path: Path, trusted_ca: Any
 ) -> None:
     members = package_members(dynamo_model)
-    with serve_files(trusted) as web:
+    with serve_files(trusted_ca) as web:
         assert web.url.startswith("https://")
         web.files = {f"/exports/cnn/{name}": data for name, data in members.items()}
         web.files["/exports/cnn/unrelated.bin"] = b"never fetched"
@@ -108,8 +92,8 @@ def test_uris_kiln_does_not_fetch_are_refused_before_any_connection(
         asyncio.run(Fetcher().fetch_model(uri, tmp_path, max_bytes=100))
 
 
-def test_a_redirect_to_plain_http_is_refused_before_it_is_followed(trusted: Any, tmp_path: Path) -> None:
-    with serve_files(trusted) as secure, serve_files() as plain:
+def test_a_redirect_to_plain_http_is_refused_before_it_is_followed(trusted_ca: Any, tmp_path: Path) -> None:
+    with serve_files(trusted_ca) as secure, serve_files() as plain:
         plain.files["/model.onnx"] = b"not fetched"
         secure.redirects["/model.onnx"] = f"{plain.url}/model.onnx"
         with pytest.raises(InvalidSource, match="redirects to the plain http:// URL"):
@@ -117,8 +101,11 @@ def test_a_redirect_to_plain_http_is_refused_before_it_is_followed(trusted: Any,
         assert secure.requests == ["/model.onnx"] and plain.requests == []
 
 
-def test_a_certificate_kiln_does_not_trust_is_named(ca: Any, tmp_path: Path) -> None:
-    with serve_files(ca) as web, pytest.raises(InvalidSource, match=r"TLS certificate .* is not trusted"):
+def test_a_certificate_kiln_does_not_trust_is_named(test_ca: Any, tmp_path: Path) -> None:
+    with (
+        serve_files(test_ca) as web,
+        pytest.raises(InvalidSource, match=r"TLS certificate .* is not trusted"),
+    ):
         web.files["/model.onnx"] = b"x"
         asyncio.run(Fetcher().fetch_model(f"{web.url}/model.onnx", tmp_path, max_bytes=100))
 

@@ -1,5 +1,5 @@
 """Models and data by URI through ``POST /engines``, against a real S3 server
-(SeaweedFS) and a local web server: a torch export whose data file sits beside its
+(SeaweedFS) and a local HTTPS server: a torch export whose data file sits beside its
 graph in a bucket builds and serves; every bad source is a clear 4xx (503 for an
 endpoint that is down) and registers nothing."""
 
@@ -34,13 +34,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(store: Path) -> Iterator[TestClient]:
-    settings = Settings(
-        store=store,
-        backend="onnxruntime",
-        max_batch_size=4,
-        max_upload_bytes=MAX_UPLOAD,
-        source_allow_http=True,
-    )
+    settings = Settings(store=store, backend="onnxruntime", max_batch_size=4, max_upload_bytes=MAX_UPLOAD)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 
@@ -101,11 +95,9 @@ def test_calibration_data_by_uri_calibrates_int8(
 
 
 def test_a_model_by_https_url_builds_and_serves(
-    client: TestClient, dynamo_model: Path, exported: dict[str, Any]
+    client: TestClient, dynamo_model: Path, exported: dict[str, Any], trusted_ca: Any
 ) -> None:
-    """Plain http:// on 127.0.0.1 stands in for https:// (this server allows it:
-    KILN_SOURCE_ALLOW_HTTP); the path through httpx is the same."""
-    with serve_files() as web:
+    with serve_files(trusted_ca) as web:
         web.files = {f"/cnn/{name}": data for name, data in exported["members"].items()}
         response = post(client, "from-web", source=f"{web.url}/cnn/model.onnx")
         assert response.status_code == 202, response.text
@@ -141,6 +133,12 @@ BAD_SOURCES: dict[str, tuple[dict[str, str], int, str, str]] = {
         400,
         "invalid_source",
         "names a folder",
+    ),
+    "plain http": (
+        {"source": "http://127.0.0.1:9/model.onnx"},
+        400,
+        "invalid_source",
+        "KILN_SOURCE_ALLOW_HTTP",
     ),
     "an unsupported scheme": (
         {"source": "gs://bucket/model.onnx"},
