@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _free_port() -> int:
@@ -101,11 +102,20 @@ class SeaweedS3:
     def put(self, key: str, data: bytes) -> str:
         """Store ``data`` under ``key`` in the bucket (straight through botocore, not
         through the code under test); returns its ``s3://`` URI."""
+        self._call("put_object", Bucket=self.bucket, Key=key, Body=data)
+        return f"s3://{self.bucket}/{key}"
+
+    def unfinished_uploads(self, prefix: str) -> list[str]:
+        """Keys of multipart uploads started and neither completed nor aborted."""
+        answer = self._call("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix)
+        return [upload["Key"] for upload in answer.get("Uploads", [])]
+
+    def _call(self, operation: str, **arguments: Any) -> Any:
         import asyncio
 
         from aiobotocore.session import get_session
 
-        async def put() -> None:
+        async def call() -> Any:
             async with get_session().create_client(
                 "s3",
                 endpoint_url=self.endpoint,
@@ -113,10 +123,9 @@ class SeaweedS3:
                 aws_secret_access_key=self.secret_key,
                 region_name=self.region,
             ) as client:
-                await client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                return await getattr(client, operation)(**arguments)
 
-        asyncio.run(put())
-        return f"s3://{self.bucket}/{key}"
+        return asyncio.run(call())
 
     def stop(self) -> None:
         """Take the endpoint away at once (SIGKILL: ``weed mini``'s graceful shutdown
