@@ -80,6 +80,8 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
             *(f"-{flag}={self.ports[name]}" for name, flag in _PORT_FLAGS.items()),
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
@@ -138,6 +140,9 @@ class SeaweedS3:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        # weed mini puts its components' gRPC sockets in /tmp, named by port.
+        for name in ("master", "volume", "filer", "s3", "admin"):
+            Path(f"/tmp/seaweedfs-{name}-grpc-{self.ports[name + '_grpc']}.sock").unlink(missing_ok=True)
 
 
 _READY_LINE = b"All enabled components are running"
