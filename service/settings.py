@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(16 * 1024**2, ge=1)
     max_engines: int = Field(100, ge=1)
     max_versions_per_engine: int = Field(10, ge=1)
+    source_allow_http: bool = Field(
+        False,
+        description="accept plain http:// URLs (and redirects to them) as an upload's source; "
+        "off: https:// and s3:// only",
+    )
 
     # Security and shutdown
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
