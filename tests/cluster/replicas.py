@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -104,24 +103,3 @@ def replica_id(server: ServerProcess) -> str:
         if "cluster mode: replica " in line:
             return line.split("cluster mode: replica ", 1)[1].split(",", 1)[0]
     raise AssertionError(f"no replica id in {server.log}")
-
-
-def build_children(server: ServerProcess) -> list[psutil.Process]:
-    """The server's build child processes now."""
-    assert server.process is not None
-    children = []
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            command = " ".join(child.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if "multiprocessing" in command and "resource_tracker" not in command:
-            children.append(child)
-    return children
-
-
-def gone(process: psutil.Process) -> bool:
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True

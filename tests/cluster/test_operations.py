@@ -23,8 +23,6 @@ from tests.cluster.replicas import (
     LEASE_TTL_S,
     RESYNC_S,
     Replicas,
-    build_children,
-    gone,
     metric,
     outputs,
     predict,
@@ -32,7 +30,7 @@ from tests.cluster.replicas import (
     wait_until,
 )
 from tests.conftest import upload, wait_for_state
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, build_children, gone
 from tests.models import cnn, mlp
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]

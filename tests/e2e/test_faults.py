@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.store import EngineStore
 from tests.conftest import upload, wait_for_state
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, build_children, gone
 from tests.e2e.test_server import sample_value
 
 pytestmark = pytest.mark.slow
@@ -106,26 +106,6 @@ def assert_keep_is_served_as_before(server: ServerProcess, before: dict[str, Any
     with server.client() as client:
         assert wait_for_state(client, "keep")["state"] == "ready"
         assert predict(client) == before
-
-
-def build_children(server: ServerProcess) -> list[psutil.Process]:
-    assert server.process is not None
-    children = []
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            command = " ".join(child.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if "multiprocessing" in command and "resource_tracker" not in command:
-            children.append(child)
-    return children
-
-
-def gone(process: psutil.Process) -> bool:
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # -- SIGKILL ---------------------------------------------------------------------------
