@@ -154,7 +154,7 @@ class EngineSource:
     async def obtain(self, version: EngineVersion) -> dict[str, Any]:
         """The committed engine's metadata for ``version``; raises ``BuildFailure``."""
         shared = self._shared.get(version.cache_key)
-        if shared is None:
+        if shared is None or shared.task is None or shared.task.done():  # a finished one is not joined
             shared = SharedObtain(version.cache_key, first=version)
             self._shared[version.cache_key] = shared
             shared.task = asyncio.create_task(self._obtain(shared, version))
