@@ -25,6 +25,7 @@ from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
 from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidInput, InvalidModel
 from engines.onnx_model import load_model, read_signature
+from engines.output_rules import OutputRule
 from engines.store import EngineStore
 from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
 
@@ -120,9 +121,15 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
         model = load_model(model_path, external_data=store.is_package(job.model_sha256))
         signature = read_signature(model)
         names = shapes.dim_names(model)
+        from engines.output_rules import check_metrics, rules_for
         from engines.precision import already_quantized
 
         quantized_ops = already_quantized(model)
+        try:
+            check_metrics(dict(options.metrics), signature)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        output_rules = rules_for(signature, model, dict(options.metrics))
         del model
     batch_sizes = job.batch_sizes if signature.batchable else (1,)
 
@@ -170,6 +177,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     workdir,
                     timing_cache,
                     lambda fraction: progress("accuracy", fraction),
+                    output_rules,
                 ),
             )
         with phase_timer("profile"):
@@ -492,6 +500,8 @@ class _AccuracySetup:
     timing_cache: Path
     progress: Callable[[float], None]
     """The accuracy phase's progress while a repair runs (share of its time budget)."""
+    rules: dict[str, OutputRule]
+    """How each output is judged (``engines.output_rules``)."""
 
 
 def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None:
@@ -517,7 +527,9 @@ def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None
                 assert plan.validation is not None
                 runner = backend.load(artifact, signature, options)
                 try:
-                    comparison = accuracy.compare(reference, runner, plan.validation, list(setup.batch_sizes))
+                    comparison = accuracy.compare(
+                        reference, runner, plan.validation, list(setup.batch_sizes), setup.rules
+                    )
                 finally:
                     runner.close()
                 return comparison, accuracy.check(comparison, tolerance)
