@@ -160,6 +160,7 @@ def convert_fp16(
     # converted nodes; ONNX Runtime refuses such graphs.
     del converted.graph.value_info[:]
     repaired = _restore_io_types(model_types, converted.graph)
+    moved = _place_subgraph_casts(converted.graph)
     _sort_topologically(converted.graph)
     _drop_float16_round_trips(converted)  # after sorting: shape inference reads in order
 
@@ -175,6 +176,8 @@ def convert_fp16(
         ),
         "fp32_op_types": sorted({node.op_type for node in kept_fp32}),
         "fp32_nodes": [node.name for node in kept_fp32],
+        "fp32_subgraph_nodes": _blocked_in_subgraphs(converted.graph, block_ops),
+        "casts_moved_into_subgraphs": moved,
         "cast_nodes_added": sum(node.op_type == "Cast" for node in converted.graph.node) - casts_before,
         "initializer_values_clamped": clamped,
         "fp32_constants_outside_fp16_range": sorted(out_of_range),
@@ -742,6 +745,70 @@ def _drop_float16_round_trips(model: onnx.ModelProto) -> None:
     ]
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def _place_subgraph_casts(graph: onnx.GraphProto) -> int:
+    """Move the Casts the converter put in the main graph for block-listed nodes inside
+    If, Loop and Scan bodies into the body that defines their input.
+
+    ONNX Runtime's converter appends every Cast it makes around a block-listed node to
+    the main graph, where a value computed inside a subgraph (the boxes a NonMaxSuppression
+    in an If branch reads) does not exist. Repeated until no Cast reads a value the main
+    graph lacks, since a moved Cast's output may feed another misplaced Cast. Returns how
+    many Casts moved.
+    """
+    homes: dict[str, onnx.GraphProto] = {}
+
+    def index(owner: onnx.GraphProto) -> None:
+        for node in owner.node:
+            for subgraph in _subgraphs_of(node):
+                names = [v.name for v in subgraph.input] + [i.name for i in subgraph.initializer]
+                names += [out for inner in subgraph.node for out in inner.output]
+                homes.update(dict.fromkeys(names, subgraph))
+                index(subgraph)
+
+    index(graph)
+    moved = 0
+    while True:
+        in_scope = {v.name for v in graph.input} | {i.name for i in graph.initializer}
+        in_scope |= {out for node in graph.node for out in node.output}
+        misplaced = [
+            node
+            for node in graph.node
+            if node.op_type == "Cast" and node.input[0] not in in_scope and node.input[0] in homes
+        ]
+        if not misplaced:
+            return moved
+        for node in misplaced:
+            home = homes[node.input[0]]
+            graph.node.remove(node)
+            home.node.append(node)
+            homes.update(dict.fromkeys(node.output, home))
+            moved += 1
+
+
+def _blocked_in_subgraphs(graph: onnx.GraphProto, block_ops: Collection[str]) -> list[str]:
+    """The block-listed ops inside If, Loop and Scan bodies, which stay float32:
+    ``"NonMaxSuppression in If 'name'"``."""
+    found = []
+    for node in graph.node:
+        for subgraph in _subgraphs_of(node):
+            found += [
+                f"{inner.op_type} in {node.op_type} '{node.name}'"
+                for inner in subgraph.node
+                if inner.op_type in block_ops
+            ]
+            found += _blocked_in_subgraphs(subgraph, block_ops)
+    return sorted(set(found))
+
+
+def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs: list[onnx.GraphProto] = []
+    for attribute in node.attribute:
+        graphs += list(attribute.graphs)
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+    return graphs
 
 
 def _cast_target(node: onnx.NodeProto) -> int | None:
