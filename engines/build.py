@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from engines.onnx_model import load_model, read_signature
 from engines.output_rules import OutputRule
 from engines.store import EngineStore
 from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
+
+if TYPE_CHECKING:
+    from engines.int8_calibration import Int8Calibration
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
 SYNTHETIC_VALIDATION_SAMPLES = 32
@@ -137,6 +140,13 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
     try:
         with phase_timer("precision"):
             plan = _precision_plan(options, signature, store, model_path, names, batch_sizes, quantized_ops)
+            if plan.calibration is not None and Precision.INT8 in plan.precisions:
+                from engines.int8_calibration import Int8Calibration
+
+                # One calibration pass per build, shared by every INT8 attempt.
+                plan.int8 = Int8Calibration(
+                    model_path, plan.calibration, signature, workdir / "int8-calibration"
+                )
             candidates, dropped = _transform(
                 plan,
                 model_path,
@@ -206,7 +216,10 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     "precision": str(chosen.precision),
                     "requested_precision": str(options.precision),
                     "choice": choice_reason,
-                    "calibration": plan.calibration_report,
+                    "calibration": {
+                        **plan.calibration_report,
+                        **(plan.int8.report() if plan.int8 is not None else {}),
+                    },
                     "validation": plan.validation_report,
                     "shapes": shapes.report(plan.shapes),
                     "skipped": _skipped_phases(plan),
@@ -259,6 +272,8 @@ class _PrecisionPlan:
     synthetic_rejected: str | None = None
     """Why the model refused kiln's synthetic inputs (None when it took them)."""
     note: str | None = None
+    int8: Int8Calibration | None = None
+    """The build's INT8 calibration (prepared once, one pass over the samples)."""
 
 
 def _skipped_phases(plan: _PrecisionPlan) -> dict[str, str]:
@@ -483,6 +498,7 @@ def _convert(
         symmetric_activations=symmetric_activations,
         exclude_nodes=keep_fp32,
         signature=signature,
+        calibration=plan.int8,
     )
 
 

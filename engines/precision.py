@@ -32,7 +32,7 @@ import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -42,17 +42,10 @@ from engines.errors import BuildFailed, CalibrationError, UnsupportedModel
 from engines.store import atomic_output
 from engines.types import CalibrationMethod, Signature
 
+if TYPE_CHECKING:
+    from engines.int8_calibration import Int8Calibration
+
 log = logging.getLogger(__name__)
-
-PER_CHANNEL_MIN_OPSET = 13
-"""DequantizeLinear has an ``axis`` (per-channel scales) from opset 13 on. Below it, ORT
-quantizes per-channel without complaint and the result fails to load."""
-
-CALIBRATION_PASS_SAMPLES = 32
-"""Samples per calibration pass. ORT's histogram calibrators hold every activation of a
-pass until they bin it, so passes bound memory; histograms and min/max merge across
-passes. A model with a dynamic batch axis runs each pass as one batch (the histogram
-collector also needs equal-sized runs within a pass); others run it one sample at a time."""
 
 TRT_QDQ_OPTIONS: dict[str, Any] = {
     # TensorRT accepts only zero points of 0 for activations and weights alike.
@@ -198,14 +191,14 @@ def quantize_int8(
     symmetric_activations: bool = True,
     exclude_nodes: Collection[str] = (),
     signature: Signature | None = None,
+    calibration: Int8Calibration | None = None,
 ) -> dict[str, Any]:
     """Insert int8 Q/DQ nodes calibrated on ``samples``.
 
     Steps: refuse a model with no float weighted op (``UnsupportedModel``); upgrade the
     opset to 13 when per-channel needs it; ``quant_pre_process`` (symbolic shape
     inference, retried without it when it fails on the graph); calibrate on the samples
-    with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one batch when the
-    model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ with
+    with ``method``; insert Q/DQ with
     ``quantize_static`` (QDQ, int8 per-channel weights, biases in float32),
     leaving out the nodes named in ``exclude_nodes`` (unnamed nodes are named
     ``<op type>_<index>``, as in ``convert_fp16``); run ``onnx.checker`` and run the
@@ -218,20 +211,25 @@ def quantize_int8(
     QLinearConv), uint8 activations with calibrated zero points and int8 weights
     (U8S8, the fastest int8 kernels on x86; int8 activations ran slower than FP32).
 
-    ORT's quantization tools write scratch files into the working directory and the
-    system temp dir; both point at a work dir beside ``output_path`` while they run,
-    which is removed afterwards (the build runs in its own process).
+    The preparation and the calibration pass come from ``calibration``
+    (``engines.int8_calibration``), which a build shares between attempts so that the
+    samples run through the model once; without it they are made here, in a scratch
+    directory beside ``output_path`` removed afterwards. ORT's quantization tools write
+    scratch files into the working directory and the system temp dir; both point at
+    the calibration's directory while they run.
 
     ``samples`` are keyed by input name with samples on axis 0, as ``load_samples``
     returns them (``signature`` tells how inputs without a sample axis are fed).
     Returns a report: method, sample count, opsets, Q/DQ node counts,
     ``quantized_op_types`` (op types reading at least one int8 tensor through a
     DequantizeLinear, with counts), per-channel weight count, sizes, pre-processing
-    mode. Raises ``CalibrationError`` when the samples do not fit the model's inputs,
-    ``UnsupportedModel`` when nothing in the model can be quantized, ``BuildFailed`` for
-    any other failed step.
+    mode, the calibration's report (passes, phase times). Raises ``CalibrationError``
+    when the samples do not fit the model's inputs, ``UnsupportedModel`` when nothing
+    in the model can be quantized, ``BuildFailed`` for any other failed step.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from engines.int8_calibration import Int8Calibration, _calibration_batch_size
 
     started = time.perf_counter()
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +238,7 @@ def quantize_int8(
     count = _check_samples(model, samples)
     batch_size = _calibration_batch_size(model)
     opset_before = _opset(model)
+    del model
     report: dict[str, Any] = {
         "method": str(method),
         "samples": count,
@@ -250,29 +249,19 @@ def quantize_int8(
         "opset_before": opset_before,
     }
 
-    with (
-        tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent) as workdir,
-        atomic_output(output_path) as temp_path,
-        _scratch_in(Path(workdir)),
-    ):
-        work = Path(workdir)
-        source = onnx_path
-        if per_channel and opset_before < PER_CHANNEL_MIN_OPSET:
-            source = work / "upgraded.onnx"
-            model = _upgrade_opset(model, PER_CHANNEL_MIN_OPSET)
-            _name_nodes(model.graph)
-            _save(model, source, "int8")
-        elif _name_nodes(model.graph):
-            source = work / "named.onnx"
-            _save(model, source, "int8")
-        del model  # the quantizer reads from disk; do not hold a second copy
-
-        prepared = work / "prepared.onnx"
-        report["pre_process"] = _pre_process(source, prepared)
-
-        tensor_ranges = work / "ranges.json"
-        op_types = list(QUANTIZED_OP_TYPES)
-        unusable = _calibrate(prepared, samples, method, op_types, batch_size, work, tensor_ranges, signature)
+    with contextlib.ExitStack() as stack:
+        if calibration is None:
+            scratch = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent)
+            )
+            calibration = Int8Calibration(
+                onnx_path, samples, signature, Path(scratch), per_channel=per_channel
+            )
+        temp_path = stack.enter_context(atomic_output(output_path))
+        prepared = calibration.prepared()
+        tensor_ranges, unusable = calibration.ranges(method)
+        stack.enter_context(_scratch_in(calibration.workdir))
+        report["pre_process"] = calibration.report()["pre_process"]
         kept_float = _touching(prepared, unusable)
         if kept_float:
             report["kept_float_for_nonfinite_range"] = kept_float
@@ -287,6 +276,7 @@ def quantize_int8(
             # NVIDIA's recipe: quantize the inputs of weighted ops, not their outputs.
             # ONNX Runtime needs the Q after a Conv to fuse it into a QLinearConv.
             extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+        quantize_started = time.perf_counter()
         try:
             with _quiet_logger("root"), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
@@ -299,7 +289,7 @@ def quantize_int8(
                     activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=_ort_method(method),
-                    op_types_to_quantize=op_types,
+                    op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                     nodes_to_exclude=[*exclude_nodes, *kept_float],
                     extra_options=extra_options,
                 )
@@ -320,6 +310,8 @@ def quantize_int8(
         _check(temp_path, "int8")
         first = next(iter_batches(samples, batch_size, signature))
         _smoke_run(temp_path, "int8", feeds=first)
+        report["quantize_seconds"] = round(time.perf_counter() - quantize_started, 3)
+        report["calibration"] = calibration.report()
 
     report["size_before_bytes"] = onnx_path.stat().st_size
     report["size_after_bytes"] = output_path.stat().st_size
@@ -411,106 +403,6 @@ def _check_samples(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) ->
     return count
 
 
-def _calibration_batch_size(model: onnx.ModelProto) -> int:
-    """Batch calibration runs only along a real batch axis: every input and output with a
-    dynamic first dim. Otherwise feed one sample at a time, which keeps a fixed leading
-    dim of 1 (see engines.calibration for the sample layout)."""
-    initializers = {init.name for init in model.graph.initializer}
-    values = [v for v in model.graph.input if v.name not in initializers]
-    values += list(model.graph.output)
-    for value in values:
-        dims = value.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value"):
-            return 1
-    return CALIBRATION_PASS_SAMPLES
-
-
-def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    from onnx import version_converter
-
-    try:
-        upgraded = version_converter.convert_version(model, target)
-    except Exception as exc:  # the converter raises RuntimeError and C++ errors
-        raise BuildFailed(
-            f"int8: per-channel quantization needs opset {target}, and upgrading the model "
-            f"from opset {_opset(model)} failed: {_short(exc)}"
-        ) from exc
-    # The converter leaves shapes of the old opset behind; quant_pre_process re-infers them.
-    del upgraded.graph.value_info[:]
-    return upgraded
-
-
-def _pre_process(source: Path, prepared: Path) -> str:
-    """Shape inference and basic graph optimization before quantization (ORT's advice).
-
-    Symbolic shape inference fails on some real graphs (and needs sympy); ONNX shape
-    inference alone is then enough for what the quantizer needs to know.
-    """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
-        return "symbolic shape inference"
-    except Exception as first:
-        log.info("int8: symbolic shape inference failed (%s); retrying without it", first)
-        try:
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:
-            raise BuildFailed(
-                f"int8: preparing the model for quantization failed: {_short(exc)} "
-                f"(after symbolic shape inference failed: {_short(first)})"
-            ) from exc
-        return f"onnx shape inference only (symbolic shape inference failed: {_short(first)})"
-
-
-def _calibrate(
-    prepared: Path,
-    samples: Mapping[str, np.ndarray],
-    method: CalibrationMethod,
-    op_types: list[str],
-    batch_size: int,
-    workdir: Path,
-    ranges_path: Path,
-    signature: Signature | None,
-) -> list[str]:
-    """Run the calibration passes and save the tensor ranges for ``quantize_static``.
-    Returns the tensors whose range is not finite (an attention mask's -inf, say):
-    they cannot be quantized, so their ranges are left out.
-
-    Calibrating here rather than inside ``quantize_static`` bounds memory: ORT's
-    histogram calibrators hold every activation of one ``collect_data`` call, so the
-    samples go through in passes of CALIBRATION_PASS_SAMPLES (one ``collect_data`` each)
-    and the histograms (or min/max) merge across passes.
-    """
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    try:
-        calibrator = create_calibrator(
-            prepared,
-            op_types,
-            augmented_model_path=str(workdir / "augmented.onnx"),
-            calibrate_method=_ort_method(method),
-            providers=["CPUExecutionProvider"],
-        )
-        # ORT's calibrators print progress to stdout; keep the build's output clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            for chunk in iter_batches(samples, CALIBRATION_PASS_SAMPLES):
-                calibrator.collect_data(_SampleReader(chunk, batch_size, signature))
-            ranges = calibrator.compute_data()
-        unusable = sorted(name for name in ranges if not _finite_range(ranges[name].range_value))
-        for name in unusable:
-            del ranges.data[name]
-        save_tensors_data(ranges, ranges_path)
-    except Exception as exc:  # calibration runs the model: any runtime error can come out
-        raise BuildFailed(f"int8: calibration ({method}) failed: {_short(exc)}") from exc
-    return unusable
-
-
-def _finite_range(range_value: Any) -> bool:
-    low, high = (np.asarray(bound, dtype=np.float64) for bound in range_value)
-    return bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(high - low < 1e30))
-
-
 def _touching(path: Path, tensors: Collection[str]) -> list[str]:
     """Names of the nodes that read or write any of ``tensors``."""
     if not tensors:
@@ -524,26 +416,6 @@ def _ort_method(method: CalibrationMethod) -> Any:
     from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 
     return OrtCalibrationMethod[_ORT_METHODS[CalibrationMethod(method)]]
-
-
-class _SampleReader:
-    """ORT's CalibrationDataReader protocol (``get_next`` → feeds or None) over samples."""
-
-    def __init__(
-        self, samples: Mapping[str, np.ndarray], batch_size: int, signature: Signature | None
-    ) -> None:
-        self._batches = iter_batches(samples, batch_size, signature)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        if batch is None:
-            return None
-        # Contiguous copies: ORT would copy strided views anyway.
-        return {name: np.ascontiguousarray(array) for name, array in batch.items()}
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while (batch := self.get_next()) is not None:
-            yield batch
 
 
 def _qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
