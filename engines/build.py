@@ -592,6 +592,13 @@ def _repair(
     def build(onnx_path: Path, artifact: Path) -> dict[str, Any]:
         return backend.build(onnx_path, signature, options, artifact, timing_cache_path=setup.timing_cache)
 
+    def convert_dynamic(onnx_path: Path, kept: frozenset[str]) -> dict[str, Any]:
+        from engines.calibration import iter_batches
+        from engines.precision import quantize_int8_dynamic
+
+        first = next(iter_batches(validation, 1, signature))
+        return quantize_int8_dynamic(model_path, onnx_path, exclude_nodes=kept, feeds=first)
+
     def profile(artifact: Path) -> dict[int, float]:
         runner = backend.load(artifact, signature, options)
         try:
@@ -621,8 +628,16 @@ def _repair(
         options.repair_max_nodes or repair.default_node_budget(repair.weighted_node_count(model_path)),
         options.repair_seconds,
     )
+    # Dynamic INT8 (MatMulInteger, DynamicQuantizeLinear) runs on ONNX Runtime only.
+    dynamic = candidate.precision == Precision.INT8 and backend.name == "onnxruntime"
     tools = repair.RepairTools(
-        convert, build, gate, None if plan.synthetic_rejected else profile, fp32_artifact, setup.progress
+        convert,
+        build,
+        gate,
+        None if plan.synthetic_rejected else profile,
+        fp32_artifact,
+        setup.progress,
+        convert_dynamic if dynamic else None,
     )
     result, report = repair.repair(
         candidate.precision, model_path, validation, signature, failed, tools, budget, setup.workdir
@@ -741,4 +756,6 @@ def _candidate_summary(candidate: _Candidate) -> dict[str, Any]:
         repair = candidate.report["repair"]
         summary["repaired"] = repair["passed"]
         summary["kept_fp32"] = [node["name"] for node in repair["kept_fp32"]]
+        if "chosen" in repair:
+            summary["chosen"] = repair["chosen"]
     return summary
