@@ -203,7 +203,15 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     from engines.repair import add_latency_costs
 
                     add_latency_costs(candidate.report["repair"], candidate.latency_ms)
-        chosen, choice_reason = _choose(candidates, options.precision)
+        try:
+            chosen, choice_reason = _choose(candidates, options.precision)
+        except AccuracyRejected as exc:
+            # How long the failure took, and that calibration ran once, with the numbers.
+            timings["total"] = time.perf_counter() - started
+            exc.details["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            if plan.int8 is not None:
+                exc.details["calibration"] = plan.int8.report()
+            raise
         with phase_timer("commit"):
             meta: dict[str, Any] = {
                 "backend": backend.name,

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tests.zoo.training import one_thread
+
 SIZE = 64
 STRIDE = 8
 CLASSES = 2
@@ -59,9 +61,10 @@ def make(directory: Path) -> Path:
 
     _register_nms()
     torch.manual_seed(0)
-    net = _train(_Detector(), np.random.default_rng(0))
+    with one_thread():
+        net = _train(_Detector(), np.random.default_rng(0))
     net.eval()
-    with warnings.catch_warnings(), torch.no_grad():
+    with one_thread(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             net,

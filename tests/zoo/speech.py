@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.zoo.training import one_thread
+
 RATE = 16000
 SAMPLES = 4000  # a quarter second
 WORDS = ((300.0, 900.0), (500.0, 1500.0), (700.0, 2100.0), (1100.0, 3300.0))
@@ -72,7 +74,8 @@ def make(directory: Path) -> Path:
         layerdrop=0.0,
     )
     model = transformers.Wav2Vec2ForSequenceClassification(config)
-    _train(model, np.random.default_rng(0))
+    with one_thread():
+        _train(model, np.random.default_rng(0))
     model.eval()
 
     class Logits(torch.nn.Module):
@@ -83,7 +86,7 @@ def make(directory: Path) -> Path:
         def forward(self, input_values: torch.Tensor) -> torch.Tensor:
             return self.inner(input_values, return_dict=False)[0]
 
-    with warnings.catch_warnings(), torch.no_grad():
+    with one_thread(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             Logits(),
