@@ -223,7 +223,8 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 "report": {
                     "precision": str(chosen.precision),
                     "requested_precision": str(options.precision),
-                    "choice": choice_reason,
+                    "choice": plan.fallback or choice_reason,
+                    **({"fallback": plan.fallback} if plan.fallback else {}),
                     "calibration": {
                         **plan.calibration_report,
                         **(plan.int8.report() if plan.int8 is not None else {}),
@@ -282,6 +283,8 @@ class _PrecisionPlan:
     note: str | None = None
     int8: Int8Calibration | None = None
     """The build's INT8 calibration (prepared once, one pass over the samples)."""
+    fallback: str | None = None
+    """Why the engine is not the requested precision, when it is not."""
 
 
 def _skipped_phases(plan: _PrecisionPlan) -> dict[str, str]:
@@ -351,11 +354,14 @@ def _precision_plan(
     if requested == Precision.FP32:
         return plan([Precision.FP32])
     if quantized_ops:
-        return plan(
+        quantized = plan(
             [Precision.FP32],
             f"the model is already quantized ({', '.join(quantized_ops)}): served as uploaded, "
             f"not converted to {requested}",
         )
+        if requested == Precision.FP16:
+            quantized.fallback = f"fp16 was requested; {quantized.note}"
+        return quantized
 
     how = f"{shapes.HOW_TO_GIVE_SHAPES}"
     if calibration is None and options.synthetic_calibration:
@@ -472,6 +478,18 @@ def _transform(
                 raise
             dropped.append({"precision": str(precision), "accepted": False, "dropped": exc.message})
             continue
+        if report.get("transform", {}).get("converted_nothing"):
+            kept = ", ".join(report["transform"]["fp32_op_types"]) or "none"
+            unchanged = (
+                f"{precision} was requested, and the float16 conversion changed nothing: every op "
+                f"stays FP32 (op types kept in FP32: {kept}), so the engine is FP32"
+            )
+            if auto:
+                dropped.append({"precision": str(precision), "accepted": False, "dropped": unchanged})
+                continue
+            # The FP32 engine is what this request gives; say so instead of calling it fp16.
+            plan.fallback = unchanged
+            precision, onnx_path, report = Precision.FP32, model_path, {"transform": report["transform"]}
         candidates.append(_Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report))
         progress("precision", (index + 1) / len(plan.precisions))
     return candidates, dropped

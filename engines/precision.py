@@ -162,11 +162,15 @@ def convert_fp16(
         _check(temp_path, "fp16")
         _smoke_run(temp_path, "fp16", feeds=feeds)
 
+    float16_values = _float16_values(converted.graph)
     return {
         "converter": (
             f"onnxruntime {onnxruntime.__version__} transformers.float16.convert_float_to_float16"
             "(keep_io_types=True)"
         ),
+        # No float16 weight, constant or cast anywhere: every op stayed float32.
+        "float16_values": float16_values,
+        "converted_nothing": float16_values == 0,
         "fp32_op_types": sorted({node.op_type for node in kept_fp32}),
         "fp32_nodes": [node.name for node in kept_fp32],
         "fp32_subgraph_nodes": _blocked_in_subgraphs(converted.graph, block_ops),
@@ -730,6 +734,29 @@ def _place_subgraph_casts(graph: onnx.GraphProto) -> int:
             home.node.append(node)
             homes.update(dict.fromkeys(node.output, home))
             moved += 1
+
+
+def _float16_values(graph: onnx.GraphProto) -> int:
+    """Float16 initializers, Constants and Casts to float16 that something computes with
+    (not a round trip straight back to float32), subgraphs included."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in {*node.input, *_subgraph_inputs(node)}:
+            readers.setdefault(name, []).append(node)
+    count = sum(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Cast" and _cast_target(node) == onnx.TensorProto.FLOAT16:
+            count += any(
+                not (reader.op_type == "Cast" and _cast_target(reader) == onnx.TensorProto.FLOAT)
+                for reader in readers.get(node.output[0], [])
+            )
+        elif node.op_type == "Constant":
+            count += any(
+                a.t.data_type == onnx.TensorProto.FLOAT16 for a in node.attribute if a.name == "value"
+            )
+        for subgraph in _subgraphs_of(node):
+            count += _float16_values(subgraph)
+    return count
 
 
 def _blocked_in_subgraphs(graph: onnx.GraphProto, block_ops: Collection[str]) -> list[str]:
