@@ -136,7 +136,7 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
     return cell
 
 
-_SHOWN = ("cosine_similarity", "top1_agreement", "exact_match", "decided_by")
+_SHOWN = ("cosine_similarity", "top1_agreement", "exact_match", "decided_by", "rule")
 
 
 def _fp32_agreement(
