@@ -420,3 +420,39 @@ def test_fp16_keeps_block_listed_ops_inside_if_and_loop_bodies_in_float32(tmp_pa
     got = OrtRunner(tmp_path / "fp16.onnx")._session.run(None, feeds)
     np.testing.assert_array_equal(got[0], want[0])  # the same boxes survive NMS
     np.testing.assert_allclose(got[1], want[1], rtol=1e-3)
+
+
+# -- dynamic INT8 -------------------------------------------------------------------------
+
+
+def test_dynamic_int8_quantizes_matmul_weights_and_keeps_the_model_right(tmp_path: Path) -> None:
+    from engines.precision import quantize_int8_dynamic
+    from tests import repair_models
+
+    model = repair_models.fp16_overflow_mlp(tmp_path)  # MatMul layers, trained on the digits
+    x_test = repair_models.digits_split()[1][:64]
+    feeds = {repair_models.INPUT: x_test}
+    report = quantize_int8_dynamic(model, tmp_path / "dynamic.onnx", feeds={repair_models.INPUT: x_test[:1]})
+    assert report["mode"] == "dynamic" and report["quantized_op_types"].get("MatMulInteger", 0) >= 1
+    ops = {node.op_type for node in onnx.load(tmp_path / "dynamic.onnx").graph.node}
+    assert "DynamicQuantizeLinear" in ops  # activations quantized per run, no calibration
+    want = OrtRunner(model)._session.run(None, feeds)[0]
+    got = OrtRunner(tmp_path / "dynamic.onnx")._session.run(None, feeds)[0]
+    assert float(np.mean(got == want)) >= 0.98  # the labels
+
+
+def test_dynamic_int8_refuses_a_model_without_matmul_weights(tmp_path: Path) -> None:
+    from engines.precision import quantize_int8_dynamic
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "conv.onnx")
+    with pytest.raises(UnsupportedModel, match="nothing to quantize"):
+        quantize_int8_dynamic(tmp_path / "conv.onnx", tmp_path / "dynamic.onnx")
+    assert not (tmp_path / "dynamic.onnx").exists()
