@@ -1,6 +1,7 @@
 """How long an INT8 build that fails the accuracy gate takes, repair included.
 
-A detector (YOLOv8n from the zoo, 320x320, calibrated on 24 synthetic images) is built
+A detector (YOLOv8n from the zoo, 320x320, calibrated on synthetic images: 24 as in
+the zoo tests, or ``--calibration-samples``) is built
 at INT8 with repair and a tolerance it cannot meet (cosine similarity 0.99999, where
 INT8 reaches about 0.9995), so the build runs every calibration method and every
 repair round its budgets allow, then fails: the path an operator waits on before the
@@ -10,7 +11,8 @@ many calibration passes ran where the report says so.
 The script uses only APIs that kiln has had since the repair existed, so the same file
 measures an older checkout: ``PYTHONPATH=<checkout> python benchmarks/int8_failure.py``.
 
-Run: ``PYTHONPATH=. python benchmarks/int8_failure.py [--model yolov8n] [--runs 1]``
+Run: ``PYTHONPATH=. python benchmarks/int8_failure.py [--model yolov8n] [--runs 1]
+[--calibration-samples 24]``
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tests.zoo.models import BY_NAME
 STRICT = (("cosine_similarity", 0.99999),)
 
 
-def measure(model_name: str, root: Path) -> dict:
+def measure(model_name: str, root: Path, calibration_samples: int) -> dict:
     zoo = BY_NAME[model_name]
     path = zoo.make(root / "zoo")
     store = EngineStore(root / "store")
@@ -44,7 +46,7 @@ def measure(model_name: str, root: Path) -> dict:
         precision=Precision.INT8,
         max_batch_size=2,
         opt_batch_size=1,
-        calibration_sha256=put_bytes(store, npz_bytes(zoo.samples(rng, 24))),
+        calibration_sha256=put_bytes(store, npz_bytes(zoo.samples(rng, calibration_samples))),
         validation_sha256=put_bytes(store, npz_bytes(zoo.samples(rng, 8))),
         tolerance=STRICT,
         shapes=tuple(
@@ -66,6 +68,7 @@ def measure(model_name: str, root: Path) -> dict:
     repair = details.get("repair", {})
     return {
         "model": model_name,
+        "calibration_samples": calibration_samples,
         "outcome": outcome,
         "seconds": round(seconds, 1),
         "timings_s": details.get("timings_s"),
@@ -81,11 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolov8n")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--calibration-samples", type=int, default=24)
     args = parser.parse_args()
     for _ in range(args.runs):
         root = Path(tempfile.mkdtemp(prefix="int8-failure-"))
         try:
-            print(json.dumps(measure(args.model, root)))
+            print(json.dumps(measure(args.model, root, args.calibration_samples)))
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -549,6 +549,9 @@ class _AccuracySetup:
 def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None:
     backend, signature, options, plan = setup.backend, setup.signature, setup.options, setup.plan
     reference: Runner | None = None
+    # The FP32 reference's outputs on the validation samples, computed once for every
+    # candidate and repair rebuild.
+    reference_outputs: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     try:
         for candidate in candidates:
             if candidate.precision == Precision.FP32:
@@ -570,7 +573,12 @@ def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None
                 runner = backend.load(artifact, signature, options)
                 try:
                     comparison = accuracy.compare(
-                        reference, runner, plan.validation, list(setup.batch_sizes), setup.rules
+                        reference,
+                        runner,
+                        plan.validation,
+                        list(setup.batch_sizes),
+                        setup.rules,
+                        reference_outputs,
                     )
                 finally:
                     runner.close()

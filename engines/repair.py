@@ -572,7 +572,19 @@ def _relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
     """The mean over samples of each sample's relative error."""
     if len(reference) != len(candidate) or not reference:
         return 0.0
-    return float(np.mean([_sample_error(r, c) for r, c in zip(reference, candidate, strict=True)]))
+    if len({array.shape for array in (*reference, *candidate)}) > 1:
+        return float(np.mean([_sample_error(r, c) for r, c in zip(reference, candidate, strict=True)]))
+    # All samples alike: one vectorised pass, as _sample_error computes each.
+    ref, cand = np.stack(reference).astype(np.float64), np.stack(candidate).astype(np.float64)
+    finite = np.isfinite(ref)
+    broken = np.any(finite & ~np.isfinite(cand), axis=1)
+    ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+    norm = np.linalg.norm(ref, axis=1)
+    difference = np.linalg.norm(ref - cand, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(norm > 0, difference / np.where(norm > 0, norm, 1.0), 0.0)
+    errors = np.where(norm == 0, np.where(difference == 0, 0.0, ERROR_CAP), np.minimum(relative, ERROR_CAP))
+    return float(np.mean(np.where(broken, ERROR_CAP, errors)))
 
 
 def _sample_error(reference: np.ndarray, candidate: np.ndarray) -> float:

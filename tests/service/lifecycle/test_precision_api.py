@@ -194,3 +194,28 @@ def test_calibration_that_is_not_npz(client: TestClient, digits: tuple[Path, np.
     response = upload(client, model, "bad", {"precision": "int8"}, {"calibration": b"not a zip file"})
     assert response.status_code == 400
     assert "npz" in response.json()["error"]["message"].lower()
+
+
+def test_metrics_override_how_an_output_is_judged(
+    client: TestClient, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    model, _, x_test = digits
+    bad = upload(client, model, "judged", {"precision": "fp16", "metrics": '{"logits": "cosine"}'}, {})
+    assert bad.status_code == 400
+    assert "metrics names output 'logits', which the model does not have" in bad.json()["error"]["message"]
+    unreadable = upload(client, model, "judged", {"precision": "fp16", "metrics": '{"probs": "argmax"}'}, {})
+    assert unreadable.status_code == 400 and "top1:axis=K" in unreadable.json()["error"]["message"]
+
+    response = upload(
+        client,
+        model,
+        "judged",
+        {"precision": "fp16", "metrics": f'{{"{DIGITS_OUTPUT}": "cosine"}}'},
+        {"validation": npz(**{DIGITS_INPUT: x_test[:32]})},
+    )
+    assert response.status_code == 202, response.text
+    status = wait_for_state(client, "judged", timeout_s=120)
+    assert status["state"] == "ready", status["error"]
+    probs = status["report"]["accuracy"]["results"][0]["outputs"][DIGITS_OUTPUT]
+    assert probs["rule"] == "cosine" and probs["rule_reason"] == "the upload's metrics"
+    assert "top1_agreement" not in probs
