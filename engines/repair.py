@@ -376,7 +376,7 @@ def _keep_nodes(
 
 
 _INDEXED = re.compile(r"^(.+?)[._](\d+)$")
-"""A module path component with an index: ``conv_layers.0``, ``layers_3``, ``block2``."""
+"""A module path component with an index: ``conv_layers.0``, ``layers_3``."""
 
 
 def _stage_units(onnx_path: Path) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
