@@ -350,6 +350,11 @@ def quantize_int8_dynamic(
     started = time.perf_counter()
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8 dynamic")
+    weights = {init.name for init in model.graph.initializer}
+    if not any(node.op_type in DYNAMIC_OP_TYPES and node.input[1] in weights for node in model.graph.node):
+        raise UnsupportedModel(
+            "int8 dynamic: nothing to quantize: no MatMul with constant weights in the main graph"
+        )
     renamed = _name_nodes(model.graph)
     with (
         tempfile.TemporaryDirectory(prefix=".int8-dynamic-", dir=output_path.parent) as scratch,

@@ -574,11 +574,14 @@ def _relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
         return 0.0
     if len({array.shape for array in (*reference, *candidate)}) > 1:
         return float(np.mean([_sample_error(r, c) for r, c in zip(reference, candidate, strict=True)]))
-    # All samples alike: one vectorised pass, as _sample_error computes each.
-    ref, cand = np.stack(reference).astype(np.float64), np.stack(candidate).astype(np.float64)
+    # All samples alike: one vectorised pass, as _sample_error computes each (in
+    # float32: a relative error needs no more digits, and these arrays are large).
+    ref, cand = np.stack(reference), np.stack(candidate)
     finite = np.isfinite(ref)
-    broken = np.any(finite & ~np.isfinite(cand), axis=1)
-    ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+    candidate_finite = np.isfinite(cand)
+    broken = np.any(finite & ~candidate_finite, axis=1)
+    if not (finite.all() and candidate_finite.all()):
+        ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
     norm = np.linalg.norm(ref, axis=1)
     difference = np.linalg.norm(ref - cand, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
