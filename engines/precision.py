@@ -236,6 +236,7 @@ def quantize_int8(
     from engines.int8_calibration import Int8Calibration, _calibration_batch_size
 
     started = time.perf_counter()
+    onnx_path, output_path = onnx_path.absolute(), output_path.absolute()  # _scratch_in changes directory
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8")
     _check_quantizable(model)
