@@ -77,10 +77,11 @@ class Int8Calibration:
         per_channel: bool = True,
         op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul"),
     ) -> None:
-        self.model_path = model_path
+        # Absolute: ORT's tools run with the working directory moved (_scratch_in).
+        self.model_path = model_path.absolute()
         self.samples = samples
         self.signature = signature
-        self.workdir = workdir
+        self.workdir = workdir.absolute()
         self.per_channel = per_channel
         self.op_types = op_types
         self.passes = 0

@@ -349,6 +349,7 @@ def quantize_int8_dynamic(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     started = time.perf_counter()
+    onnx_path, output_path = onnx_path.absolute(), output_path.absolute()  # _scratch_in changes directory
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8 dynamic")
     weights = {init.name for init in model.graph.initializer}
