@@ -147,8 +147,8 @@ def test_sklearn_mlp_classifier(client: TestClient, tmp_path: Path, precision: s
 
 
 @pytest.fixture(scope="module")
-def language_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return BY_NAME["gpt2-chars"].make(tmp_path_factory.mktemp("zoo-lm"))
+def language_model_path(zoo_dir: Path) -> Path:
+    return BY_NAME["gpt2-chars"].make(zoo_dir)
 
 
 def test_language_model_int8_serves_only_with_strict_next_token_agreement(

@@ -15,11 +15,6 @@ from tests.zoo.models import BY_NAME
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("zoo-meaning")
-
-
 def test_segmenter_int8_is_judged_per_pixel_over_the_class_axis(zoo_dir: Path, tmp_path: Path) -> None:
     zoo = BY_NAME["segformer"]
     cell = build_cell(zoo, zoo.make(zoo_dir), "int8", tmp_path)

@@ -27,11 +27,6 @@ of theirs is in docs/MODELS.md (benchmarks/models_table.py)."""
 MODELS = [model for model in ZOO if model.name not in HTTP_COVERED + CHECKED_BY_MEANING]
 
 
-@pytest.fixture(scope="session")
-def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("zoo")
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("model", MODELS, ids=[model.name for model in MODELS])
 def test_zoo_cell(model, precision: str, zoo_dir: Path, tmp_path: Path) -> None:
