@@ -8,7 +8,8 @@ in this order (the first that applies wins):
 1. the upload's ``metrics`` override for that output (``parse_metrics``);
 2. integer or bool outputs: ``exact``;
 3. float outputs computed by a softmax (a Softmax or LogSoftmax node, or the
-   Exp / ReduceSum / Div pattern some exporters write, through Identity and Cast):
+   Exp / ReduceSum / Div pattern some exporters write, the sum reshaped or
+   broadcast back, through Identity and Cast):
    ``top1`` over the softmax's axis;
 4. names that say the output is not class scores (``embed``, ``hidden``, ``feature``,
    ``pool``, ``box``, ``coord``, ``state``...): ``cosine``;
@@ -61,6 +62,9 @@ NOT_CLASS_WORDS = (
 
 _THROUGH = ("Identity", "Cast")
 """Ops between a softmax and the graph output that keep its axes."""
+
+_BROADCAST = ("Reshape", "Expand", "Unsqueeze", "Identity")
+"""Ops between a softmax's sum and its division that only bring the sum back to shape."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,11 @@ def _softmax_axis(spec: TensorSpec, graph: _Graph) -> int | None:
         return axis if opset >= 13 or axis == spec.rank - 1 else None
     if node.op_type == "Div" and len(node.input) == 2:
         numerator, denominator = producers.get(node.input[0]), producers.get(node.input[1])
+        # The sum may be reshaped and broadcast back before the division (jax2tf, tf2onnx).
+        for _ in range(3):
+            if denominator is None or denominator.op_type not in _BROADCAST:
+                break
+            denominator = producers.get(denominator.input[0])
         if (
             numerator is not None
             and numerator.op_type == "Exp"

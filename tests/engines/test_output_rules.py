@@ -121,3 +121,25 @@ def test_compare_output_judges_one_run_by_its_rule() -> None:
     assert broken and broken[0].startswith("top1_agreement 0.5 < 0.99")
     metrics, broken = compare_output(reference, candidate, OutputRule("cosine"), {"top1_agreement": 0.99})
     assert "top1_agreement" not in metrics and broken == []
+
+
+def test_a_softmax_whose_sum_is_reshaped_and_broadcast_back_is_found() -> None:
+    """jax2tf through tf2onnx (magika) reduces with keepdims=0, then reshapes and
+    expands the sum before dividing."""
+    model = _model(
+        [
+            helper.make_node("Exp", ["x"], ["e"]),
+            helper.make_node("ReduceSum", ["e", "axes"], ["sum"], keepdims=0),
+            helper.make_node("Reshape", ["sum", "column"], ["sum2"]),
+            helper.make_node("Shape", ["e"], ["shape"]),
+            helper.make_node("Expand", ["sum2", "shape"], ["broadcast"]),
+            helper.make_node("Div", ["e", "broadcast"], ["target_label"]),
+        ],
+        [_out("target_label", ["n", 6])],
+        (
+            numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+            numpy_helper.from_array(np.array([-1, 1], np.int64), "column"),
+        ),
+    )
+    rule = rules_for(read_signature(model), model)["target_label"]
+    assert rule.describe() == "top1:axis=1" and "softmax" in rule.reason
