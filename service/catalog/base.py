@@ -69,7 +69,7 @@ PERMANENT_FAILURES = frozenset(
 Everything else (a crash, a timeout, out of memory, a full disk, a backend that
 returned no engine) is retried with backoff up to ``KILN_BUILD_RETRIES``."""
 
-SERVING_STATES = frozenset({"ready", "baseline"})
+SERVING_STATES = frozenset({"ready", "fallback", "baseline"})
 """Replica-reported states in which a version answers requests there."""
 WORKING_STATES = frozenset({"building", "loading", "baseline"})
 

@@ -46,6 +46,7 @@ NUMBERS = "numbers.json"
 # state; this is what each one means now (None: a delete the restart interrupted).
 _LEGACY_STATES: dict[str, str | None] = {
     "ready": CatalogState.READY,
+    "fallback": CatalogState.READY,
     "baseline": CatalogState.READY,
     "failed": CatalogState.FAILED,
     "building": CatalogState.PENDING,  # interrupted by a restart: built again

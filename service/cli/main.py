@@ -254,6 +254,10 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
             await manager.shutdown(0)
     finally:
         await catalog.close()  # for callers in this process (tests); exit releases it too
+    if version.state == VersionState.FALLBACK:
+        error = version.error or {}
+        print(f"kiln: built, not as requested (fallback): {error.get('message')}", file=sys.stderr)
+        return 1
     if version.state != VersionState.READY:
         error = version.error or {}
         print(f"kiln: build failed ({error.get('type')}): {error.get('message')}", file=sys.stderr)

@@ -6,8 +6,9 @@ committed, built here under the catalog's lease, or built by another replica),
 loads and warms it up and starts its batcher (``loading.EngineLoader``). With
 progressive engines a version first serves on its baseline engine (state
 ``baseline``) while its optimized engine is obtained, then that engine is swapped
-in (``ready``); if it fails, the version stays on the baseline (``ready``, with
-the failure in ``error``).
+in (``ready``); if it fails, the version stays on the baseline (``fallback``,
+with the failure in ``error``). An engine that serves but is not what was asked
+(a transform that left every op in FP32) is ``fallback`` too.
 
 Every state change goes through ``EngineManager.transition``, checked against
 the table in ``states.py``, and wakes whoever follows the catalog
@@ -35,6 +36,7 @@ from service.lifecycle.builds import EngineSource, backoff_s
 from service.lifecycle.jobs import BuildFailure, BuildRunner
 from service.lifecycle.loading import EngineLoader, log_baseline, log_ready, log_swap
 from service.lifecycle.registry import EngineVersion, Registry
+from service.lifecycle.serving import Tier
 from service.lifecycle.states import SERVABLE, SETTLED, WORKING, VersionState
 from service.metrics import KilnMetrics
 from service.settings import Settings
@@ -47,6 +49,7 @@ BUILT = (VersionState.BUILDING, VersionState.BASELINE)
 PHASE_ON_ENTRY: dict[VersionState, str | None] = {
     VersionState.LOADING: "load",
     VersionState.READY: None,
+    VersionState.FALLBACK: None,
     VersionState.UNLOADING: "unload",
 }
 """The phase a version shows on entering a state (others keep theirs: a failed
@@ -116,7 +119,7 @@ class EngineManager:
         version.error = error
         if phase is not None or state in PHASE_ON_ENTRY:
             version.phase = phase if phase is not None else PHASE_ON_ENTRY[state]
-        if state == VersionState.READY:
+        if state in (VersionState.READY, VersionState.FALLBACK):
             version.progress = 1.0
         if state in SETTLED or state in SERVABLE or state == VersionState.UNLOADING:
             self._restoring.discard(version)
@@ -124,6 +127,9 @@ class EngineManager:
             serving = version.serving
             self.metrics.set_serving(
                 version.name, version.version, serving.tier, serving.backend, serving.precision
+            )
+            self.metrics.fallback.labels(version.name, str(version.version)).set(
+                1 if state == VersionState.FALLBACK else 0
             )
         self._refresh_gauges()
         self.changed()
@@ -204,7 +210,9 @@ class EngineManager:
         if version.state == VersionState.FAILED:
             self.transition(version, VersionState.BUILDING, phase="retry")
         elif (
-            version.state == VersionState.READY and version.error is not None and version.batcher is not None
+            version.state == VersionState.FALLBACK
+            and version.serving is not None
+            and version.serving.tier == Tier.BASELINE
         ):
             self.transition(version, VersionState.BASELINE, phase="retry")
         else:
@@ -270,7 +278,7 @@ class EngineManager:
 
     def _fail(self, version: EngineVersion, error: dict[str, Any], *, final: bool) -> None:
         """The optimized engine failed: a version on its baseline keeps serving there
-        (ready, with the error); any other fails. A failure that is not ``final`` is
+        (fallback, with the error); any other fails. A failure that is not ``final`` is
         retried here after a backoff, up to ``KILN_BUILD_RETRIES`` times."""
         version.final = final
         if not final:
@@ -280,7 +288,7 @@ class EngineManager:
                 version.retry_at = time.monotonic() + delay
         if version.state == VersionState.BASELINE:
             log.warning("%s v%d keeps serving on its baseline engine", version.name, version.version)
-            self.transition(version, VersionState.READY, error=error)
+            self.transition(version, VersionState.FALLBACK, error=error)
         else:
             self.transition(version, VersionState.FAILED, error=error)
 
@@ -300,23 +308,29 @@ class EngineManager:
             except BaseException:
                 await asyncio.to_thread(runner.close)
                 raise
-            self._succeeded(version)
-            log_ready(version, meta)
+            self._served(version, meta)
             return
         before = version.serving
         previous = await self.loader.swap(version, runner, meta)
         if version.state != VersionState.BASELINE:  # deleted during the swap: the delete closed it
             await asyncio.to_thread(runner.close)
             return
-        self._succeeded(version)
         log_swap(version, before)
-        log_ready(version, meta)
+        self._served(version, meta)
         if previous is not None:
             await asyncio.to_thread(previous.close)
 
-    def _succeeded(self, version: EngineVersion) -> None:
+    def _served(self, version: EngineVersion, meta: dict[str, Any]) -> None:
+        """The built engine serves: ``ready`` when it is what was asked, ``fallback``
+        (with the build's reason) when it is not (a transform that left every op in FP32)."""
         version.attempts, version.retry_at = 0, None
-        self.transition(version, VersionState.READY)
+        fallback = meta.get("report", {}).get("fallback")
+        if fallback:
+            log.warning("%s v%d serves, not as requested: %s", version.name, version.version, fallback)
+            self.transition(version, VersionState.FALLBACK, error={"type": "fallback", "message": fallback})
+        else:
+            self.transition(version, VersionState.READY)
+            log_ready(version, meta)
 
     async def _serve_baseline(self, version: EngineVersion) -> None:
         """Serve on the upload itself while the optimized engine is obtained

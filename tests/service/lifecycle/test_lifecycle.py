@@ -514,19 +514,23 @@ async def test_restart_with_versions_recorded_in_every_state(tmp_path: Path) -> 
             by_state["loading"]: "building",
             by_state["baseline"]: "building",
             by_state["ready"]: "building",
+            by_state["fallback"]: "building",  # its requested engine is tried again
             by_state["failed"]: "failed",
         }
         assert life.registry.get("m", by_state["failed"]).error == {"type": "x", "message": "y"}
         restoring = life.registry.get("m", by_state["ready"])
-        # A version that served (on its baseline too) makes readiness wait until it serves again.
+        # A version that served (on its baseline, or in fallback, too) makes readiness
+        # wait until it serves again.
         on_baseline = life.registry.get("m", by_state["baseline"])
-        assert life.manager.pending_restores() == [on_baseline, restoring]
+        in_fallback = life.registry.get("m", by_state["fallback"])
+        assert life.manager.pending_restores() == [on_baseline, restoring, in_fallback]
         await until(lambda: restoring.state == "loading", "the restored version to load")
         assert life.builds.started == []  # its engine was in the store
         for number in states:
             life.release(number)
         assert await settled(restoring) == "ready"
         assert await settled(on_baseline) == "ready"
+        assert await settled(in_fallback) == "ready"  # the stored engine is the requested one
         assert life.manager.pending_restores() == []
         want = {n: "failed" if s == "failed" else "ready" for n, s in states.items()}
         await until(lambda: life.records() == want, "the records in catalog states")

@@ -98,7 +98,7 @@ async def test_a_failed_build_keeps_the_baseline_serving_with_the_error(setup: S
     version = await setup.create()
     await wait_for(version, VersionState.BASELINE)
     setup.builds.release.set()
-    await wait_for(version, VersionState.READY)
+    await wait_for(version, VersionState.FALLBACK)
     assert version.error == {
         "type": "build_crashed",
         "message": "the build process was terminated by SIGKILL",
@@ -110,6 +110,7 @@ async def test_a_failed_build_keeps_the_baseline_serving_with_the_error(setup: S
     # The catalog says ready (it served): a restart serves it again, on its baseline,
     # while its optimized engine is tried again.
     await wait_until_recorded(setup, "ready")
+    assert setup.manager.metrics.fallback.labels(version.name, str(version.version))._value.get() == 1
 
 
 async def test_a_version_on_its_baseline_when_the_server_stopped_comes_back_servable(setup: Setup) -> None:
