@@ -23,6 +23,7 @@ UPLOAD_OPTIONS = (
     "calibration_method",
     "validation",
     "tolerance",
+    "metrics",
     "shapes",
     "max_batch_size",
     "opt_batch_size",

@@ -1,6 +1,7 @@
 """A build runner for lifecycle tests: builds in a thread of the test's process (where
 fakes are installed), each held until ``release`` is set, so the phase before the
-optimized engine is ready can be watched; ``fail`` makes the next builds fail."""
+optimized engine is ready can be watched; ``fail`` makes every build fail,
+``fail_next`` the next ones, one failure each."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class HeldBuilds:
         self.release = threading.Event()
         self.cancelled: list[str] = []
         self.fail: BuildFailure | None = None
+        self.fail_next: list[BuildFailure] = []
+        self.runs = 0
         self.active = 0
 
     @contextlib.asynccontextmanager
@@ -29,6 +32,9 @@ class HeldBuilds:
         await asyncio.to_thread(self.release.wait, 30)
         if job_id in self.cancelled:
             raise BuildFailure("cancelled", "the build was cancelled")
+        self.runs += 1
+        if self.fail_next:
+            raise self.fail_next.pop(0)
         if self.fail is not None:
             raise self.fail
         return await asyncio.to_thread(run_build, job)

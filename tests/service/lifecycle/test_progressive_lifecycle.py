@@ -137,3 +137,36 @@ async def wait_until_recorded(setup: Setup, state: str, timeout_s: float = 10.0)
     async with asyncio.timeout(timeout_s):
         while setup.recorded() != state:
             await asyncio.sleep(0.01)
+
+
+async def test_a_crashed_build_is_tried_again_while_the_baseline_serves(tmp_path: Path) -> None:
+    model, _, _ = train_digits_classifier(tmp_path)
+    setup = Setup(tmp_path, model)
+    setup.settings = Settings(
+        store=tmp_path / "store", backend="onnxruntime", build_retries=1, build_retry_backoff_s=0.05
+    )
+    setup.builds.fail_next.append(
+        BuildFailure("build_crashed", "the build process was terminated by SIGKILL")
+    )
+    setup.builds.release.set()
+    await setup.start()
+    try:
+        version = await setup.create()
+        await wait_for(version, VersionState.READY)  # never failed: it served on its baseline meanwhile
+        assert setup.builds.runs == 2 and version.error is None
+        assert version.serving is not None and version.serving.tier == "optimized"
+    finally:
+        await setup.running.stop()
+
+
+async def test_kiln_catalog_retry_tries_a_fallback_version_s_engine_again(setup: Setup) -> None:
+    setup.builds.fail = BuildFailure("accuracy_rejected", "too far from FP32")
+    version = await setup.create()
+    setup.builds.release.set()
+    await wait_for(version, VersionState.FALLBACK)
+    assert setup.builds.runs == 1
+    setup.builds.fail = None
+    assert await setup.running.catalog.retry_version("digits") == [1]
+    await setup.running.reconciler.sync()
+    await wait_for(version, VersionState.READY)
+    assert setup.builds.runs == 2 and version.serving is not None and version.serving.tier == "optimized"
