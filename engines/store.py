@@ -10,7 +10,8 @@ Layout under the root directory::
                                     artifact (``engine.*``, backend-specific suffix) and
                                     the weights of a large ONNX artifact (``<name>.data``)
     engines/<cache key>/meta.json   what was built, how, how well; the artifact's path and sha256
-    records/<name>/<version>.json   the served versions: options, state, error
+    records/<name>/<version>.json   a single node's versions: options, state, error
+    records/numbers.json            a single node's highest version number per name
     timing/<device key>.cache       TensorRT timing caches, one per device signature
     tmp/                            partial writes (``tmp/<owner>/`` per replica in a cluster)
     kiln.lock                       held (flock) by the one server that owns a single-node store
@@ -33,7 +34,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,9 @@ class EngineStore:
         """Publish a package laid out in ``tmp/`` (moved, not copied): every file is
         fsynced, then the directory is renamed into place in one step. Returns the graph."""
         destination = self._package_dir(sha256)
-        if not destination.exists():
+        if destination.exists():
+            _touch(destination)
+        else:
             for path in package_files(temp_dir):
                 with path.open("rb+") as handle:
                     os.fsync(handle.fileno())
@@ -244,6 +247,7 @@ class EngineStore:
     def _add_blob(self, temp_path: Path, destination: Path) -> Path:
         if destination.exists():
             temp_path.unlink(missing_ok=True)
+            _touch(destination)
         else:
             publish(temp_path, destination)
         return destination
@@ -373,9 +377,12 @@ class EngineStore:
                 problems.append(f"{path.relative_to(self.root)}: {exc}")
         return records, problems
 
-    def referenced_engines(self) -> set[str]:
-        records, _ = self.load_records()
-        return {r["cache_key"] for r in records if r.get("cache_key")}
+
+def _touch(path: Path) -> None:
+    """Mark a stored file as just used: an upload that reuses it must not look old
+    to garbage collection before its version exists."""
+    with suppress(OSError):
+        os.utime(path)
 
 
 def _remove(entry: Path) -> None:

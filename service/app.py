@@ -1,9 +1,11 @@
 """``create_app(settings)``: assembles routers, error handlers and the lifespan.
 
-The lifespan owns the lifecycle: open the store → pick the backend → start
-restoring engines (load, warm up, start batchers in the background: readiness
-waits for them) → serve; on shutdown: readiness off,
-drain the batchers, stop builds, close runners. Nothing is built at import time.
+The lifespan owns the lifecycle: open the store and its catalog (the store's own
+records on a single node, PostgreSQL with ``KILN_CATALOG_URL``) → pick the
+backend → follow the catalog (its first pass restores the engines: load, warm up,
+start batchers in the background; readiness waits for them) → serve; on
+shutdown: readiness off, stop following, drain the batchers, stop builds, close
+runners and the catalog. Nothing is built at import time.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from starlette.responses import Response
 from engines.backends import select_backend
 from engines.store import EngineStore
 from service import health, tracing
-from service.catalog.postgres import PostgresCatalog
-from service.catalog.replica import ClusterReplica, new_replica_id
+from service.catalog.base import VersionCatalog
+from service.catalog.postgres import PostgresCatalog, new_replica_id
+from service.catalog.store import StoreCatalog
 from service.errors import install_error_handlers
 from service.lifecycle import routes as engines
 from service.lifecycle.jobs import BuildRunner
 from service.lifecycle.manager import EngineManager
+from service.lifecycle.reconcile import Reconciler
 from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
 from service.protocols import kserve
@@ -53,18 +57,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cluster = settings.catalog_url is not None
-        replica_id = new_replica_id() if cluster else None
+        replica_id = new_replica_id() if settings.catalog_url is not None else None
         store = EngineStore(settings.store, temp_owner=replica_id)
-        if not cluster:
-            store.lock_exclusive(hint=SECOND_SERVER_HINT)
+        catalog = _catalog(settings, store, replica_id)
         backend, reason = select_backend(settings.backend, settings.backend_options())
         log.info("backend: %s", reason)
-        metrics = KilnMetrics(cluster=cluster)
+        metrics = KilnMetrics(cluster=catalog.shared)
         _register_gpu_metrics(metrics)
-        registry = Registry(store, cluster=cluster)
+        registry = Registry(retry_elsewhere=catalog.shared)
         builds = BuildRunner(workers=settings.build_workers, timeout_s=settings.build_timeout_s)
-        manager = EngineManager(settings, store, registry, backend, metrics, builds)
+        manager = EngineManager(settings, store, registry, backend, metrics, builds, catalog)
+        reconciler = Reconciler(catalog, manager)
         state = AppState(
             settings=settings,
             store=store,
@@ -73,39 +76,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backend_reason=reason,
             metrics=metrics,
             manager=manager,
+            catalog=catalog,
+            reconciler=reconciler,
             api_keys=settings.all_api_keys(),
         )
         app.state.kiln = state
         # Loads run in the background; /health/ready answers 503 until they end.
         tracing.start_from_environment()
         grpc_server = await _start_grpc(state)
-        if settings.catalog_url is not None and replica_id is not None and metrics.catalog is not None:
-            catalog = PostgresCatalog(
-                settings.catalog_url, replica_id, lease_ttl_s=settings.catalog_lease_ttl_s
-            )
-            state.cluster = manager.cluster = ClusterReplica(
-                catalog,
-                manager,
-                metrics.catalog,
-                resync_s=settings.catalog_resync_s,
-                gc_grace_s=10 * settings.catalog_lease_ttl_s,
-            )
-            await state.cluster.start()
+        await reconciler.start()
+        if isinstance(catalog, PostgresCatalog):
             log.info("cluster mode: replica %s, catalog %s", replica_id, catalog.display_url)
-        else:
-            await manager.restore()
         try:
             yield
         finally:
             state.draining = True
             if grpc_server is not None:
                 await grpc_server.stop(min(settings.drain_timeout_s, 5.0))
-            if state.cluster is not None:
-                await state.cluster.stop()
+            await reconciler.stop()
             # Under `kiln serve` the drain ran before this; this only bounds what is left.
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
+            await catalog.close()
             tracing.shutdown()
-            store.unlock()
             log.info("kiln stopped")
 
     app = FastPathApp(
@@ -140,6 +132,18 @@ async def _start_grpc(state: AppState) -> grpc.aio.Server | None:
     from service.protocols.grpc.server import start_grpc_server
 
     return await start_grpc_server(state)
+
+
+def _catalog(settings: Settings, store: EngineStore, replica_id: str | None) -> VersionCatalog:
+    """PostgreSQL with ``KILN_CATALOG_URL`` (several replicas), else the store's own records."""
+    if settings.catalog_url is not None and replica_id is not None:
+        return PostgresCatalog(settings.catalog_url, replica_id, lease_ttl_s=settings.catalog_lease_ttl_s)
+    return StoreCatalog(
+        store,
+        lease_ttl_s=settings.catalog_lease_ttl_s,
+        lock_hint=SECOND_SERVER_HINT,
+        default_progressive=settings.progressive,
+    )
 
 
 def _register_gpu_metrics(metrics: KilnMetrics) -> None:

@@ -255,8 +255,18 @@ class DynamicBatcher:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        """Start one thread per instance; if one cannot start (thread or memory
+        limits), those that did are stopped and the error is raised."""
+        threads: list[InferenceThread] = []
+        try:
+            for i in range(self.config.instances):
+                threads.append(InferenceThread(f"kiln-infer-{self.name}-{i}"))
+        except BaseException:
+            for thread in threads:
+                thread.stop()
+            raise
         self._accepting = True
-        self._threads = [InferenceThread(f"kiln-infer-{self.name}-{i}") for i in range(self.config.instances)]
+        self._threads = threads
         self._workers = [
             asyncio.create_task(self._worker(thread), name=f"batcher-{self.name}-{i}")
             for i, thread in enumerate(self._threads)

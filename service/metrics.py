@@ -139,7 +139,8 @@ class KilnMetrics:
         )
         self.builds = Counter(
             "kiln_engine_builds",
-            "Engine builds by result",
+            "Engine builds by result: succeeded (built here), failed (an attempt, retries included), "
+            "cached (a version that got an engine already built)",
             ["result"],
             registry=r,
         )
@@ -169,8 +170,8 @@ class KilnMetrics:
             ["engine", "version"],
             registry=r,
         )
-        # Cluster mode (a PostgreSQL catalog); absent from a single node's output.
-        self.catalog = CatalogMetrics(r) if cluster else None
+        # Cluster mode (a PostgreSQL catalog); kept but not exported on a single node.
+        self.catalog = CatalogMetrics(r if cluster else None)
         for result in BUILD_RESULTS:
             self.builds.labels(result)
         for state in VersionState:
@@ -266,7 +267,7 @@ class KilnMetrics:
 class CatalogMetrics:
     """How this replica agrees with the others through the catalog."""
 
-    def __init__(self, r: CollectorRegistry) -> None:
+    def __init__(self, r: CollectorRegistry | None) -> None:
         self.up = Gauge("kiln_catalog_up", "1 while the catalog database answers", registry=r)
         self.reconcile_lag = Gauge(
             "kiln_catalog_reconcile_lag_seconds",

@@ -56,11 +56,34 @@ class Settings(BaseSettings):
     catalog_lease_ttl_s: float = Field(
         30.0, ge=0.5, le=3600, description="build lease and replica heartbeat lifetime"
     )
-    catalog_resync_s: float = Field(5.0, ge=0.1, le=3600, description="full resync interval")
+    catalog_resync_s: float = Field(
+        5.0, ge=0.1, le=3600, description="full resync interval; at most a third of the lease ttl"
+    )
+    gc_grace_s: float = Field(
+        300.0,
+        ge=0,
+        le=30 * 86400,
+        description="garbage collection removes a store entry nothing references only once it "
+        "has been untouched this long",
+    )
+    gc_interval_s: float = Field(60.0, gt=0, le=86400, description="how often garbage is collected")
 
     # Builds
     build_workers: int = Field(1, ge=1, le=16, description="builds that run at once")
     build_timeout_s: float = Field(1800.0, gt=0)
+    build_retries: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="tries after a failure that the same inputs need not reproduce (a crash, a "
+        "timeout, out of memory): a build, or a load on one replica",
+    )
+    build_retry_backoff_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="wait before the first retry; doubled for each next one, at most 5 min",
+    )
     warmup: bool = True
     progressive: bool = Field(
         True,
@@ -135,6 +158,12 @@ class Settings(BaseSettings):
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(f"KILN_CATALOG_URL_FILE cannot be read: {exc}") from None
             self.catalog_url = self._check_catalog_url(url)
+        if self.catalog_resync_s * 3 > self.catalog_lease_ttl_s:
+            raise ValueError(
+                f"KILN_CATALOG_RESYNC_S ({self.catalog_resync_s:g}) must be at most a third of "
+                f"KILN_CATALOG_LEASE_TTL_S ({self.catalog_lease_ttl_s:g}): a replica must catch up "
+                "with the catalog several times within one lease"
+            )
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError("KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE")
         return self

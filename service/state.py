@@ -8,8 +8,9 @@ from fastapi import Request
 
 from engines.backends.base import Backend
 from engines.store import EngineStore
-from service.catalog.replica import ClusterReplica
+from service.catalog.base import VersionCatalog
 from service.lifecycle.manager import EngineManager
+from service.lifecycle.reconcile import Reconciler
 from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
 from service.settings import Settings
@@ -24,8 +25,9 @@ class AppState:
     backend_reason: str
     metrics: KilnMetrics
     manager: EngineManager
+    catalog: VersionCatalog
+    reconciler: Reconciler
     api_keys: list[str] = field(default_factory=list)
-    cluster: ClusterReplica | None = None
     draining: bool = False
 
 

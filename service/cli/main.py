@@ -1,4 +1,5 @@
-"""The ``kiln`` command: ``serve``, ``build`` (offline, with a progress bar) and ``bench``."""
+"""The ``kiln`` command: ``serve``, ``build`` (offline, with a progress bar), ``bench``,
+and ``catalog import`` / ``catalog retry``."""
 
 from __future__ import annotations
 
@@ -184,8 +185,10 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
 
     from engines.backends import select_backend
     from engines.store import EngineStore, sha256_file
+    from service.catalog.store import StoreCatalog
     from service.lifecycle.jobs import BuildRunner
     from service.lifecycle.manager import EngineManager
+    from service.lifecycle.reconcile import Reconciler
     from service.lifecycle.registry import Registry
     from service.lifecycle.sources import FetchedSources, check_sha256, fetch_sources
     from service.lifecycle.states import WORKING, VersionState
@@ -194,21 +197,26 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
     from service.metrics import KilnMetrics
 
     store = EngineStore(settings.store)
-    store.lock_exclusive(hint="stop the server on this store, or upload the model through its API")
+    catalog = StoreCatalog(
+        store,
+        lock_hint="stop the server on this store, or upload the model through its API",
+        default_progressive=settings.progressive,
+    )
+    backend, reason = select_backend(settings.backend, settings.backend_options())
+    manager = EngineManager(
+        settings,
+        store,
+        Registry(),
+        backend,
+        KilnMetrics(),
+        BuildRunner(1, settings.build_timeout_s),
+        catalog,
+        baselines=False,  # it serves nothing; the record keeps the progressive choice for servers
+    )
+    reconciler = Reconciler(catalog, manager)
+    await catalog.start()  # the store's lock, for the whole build
     try:
-        backend, reason = select_backend(settings.backend, settings.backend_options())
         print(f"backend: {reason}")
-        registry = Registry(store)
-        registry.load()
-        manager = EngineManager(
-            settings,
-            store,
-            registry,
-            backend,
-            KilnMetrics(),
-            BuildRunner(1, settings.build_timeout_s),
-            baselines=False,  # it serves nothing; the record keeps the progressive choice for servers
-        )
         files: dict[str, UploadedFile] = {}
         fetched = FetchedSources()
         try:
@@ -239,13 +247,14 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
                 bar.n = round(100 * version.progress, 1)
                 bar.set_description_str(str(version.state))
                 bar.refresh()
+            await reconciler.settle()  # records the outcome: a server restores it as such
         finally:
             for uploaded in files.values():
                 uploaded.path.unlink(missing_ok=True)
             fetched.discard()
             await manager.shutdown(0)
     finally:
-        store.unlock()  # for callers in this process (tests); exit releases it too
+        await catalog.close()  # for callers in this process (tests); exit releases it too
     if version.state == VersionState.FALLBACK:
         error = version.error or {}
         print(f"kiln: built, not as requested (fallback): {error.get('message')}", file=sys.stderr)
@@ -284,33 +293,82 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
     if not settings.catalog_url:
         print("kiln: set KILN_CATALOG_URL (or --catalog-url) to the cluster's catalog", file=sys.stderr)
         return 2
-    store = EngineStore(settings.store)
-    try:
-        store.lock_exclusive(hint="stop the single-node server before importing its store")
-    except StoreInUse as exc:
-        print(f"kiln: {exc.message}", file=sys.stderr)
-        return 2
 
     async def run() -> Any:
         catalog = PostgresCatalog(settings.catalog_url, "import", lease_ttl_s=settings.catalog_lease_ttl_s)
         await catalog.start()
         try:
-            return await import_store(store, catalog)
+            return await import_store(
+                EngineStore(settings.store),
+                catalog,
+                lock_hint="stop the single-node server before importing its store",
+            )
         finally:
             await catalog.close()
 
     try:
         report = asyncio.run(run())
+    except StoreInUse as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return 2
     except (CatalogUnavailable, ValueError) as exc:
         print(f"kiln: import failed, nothing was added: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
-    finally:
-        store.unlock()
     print(
         json.dumps(
             {"imported": report.versions, "engines": report.engines, "skipped": report.skipped}, indent=2
         )
     )
+    return 0
+
+
+def cmd_catalog_retry(args: argparse.Namespace) -> int:
+    """Start failed versions again: their failed builds are tried afresh (with all
+    their retries), and every replica loads them again where they failed."""
+    import asyncio
+
+    from engines.errors import StoreInUse
+    from engines.store import EngineStore
+    from service.catalog.base import CatalogUnavailable, VersionCatalog
+    from service.catalog.postgres import PostgresCatalog
+    from service.catalog.store import StoreCatalog
+
+    settings = _settings({"store": args.store, "catalog_url": args.catalog_url})
+    catalog: VersionCatalog
+    if settings.catalog_url:
+        catalog = PostgresCatalog(settings.catalog_url, "cli", lease_ttl_s=settings.catalog_lease_ttl_s)
+    else:
+        catalog = StoreCatalog(
+            EngineStore(settings.store),
+            lock_hint=f"while a server runs, ask it: POST /engines/{args.name}"
+            + (f"/versions/{args.version}" if args.version else "")
+            + "/retry",
+        )
+
+    async def run() -> list[int]:
+        await catalog.start()
+        try:
+            return await catalog.retry_version(args.name, args.version)
+        finally:
+            await catalog.close()
+
+    try:
+        retried = asyncio.run(run())
+    except StoreInUse as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return 2
+    except CatalogUnavailable as exc:
+        print(f"kiln: {exc.message}", file=sys.stderr)
+        return 1
+    if not retried:
+        missing = (
+            f"engine '{args.name}' has no version {args.version}"
+            if args.version
+            else f"no engine named '{args.name}'"
+        )
+        print(f"kiln: {missing} in the catalog", file=sys.stderr)
+        return 1
+    print(json.dumps({"name": args.name, "retried_versions": retried}))
     return 0
 
 
@@ -363,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     catalog_import.add_argument("--store", help="store directory (KILN_STORE)")
     catalog_import.add_argument("--catalog-url", help="postgresql://… (KILN_CATALOG_URL)")
     catalog_import.set_defaults(func=cmd_catalog_import)
+    catalog_retry = catalog_sub.add_parser(
+        "retry",
+        help="start failed versions of an engine again (their failed builds afresh); without "
+        "KILN_CATALOG_URL, a stopped single node's store",
+    )
+    catalog_retry.add_argument("name", help="the engine's name")
+    catalog_retry.add_argument("--version", type=int, help="only this version (default: every version)")
+    catalog_retry.add_argument("--store", help="store directory (KILN_STORE), for a single node")
+    catalog_retry.add_argument("--catalog-url", help="postgresql://… (KILN_CATALOG_URL)")
+    catalog_retry.set_defaults(func=cmd_catalog_retry)
 
     bench = sub.add_parser("bench", help="load-test a running kiln server")
     from service.cli.bench import add_bench_arguments

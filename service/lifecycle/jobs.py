@@ -2,9 +2,11 @@
 
 A build can crash (a segfault in a backend), hang, or run out of memory; none of
 that may take the server down. So every build runs ``engines.build.run_build``
-in its own spawned process, at most ``workers`` at once, with a timeout. The
-child reports phases and progress through a pipe; a child that dies without
-answering fails only its own build, with the exit reason.
+in its own spawned process, with a timeout, inside one of ``workers`` slots that
+the caller takes first (``slot``: in a cluster, before the build's lease, so a
+replica never holds leases it has no slot to build). The child reports phases
+and progress through a pipe; a child that dies without answering fails only its
+own build, with the exit reason.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -31,13 +33,17 @@ ProgressHandler = Callable[[str, float], None]
 
 
 class BuildFailure(Exception):
-    """A build that did not produce an engine; ``kind`` and ``message`` are for users."""
+    """A build that did not produce an engine; ``kind`` and ``message`` are for users.
+    ``final``: the catalog recorded it as failed for good (nothing to retry here)."""
 
-    def __init__(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, details: dict[str, Any] | None = None, *, final: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.details = details or {}
+        self.final = final
 
     def to_dict(self) -> dict[str, Any]:
         error: dict[str, Any] = {"type": self.kind, "message": self.message}
@@ -122,25 +128,31 @@ class BuildRunner:
     def active(self) -> int:
         return len(self._processes)
 
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of the ``workers`` build slots, held for the block; ``run`` inside it."""
+        async with self._slots:
+            yield
+
     async def run(self, job: BuildJob, on_progress: ProgressHandler, *, job_id: str) -> dict[str, Any]:
-        """Run one build; returns the engine metadata or raises ``BuildFailure``.
+        """Run one build (the caller holds a ``slot``); returns the engine metadata or
+        raises ``BuildFailure``.
 
         ``on_progress`` is called on the event loop. ``job_id`` names the job for
-        ``cancel``; it must be unique among the jobs queued or running.
+        ``cancel``; it must be unique among the jobs running.
         """
         if job_id in self._jobs:
             raise ValueError(f"a build job named {job_id!r} is already queued or running")
         self._jobs.add(job_id)
         try:
-            async with self._slots:
-                if self._closing or job_id in self._cancelled:
-                    raise BuildFailure("cancelled", "the build was cancelled before it started")
-                loop = asyncio.get_running_loop()
+            if self._closing:
+                raise BuildFailure("cancelled", "the build was cancelled before it started")
+            loop = asyncio.get_running_loop()
 
-                def forward(phase: str, fraction: float) -> None:
-                    loop.call_soon_threadsafe(on_progress, phase, fraction)
+            def forward(phase: str, fraction: float) -> None:
+                loop.call_soon_threadsafe(on_progress, phase, fraction)
 
-                return await asyncio.to_thread(self._supervise, job, forward, job_id)
+            return await asyncio.to_thread(self._supervise, job, forward, job_id)
         finally:
             self._jobs.discard(job_id)
             self._cancelled.discard(job_id)
@@ -157,6 +169,8 @@ class BuildRunner:
         process.start()
         child_conn.close()
         self._processes[job_id] = process
+        if job_id in self._cancelled:  # cancelled while the process started
+            self._kill(process)
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:
@@ -204,8 +218,8 @@ class BuildRunner:
             process.join(3)
 
     def cancel(self, job_id: str) -> None:
-        """Stop a queued or running build; its ``run`` raises ``BuildFailure``. Unknown
-        or finished jobs are left alone."""
+        """Stop a running build; its ``run`` raises ``BuildFailure``. Unknown or
+        finished jobs are left alone."""
         if job_id not in self._jobs:
             return
         self._cancelled.add(job_id)

@@ -1,9 +1,9 @@
-"""The registry: name → versions, with each version's state, runner and batcher.
+"""The registry: name → versions held by this process, with each version's state,
+runner and batcher.
 
-The single source of truth for what is servable (``EngineVersion.servable``).
-Records are persisted through a ``RecordStore`` (today the engine store's
-``records/<name>/<version>.json``) when a version is registered and whenever it
-settles, so a restart on the same store serves the same engines.
+The single source of truth for what is servable here (``EngineVersion.servable``).
+It persists nothing: what versions exist is the catalog's to say
+(``service/catalog``); the registry follows it (``service/lifecycle/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 from engines.backends.base import Runner
 from engines.types import BuildOptions, Signature
@@ -27,16 +27,6 @@ def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or name in (".", ".."):
         raise BadRequest("engine names are 1-64 characters of letters, digits, '_', '-' and '.'")
     return name
-
-
-class RecordStore(Protocol):
-    """Where version records persist (the engine store; a database could stand in)."""
-
-    def save_record(self, record: dict[str, Any]) -> None: ...
-
-    def delete_record(self, name: str, version: int) -> None: ...
-
-    def load_records(self) -> tuple[list[dict[str, Any]], list[str]]: ...
 
 
 @dataclass(eq=False)
@@ -59,6 +49,13 @@ class EngineVersion:
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
     _signature: Signature | None = field(default=None, repr=False)
+    # Retries: the catalog's ``retries`` this version last started from; failed
+    # attempts here since (a load, say); when the next one is due (time.monotonic());
+    # ``final``: its build failed for good in the catalog, nothing to retry here.
+    retries: int = 0
+    attempts: int = 0
+    retry_at: float | None = None
+    final: bool = False
 
     @property
     def state(self) -> VersionState:
@@ -85,41 +82,15 @@ class EngineVersion:
         return self._signature
 
     @property
+    def retry_in_s(self) -> float | None:
+        """Seconds until this process tries a failed version again (None: no retry is due)."""
+        if self.retry_at is None:
+            return None
+        return round(max(0.0, self.retry_at - time.monotonic()), 1)
+
+    @property
     def url(self) -> str:
         return f"/engines/{self.name}/versions/{self.version}"
-
-    def record(self) -> dict[str, Any]:
-        """What is persisted in the store."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "model_sha256": self.model_sha256,
-            "model_filename": self.model_filename,
-            "options": self.options.to_dict(),
-            "batching": self.batching.to_dict(),
-            "cache_key": self.cache_key,
-            "state": str(self.state),
-            "error": self.error,
-            "created_at": self.created_at,
-            "progressive": self.progressive,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any], state: VersionState) -> EngineVersion:
-        """A version read back from its record, starting in ``state``."""
-        return cls(
-            name=record["name"],
-            version=int(record["version"]),
-            model_sha256=record["model_sha256"],
-            model_filename=record.get("model_filename", ""),
-            options=BuildOptions.from_dict(record["options"]),
-            batching=BatchingConfig.from_dict(record["batching"]),
-            cache_key=record["cache_key"],
-            _state=state,
-            error=record.get("error"),
-            created_at=float(record.get("created_at", time.time())),
-            progressive=bool(record.get("progressive", False)),
-        )
 
     def _adaptive_status(self) -> dict[str, Any] | None:
         if self.batcher is None or self.batching.latency_target_ms is None:
@@ -150,6 +121,8 @@ class EngineVersion:
             "phase": self.phase,
             "progress": round(self.progress, 4),
             "error": self.error,
+            "attempts": self.attempts,
+            "retry_in_s": self.retry_in_s,
             "progressive": self.progressive,
             "serving": self.serving.to_dict() if self.serving is not None else None,
             "model_sha256": self.model_sha256,
@@ -165,11 +138,10 @@ class EngineVersion:
 class Registry:
     """Engine versions by name. Event-loop only: no locking needed."""
 
-    def __init__(self, records: RecordStore, *, cluster: bool = False) -> None:
-        self.records = records
-        # In a cluster the catalog holds the records, and a version that exists but is
-        # not loaded here yet is a 503 to retry (maybe on another replica), not a 409.
-        self.cluster = cluster
+    def __init__(self, *, retry_elsewhere: bool = False) -> None:
+        # With other replicas, a version that exists but is not loaded here yet is a
+        # 503 to retry (maybe on another replica), not a 409.
+        self.retry_elsewhere = retry_elsewhere
         self._engines: dict[str, dict[int, EngineVersion]] = {}
 
     def names(self) -> list[str]:
@@ -184,39 +156,18 @@ class Registry:
     def all_versions(self) -> list[EngineVersion]:
         return [ev for name in self.names() for ev in self.versions(name)]
 
-    def next_version(self, name: str) -> int:
-        """The number the next version of ``name`` gets: the only place versions are numbered."""
-        return max(self._engines.get(name, {0: None}), default=0) + 1
-
-    def add(self, version: EngineVersion) -> None:
-        self.index(version)
-        self.save(version)
-
     def index(self, version: EngineVersion) -> None:
-        """Index a version read back from its record (nothing is written)."""
         self._engines.setdefault(version.name, {})[version.version] = version
-
-    def load(self) -> None:
-        """Index every readable record in its recorded state, for a process that only
-        registers versions (``kiln build``); a server restores through the manager."""
-        records, _ = self.records.load_records()
-        for record in records:
-            try:
-                self.index(EngineVersion.from_record(record, VersionState(record["state"])))
-            except (KeyError, ValueError, TypeError):
-                continue  # the server that restores it says why
-
-    def save(self, version: EngineVersion) -> None:
-        if not self.cluster:
-            self.records.save_record(version.record())
 
     def remove(self, version: EngineVersion) -> None:
         versions = self._engines.get(version.name, {})
-        versions.pop(version.version, None)
+        if versions.get(version.version) is version:
+            del versions[version.version]
         if not versions:
             self._engines.pop(version.name, None)
-        if not self.cluster:
-            self.records.delete_record(version.name, version.version)
+
+    def find(self, name: str, version: int) -> EngineVersion | None:
+        return self._engines.get(name, {}).get(version)
 
     def get(self, name: str, version: int | None = None) -> EngineVersion:
         """A version by number, or the newest version; raises ``NotFound``."""
@@ -247,7 +198,7 @@ class Registry:
         )
 
     def _not_ready(self, message: str, version: EngineVersion) -> NoReturn:
-        if self.cluster and version.state in WORKING:
+        if self.retry_elsewhere and version.state in WORKING:
             raise Unavailable(f"{message} on this replica yet", headers={"Retry-After": "1"})
         raise NotReady(message)
 

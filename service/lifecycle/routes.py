@@ -1,4 +1,4 @@
-"""POST/GET/DELETE /engines: upload models, watch builds, remove versions."""
+"""POST/GET/DELETE /engines: upload models, watch builds, remove versions, retry failures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from service import tracing
 from service.auth import require_management_key
 from service.errors import Unavailable
-from service.lifecycle import cluster_view
+from service.lifecycle import views
 from service.lifecycle.sources import FetchedSources, fetch_sources
 from service.lifecycle.uploads import ParsedForm, parse_multipart
 from service.lifecycle.versions import DATA_FILES, register_version
@@ -64,56 +64,45 @@ async def upload_engine(request: Request) -> JSONResponse:
 @router.get("/engines")
 async def list_engines(state: AppState = Depends(get_state)) -> JSONResponse:
     """Every engine with its newest version."""
-    if state.cluster is not None:
-        return JSONResponse({"engines": await cluster_view.list_engines(state, state.cluster)})
-    engines = []
-    for name in state.registry.names():
-        versions = state.registry.versions(name)
-        latest = versions[-1]
-        engines.append(
-            {
-                **latest.summary(),
-                "versions": [v.version for v in versions],
-                "phase": latest.phase,
-                "progress": round(latest.progress, 4),
-            }
-        )
-    return JSONResponse({"engines": engines})
+    return JSONResponse({"engines": await views.list_engines(state)})
 
 
 @router.get("/engines/{name}")
 async def get_engine(name: str, state: AppState = Depends(get_state)) -> JSONResponse:
     """The newest version's status and the list of versions."""
-    if state.cluster is not None:
-        return JSONResponse(await cluster_view.engine(state, state.cluster, name))
-    versions = state.registry.versions(name)
-    return JSONResponse({**versions[-1].status(), "versions": [v.summary() for v in versions]})
+    return JSONResponse(await views.engine(state, name))
 
 
 @router.get("/engines/{name}/versions/{version}")
 async def get_engine_version(name: str, version: int, state: AppState = Depends(get_state)) -> JSONResponse:
-    if state.cluster is not None:
-        return JSONResponse(await cluster_view.engine_version(state, state.cluster, name, version))
-    return JSONResponse(state.registry.get(name, version).status())
+    return JSONResponse(await views.engine_version(state, name, version))
 
 
 @router.delete("/engines/{name}", dependencies=[Depends(require_management_key)])
 async def delete_engine(name: str, state: AppState = Depends(get_state)) -> JSONResponse:
-    """Unload and remove every version of an engine."""
-    if state.cluster is not None:
-        return JSONResponse(await cluster_view.delete(state.cluster, name, None))
-    versions = state.registry.versions(name)
-    for version in versions:
-        await state.manager.delete(version)
-    return JSONResponse({"name": name, "deleted_versions": [v.version for v in versions]})
+    """Unload and remove every version of an engine (on every replica)."""
+    return JSONResponse(await views.delete(state, name, None))
 
 
 @router.delete("/engines/{name}/versions/{version}", dependencies=[Depends(require_management_key)])
 async def delete_engine_version(
     name: str, version: int, state: AppState = Depends(get_state)
 ) -> JSONResponse:
-    if state.cluster is not None:
-        return JSONResponse(await cluster_view.delete(state.cluster, name, version))
-    found = state.registry.get(name, version)
-    await state.manager.delete(found)
-    return JSONResponse({"name": name, "deleted_versions": [version]})
+    return JSONResponse(await views.delete(state, name, version))
+
+
+@router.post("/engines/{name}/retry", status_code=202, dependencies=[Depends(require_management_key)])
+async def retry_engine(name: str, state: AppState = Depends(get_state)) -> JSONResponse:
+    """Start every failed version of an engine again (its failed builds afresh)."""
+    return JSONResponse(await views.retry(state, name, None), status_code=202)
+
+
+@router.post(
+    "/engines/{name}/versions/{version}/retry",
+    status_code=202,
+    dependencies=[Depends(require_management_key)],
+)
+async def retry_engine_version(name: str, version: int, state: AppState = Depends(get_state)) -> JSONResponse:
+    """Start one failed version again (its failed build afresh, and its load on
+    every replica where it failed)."""
+    return JSONResponse(await views.retry(state, name, version), status_code=202)

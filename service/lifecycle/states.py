@@ -46,8 +46,12 @@ ALLOWED: dict[VersionState, frozenset[VersionState]] = {
         }
     ),
     VersionState.READY: frozenset({VersionState.UNLOADING}),
-    VersionState.FALLBACK: frozenset({VersionState.UNLOADING}),
-    VersionState.FAILED: frozenset({VersionState.UNLOADING}),
+    # FALLBACK -> BASELINE: a version serving on its baseline after its optimized engine
+    # failed tries that engine again (a retry after a failure that may pass, or
+    # ``kiln catalog retry``).
+    VersionState.FALLBACK: frozenset({VersionState.UNLOADING, VersionState.BASELINE}),
+    # FAILED -> BUILDING: a retry (after backoff, or ``kiln catalog retry``).
+    VersionState.FAILED: frozenset({VersionState.UNLOADING, VersionState.BUILDING}),
     VersionState.UNLOADING: frozenset(),
 }
 
@@ -55,26 +59,10 @@ SERVABLE = frozenset({VersionState.BASELINE, VersionState.READY, VersionState.FA
 """States in which a version answers requests."""
 
 SETTLED = frozenset({VersionState.READY, VersionState.FALLBACK, VersionState.FAILED})
-"""States no background work will move on its own: a version's record is written in
-these (and when it is registered), pruning considers only these."""
+"""States no build or load task owns (a retry may start one again)."""
 
 WORKING = frozenset({VersionState.BUILDING, VersionState.LOADING, VersionState.BASELINE})
 """States in which a build or load task owns the version."""
-
-RECORDED = SETTLED | SERVABLE
-"""States in which a version's record is written (and when it is registered): a
-restart brings back what was servable."""
-
-RESTORED_AS: dict[VersionState, VersionState | None] = {
-    VersionState.READY: VersionState.BUILDING,  # rebuilt if needed, loaded, warmed up
-    VersionState.FALLBACK: VersionState.BUILDING,  # the requested engine is tried again
-    VersionState.BASELINE: VersionState.BUILDING,  # on its baseline again while it is rebuilt
-    VersionState.FAILED: VersionState.FAILED,
-    VersionState.BUILDING: VersionState.FAILED,  # interrupted by the restart
-    VersionState.LOADING: VersionState.FAILED,
-    VersionState.UNLOADING: None,  # its delete was interrupted: finish it
-}
-"""The state a version recorded in a given state starts in after a restart."""
 
 
 class IllegalTransition(RuntimeError):

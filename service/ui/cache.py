@@ -7,7 +7,7 @@ page's requests cost the serving path next to nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
 
 class PerSecondCache:
@@ -16,12 +16,12 @@ class PerSecondCache:
         self._max_entries = max_entries
         self._entries: dict[Hashable, tuple[float, bytes]] = {}
 
-    def get(self, key: Hashable, build: Callable[[], bytes]) -> bytes:
+    async def get(self, key: Hashable, build: Callable[[], Awaitable[bytes]]) -> bytes:
         now = time.monotonic()
         found = self._entries.get(key)
         if found is not None and now - found[0] < self._ttl_s:
             return found[1]
-        body = build()
+        body = await build()
         if len(self._entries) >= self._max_entries:
             self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self._ttl_s}
         self._entries[key] = (now, body)

@@ -113,12 +113,19 @@ def _json(body: bytes) -> Response:
 async def overview_view(request: Request, state: AppState = Depends(get_state)) -> Response:
     """The page's overview: engines with their traffic now, builds in progress (cached 1 s)."""
     ui = _ui(request)
-    return _json(ui.cache.get("overview", lambda: dumps(views.overview(state, ui.sampler))))
+
+    async def build() -> bytes:
+        return dumps(await views.overview(state, ui.sampler))
+
+    return _json(await ui.cache.get("overview", build))
 
 
 @router.get("/ui/api/engines/{name}", tags=["ui"], dependencies=[Depends(require_management_key)])
 async def engine_view(name: str, request: Request, state: AppState = Depends(get_state)) -> Response:
     """The page's engine view: every version's status and report, live series (cached 1 s)."""
-    state.registry.versions(name)  # 404 for an unknown name before anything is cached
     ui = _ui(request)
-    return _json(ui.cache.get(("engine", name), lambda: dumps(views.engine(state, ui.sampler, name))))
+
+    async def build() -> bytes:
+        return dumps(await views.engine(state, ui.sampler, name))  # 404 for an unknown name
+
+    return _json(await ui.cache.get(("engine", name), build))

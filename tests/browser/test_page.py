@@ -13,6 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from tests.browser.conftest import console_errors, wait_until
+from tests.cluster.replicas import Replicas, replica_id
 from tests.conftest import upload, wait_for_state
 from tests.e2e.server import ServerProcess
 
@@ -227,3 +228,35 @@ def test_docs_work_offline(server: ServerProcess, browser: Any) -> None:
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(url.startswith(server.url) for url in resources), resources
     assert console_errors(browser) == []
+
+
+def test_in_a_cluster_the_page_shows_every_replicas_state(
+    catalog_url: str, tmp_path: Path, browser: Any, model_files: dict[str, Path]
+) -> None:
+    """On any replica, the page lists the catalog's versions and each live replica's
+    state of them, not only its own."""
+    replicas = Replicas(tmp_path / "store", catalog_url)
+    try:
+        a, b = replicas.start(), replicas.start()
+        with a.client() as client:
+            upload(client, model_files["mlp"], "shared")
+        for server in (a, b):
+            with server.client() as client:
+                assert wait_for_state(client, "shared")["state"] == "ready"
+        browser.get(b.url + "/")
+        row = wait_until(
+            lambda: browser.find_element(By.CSS_SELECTOR, 'tr[data-engine="shared"]'), what="the engine's row"
+        )
+        assert wait_until(lambda: "2 ready" in row.find_element(By.CSS_SELECTOR, ".replicas").text)
+        assert f"replica {replica_id(b)} of a cluster" in text(browser, "#server-line")
+        browser.get(b.url + "/#/engines/shared")
+        listed = wait_until(
+            lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-version="1"] .replica-states li'),
+            what="each replica's state",
+        )
+        states = {item.get_attribute("data-replica"): item.get_attribute("data-state") for item in listed}
+        assert states == {replica_id(a): "ready", replica_id(b): "ready"}
+        assert f"{replica_id(b)} (this one)" in " ".join(item.text for item in listed)
+        assert console_errors(browser) == []
+    finally:
+        replicas.kill_all()

@@ -28,13 +28,13 @@ class Replicas:
         self.started: list[ServerProcess] = []
 
     def start(self, **env: str) -> ServerProcess:
-        server = ServerProcess(
-            self.store,
-            KILN_CATALOG_URL=self.catalog_url,
-            KILN_CATALOG_LEASE_TTL_S=LEASE_TTL_S,
-            KILN_CATALOG_RESYNC_S=RESYNC_S,
+        settings = {
+            "KILN_CATALOG_URL": self.catalog_url,
+            "KILN_CATALOG_LEASE_TTL_S": LEASE_TTL_S,
+            "KILN_CATALOG_RESYNC_S": RESYNC_S,
             **env,
-        )
+        }
+        server = ServerProcess(self.store, **settings)
         self.started.append(server)
         return server.start()
 
@@ -47,7 +47,8 @@ class Replicas:
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.catalog_url, autocommit=True) as conn:
-            return conn.execute(sql.encode(), params or None).fetchall()
+            cursor = conn.execute(sql.encode(), params or None)
+            return cursor.fetchall() if cursor.description else []
 
     def build_row(self, name: str) -> tuple[str, str | None, int, dict[str, Any] | None] | None:
         """(state, holder, generation, meta) of the build of ``name``'s newest version."""
@@ -94,3 +95,11 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def replica_id(server: ServerProcess) -> str:
+    """The replica id a server logged at start-up."""
+    for line in server.log.read_text().splitlines():
+        if "cluster mode: replica " in line:
+            return line.split("cluster mode: replica ", 1)[1].split(",", 1)[0]
+    raise AssertionError(f"no replica id in {server.log}")

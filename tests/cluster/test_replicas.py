@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.cluster.postgres import PostgresServer
-from tests.cluster.replicas import Replicas, metric, outputs, predict, wait_until
+from tests.cluster.replicas import Replicas, metric, outputs, predict, replica_id, wait_until
 from tests.conftest import upload, wait_for_state
 from tests.e2e.server import ServerProcess
 from tests.models import mlp
@@ -140,7 +140,7 @@ def test_a_killed_lease_holder_is_taken_over_and_one_artifact_is_committed(
         upload(client, model_files["cnn"], "m", progressive="false")  # no baseline: nothing to serve yet
     row = wait_until(lambda: replicas.build_row("m"), 10, "a build lease")
     assert row[0] == "building"
-    holder = next(s for s in servers if _replica_id(s) == row[1])
+    holder = next(s for s in servers if replica_id(s) == row[1])
     survivor = next(s for s in servers if s is not holder)
     assert holder.stop(signal.SIGKILL) == -signal.SIGKILL
     # It exists, but the lease has not expired yet: retry later, not "no such version".
@@ -168,7 +168,7 @@ def test_a_builder_stopped_past_its_lease_cannot_commit(
     with servers[0].client() as client:
         upload(client, model_files["cnn"], "m")
     row = wait_until(lambda: replicas.build_row("m"), 10, "a build lease")
-    stopped = next(s for s in servers if _replica_id(s) == row[1])
+    stopped = next(s for s in servers if replica_id(s) == row[1])
     winner = next(s for s in servers if s is not stopped)
     with stopped.client() as client:  # its build child runs (it goes on while its server is stopped)
         wait_until(lambda: client.get("/engines/m/versions/1").json()["phase"] in BUILD_PHASES, 30, "a build")
@@ -262,13 +262,6 @@ def test_a_second_single_node_server_on_the_same_store_refuses_to_start(tmp_path
         )
     assert second.returncode == 1
     assert "is in use by pid" in second.stderr and "KILN_CATALOG_URL=postgresql://" in second.stderr
-
-
-def _replica_id(server: ServerProcess) -> str:
-    for line in server.log.read_text().splitlines():
-        if "cluster mode: replica " in line:
-            return line.split("cluster mode: replica ", 1)[1].split(",", 1)[0]
-    raise AssertionError(f"no replica id in {server.log}")
 
 
 def test_a_progressive_upload_serves_on_baselines_everywhere_and_builds_once(

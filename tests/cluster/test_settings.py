@@ -28,8 +28,22 @@ def test_the_url_comes_from_the_variable_or_the_mounted_file(tmp_path: Path) -> 
         ({"catalog_url": "mysql://db/kiln"}, "KILN_CATALOG_URL must be a postgresql://"),
         ({"catalog_url_file": Path("/nonexistent/uri")}, "KILN_CATALOG_URL_FILE cannot be read"),
         ({"catalog_lease_ttl_s": 0}, "greater than or equal to 0.5"),
+        # A resync that is not well under the ttl: a replica's view of the others
+        # (and theirs of it) would be older than the leases it decides on.
+        (
+            {"catalog_lease_ttl_s": 30, "catalog_resync_s": 30},
+            "KILN_CATALOG_RESYNC_S .30. must be at most a third",
+        ),
+        (
+            {"catalog_lease_ttl_s": 2, "catalog_resync_s": 0.7},
+            "at most a third of KILN_CATALOG_LEASE_TTL_S .2.",
+        ),
     ],
 )
 def test_bad_catalog_settings_stop_start_up_naming_the_variable(fields: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**fields)
+
+
+def test_a_resync_of_a_third_of_the_ttl_is_accepted() -> None:
+    assert Settings(catalog_lease_ttl_s=3, catalog_resync_s=1).catalog_resync_s == 1

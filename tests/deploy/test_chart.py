@@ -460,6 +460,25 @@ def test_several_replicas_need_a_catalog(tools: Tools, setting: str) -> None:
     assert "replicaCount > 1 and autoscaling need a catalog: set catalog.url" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("ttl", "resync", "refused_by"),
+    [
+        ("30", "30", "values don't meet the specifications of the schema"),  # caught by the schema's steps
+        ("31", "10.6", "must be at most a third of catalog.leaseTtlSeconds (31)"),  # exactly, by the chart
+    ],
+)
+def test_a_resync_not_well_under_the_lease_ttl_is_refused(
+    tools: Tools, tmp_path: Path, ttl: str, resync: str, refused_by: str
+) -> None:
+    values = tmp_path / "catalog.yaml"  # --set would pass 10.6 as a string
+    values.write_text(f"catalog:\n  leaseTtlSeconds: {ttl}\n  resyncSeconds: {resync}\n")
+    proc = tools.template(GPU_VALUES, values)
+    assert proc.returncode != 0, output_of(proc)
+    assert refused_by in proc.stderr
+    values.write_text(f"catalog:\n  leaseTtlSeconds: {ttl}\n  resyncSeconds: 10\n")
+    assert env_of(kiln_container(tools.render(GPU_VALUES, values)))["KILN_CATALOG_RESYNC_S"] == "10"
+
+
 def test_a_catalog_url_reaches_the_pod_through_a_secret(tools: Tools) -> None:
     url = "postgresql://kiln:s3cret@pg.db:5432/kiln"
     docs = tools.render(

@@ -103,6 +103,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not (include "kiln.catalogEnabled" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "replicaCount > 1 and autoscaling need a catalog: set catalog.url or catalog.existingSecret to a PostgreSQL database (docs/OPERATIONS.md, \"Several replicas\"). Without one, replicas on one store serve different versions and destroy each other's files" }}
 {{- end }}
+{{- if gt (mulf (float64 .Values.catalog.resyncSeconds) 3.0) (float64 .Values.catalog.leaseTtlSeconds) }}
+{{- fail (printf "catalog.resyncSeconds (%v) must be at most a third of catalog.leaseTtlSeconds (%v): a replica must catch up with the catalog several times within one lease" .Values.catalog.resyncSeconds .Values.catalog.leaseTtlSeconds) }}
+{{- end }}
 {{- if and .Values.catalog.url .Values.catalog.existingSecret }}
 {{- fail "catalog: set only one of url and existingSecret" }}
 {{- end }}

@@ -4,7 +4,7 @@
 
 import { ApiError, apiKey, getJSON, remove, uploadEngine } from "./api.js";
 import { TimeChart } from "./charts.js";
-import { $, ago, bytes, h, number, progressBar, replace, replicasText, stateBadge, tierText } from "./dom.js";
+import { $, ago, bytes, h, number, progressBar, replace, replicaList, replicasText, stateBadge, tierText } from "./dom.js";
 import { renderReport } from "./report.js";
 
 const main = $("#main");
@@ -122,6 +122,7 @@ async function deletePath(path, what, thenHash) {
 // ---- overview ------------------------------------------------------------------------
 
 function overviewView() {
+  let cluster = false; // the server is one replica of several: rows show each state's count
   const engines = h("tbody");
   const builds = h("div", { id: "builds" });
   const server = h("p", { class: "muted", id: "server-line" });
@@ -142,7 +143,7 @@ function overviewView() {
     return h("tr", { dataset: { engine: engine.name } },
       h("td", { class: "lead" }, h("a", { href: `#/engines/${encodeURIComponent(engine.name)}`, class: "engine-link" }, engine.name),
         h("div", { class: "muted small" }, engine.model_filename || "")),
-      h("td", { "data-label": "state" }, stateBadge(engine.state, engine.progress), replicasText(engine.replicas) ? h("div", { class: "muted small" }, replicasText(engine.replicas)) : null),
+      h("td", { "data-label": "state" }, stateBadge(engine.state, engine.progress), cluster && replicasText(engine.replicas) ? h("div", { class: "muted small replicas" }, replicasText(engine.replicas)) : null),
       h("td", { "data-label": "version" }, `v${engine.version}`, h("span", { class: "muted small" }, ` of ${engine.versions}`),
         engine.ready_version && engine.ready_version !== engine.version ? h("div", { class: "muted small" }, `v${engine.ready_version} serves`) : null),
       h("td", { "data-label": "precision" }, precision || "–", engine.precision.chosen && engine.precision.requested === "auto" ? h("span", { class: "muted small" }, " (auto)") : null),
@@ -166,8 +167,10 @@ function overviewView() {
     async refresh() {
       const data = await getJSON("/ui/api/overview");
       pollSeconds = data.poll_s;
+      cluster = Boolean(data.server.cluster);
       const health = data.server.draining ? " · shutting down" : data.server.not_ready_reason ? ` · not ready: ${data.server.not_ready_reason}` : "";
-      server.textContent = `Backend: ${data.server.backend}${health} · updated every ${data.poll_s} s`;
+      const where = cluster ? ` · replica ${data.server.replica} of a cluster` : "";
+      server.textContent = `Backend: ${data.server.backend}${where}${health} · updated every ${data.poll_s} s`;
       replace(engines, data.engines.length ? data.engines.map(row)
         : h("tr", null, h("td", { colspan: "8", class: "empty" }, "No engines yet. Upload an ONNX model to build one.")));
       replace(builds, data.builds.length ? data.builds.map(buildItem) : h("p", { class: "muted" }, "No builds running."));
@@ -191,6 +194,8 @@ function lastValue(values) {
 }
 
 function engineView(name, selectedVersion) {
+  let cluster = false; // one replica of several: each version lists every replica's state
+  let replica = null;
   const title = h("h1", { id: "engine-title" }, name);
   const subtitle = h("p", { class: "muted" });
   const versions = h("tbody");
@@ -225,7 +230,7 @@ function engineView(name, selectedVersion) {
       h("td", { class: "lead" }, h("a", { href: `#/engines/${encodeURIComponent(name)}/versions/${status.version}` }, `v${status.version}`)),
       h("td", { class: "state-cell", "data-label": "state" }, stateBadge(status.state, status.progress),
         status.state === "building" || status.state === "loading" ? progressBar(status.progress, status.phase) : null,
-        replicasText(status.replicas) ? h("div", { class: "muted small" }, replicasText(status.replicas)) : null),
+        cluster ? replicaList(status.replica_states, replica) : null),
       h("td", { "data-label": "precision" }, precision || "–"),
       h("td", { "data-label": "serving" }, tierText(status.serving) || "–"),
       h("td", { "data-label": "created", title: new Date(status.created_at * 1000).toISOString() }, ago(status.created_at)),
@@ -253,6 +258,8 @@ function engineView(name, selectedVersion) {
     async refresh() {
       const data = await getJSON(`/ui/api/engines/${encodeURIComponent(name)}`);
       pollSeconds = data.poll_s;
+      cluster = Boolean(data.cluster);
+      replica = data.replica;
       title.textContent = name;
       const newest = data.versions[0];
       const ready = data.versions.filter((v) => v.state === "ready").length;

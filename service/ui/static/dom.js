@@ -93,3 +93,16 @@ export function replicasText(replicas) {
   if (!replicas || typeof replicas !== "object") return null;
   return Object.entries(replicas).map(([state, count]) => `${count} ${state}`).join(" · ");
 }
+
+// Each live replica's state of one version (cluster mode): its id, its state, and why
+// it failed there (with its attempts), this replica marked.
+export function replicaList(rows, self) {
+  if (!Array.isArray(rows) || rows.length === 0) return null;
+  return h("ul", { class: "replica-states" }, rows.map((row) => {
+    const failure = row.error ? ` · ${row.error.type}: ${row.error.message}` : "";
+    const attempts = row.attempts ? ` (attempt ${row.attempts})` : "";
+    return h("li", { dataset: { replica: row.replica, state: row.state } },
+      h("span", { class: "replica-id" }, row.replica === self ? `${row.replica} (this one)` : row.replica),
+      ` ${row.state}${attempts}${failure}`);
+  }));
+}

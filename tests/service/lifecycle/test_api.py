@@ -212,13 +212,13 @@ def test_versions_cache_not_ready_and_delete(client: TestClient, model_files: di
 
 
 def test_delete_during_a_build_then_upload_again(client: TestClient, model_files: dict[str, Path]) -> None:
-    """The first build is cancelled; the second, of the same name and version
-    number, is a build of its own and ends ready."""
+    """The first build is cancelled; the second, of the same name, is a build of its
+    own (numbered 2: a number is never given twice) and ends ready."""
     model = model_files["cnn"]
     assert upload(client, model, "again", max_batch_size="3")["version"] == 1
     assert client.delete("/engines/again").json() == {"name": "again", "deleted_versions": [1]}
-    assert upload(client, model, "again", max_batch_size="3")["version"] == 1
-    status = wait_for_state(client, "again", 1)
+    assert upload(client, model, "again", max_batch_size="3")["version"] == 2
+    status = wait_for_state(client, "again", 2)
     assert status["state"] == "ready", status["error"]
     assert client.delete("/engines/again").status_code == 200
 

@@ -17,16 +17,15 @@ from engines.baseline import CUDA_QUICK_START
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions
 from service.batching import BatchingConfig
-from service.lifecycle.manager import EngineManager
-from service.lifecycle.registry import EngineVersion, Registry
+from service.lifecycle.registry import EngineVersion
 from service.lifecycle.states import VersionState
-from service.metrics import KilnMetrics
 from service.protocols.inference import infer
 from service.settings import Settings
 from tests.fakes.install import install_fake_gpu
 from tests.fakes.onnxruntime_gpu import CPU_PROVIDER, CUDA_PROVIDER, install_fake_onnxruntime_gpu
 from tests.models import reference_outputs
 from tests.precision_models import DIGITS_INPUT, DIGITS_OUTPUT, train_digits_classifier
+from tests.service.lifecycle.harness import start_lifecycle
 from tests.service.lifecycle.held_builds import HeldBuilds
 
 
@@ -50,10 +49,9 @@ async def test_cuda_provider_baseline_then_a_tensorrt_engine_swaps_in(
     store = EngineStore(settings.store)
     sha256 = sha256_file(model)
     store.add_model(Path(shutil.copy(model, tmp_path / "upload.onnx")), sha256)
-    registry = Registry(store)
     builds = HeldBuilds()
-    manager = EngineManager(settings, store, registry, TensorRTBackend(), KilnMetrics(), builds)  # type: ignore[arg-type]
-    version = manager.create(
+    running = await start_lifecycle(settings, store, TensorRTBackend(), builds)
+    version = await running.manager.register(
         "digits",
         sha256,
         "digits.onnx",
@@ -97,5 +95,5 @@ async def test_cuda_provider_baseline_then_a_tensorrt_engine_swaps_in(
     assert type(version.runner).__name__ == "TensorRTRunner"
     for output in answers:
         np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5)
-    await manager.shutdown(1.0)
+    await running.stop()
     assert gpu.violations() == []

@@ -102,19 +102,19 @@ def test_engine_view_has_versions_report_and_series(client: TestClient) -> None:
     assert missing.status_code == 404 and "no engine named 'nope'" in missing.json()["error"]["message"]
 
 
-def test_views_are_built_at_most_once_per_second() -> None:
+async def test_views_are_built_at_most_once_per_second() -> None:
     cache = PerSecondCache(ttl_s=0.2)
     builds = []
 
-    def build() -> bytes:
+    async def build() -> bytes:
         builds.append(1)
         return str(len(builds)).encode()
 
-    assert cache.get("view", build) == b"1"
-    assert cache.get("view", build) == b"1"
-    assert cache.get("other", build) == b"2"
+    assert await cache.get("view", build) == b"1"
+    assert await cache.get("view", build) == b"1"
+    assert await cache.get("other", build) == b"2"
     time.sleep(0.25)
-    assert cache.get("view", build) == b"3"
+    assert await cache.get("view", build) == b"3"
 
 
 def test_every_vendored_library_has_its_licence() -> None:
