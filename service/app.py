@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await state.cluster.stop()
             # Under `kiln serve` the drain ran before this; this only bounds what is left.
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
+            state.offload.close()
             tracing.shutdown()
             store.unlock()
             log.info("kiln stopped")

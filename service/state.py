@@ -12,6 +12,7 @@ from service.catalog.replica import ClusterReplica
 from service.lifecycle.manager import EngineManager
 from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
+from service.protocols.offload import Offload
 from service.settings import Settings
 
 
@@ -27,6 +28,7 @@ class AppState:
     api_keys: list[str] = field(default_factory=list)
     cluster: ClusterReplica | None = None
     draining: bool = False
+    offload: Offload = field(default_factory=Offload)
 
 
 def get_state(request: Request) -> AppState:

@@ -569,6 +569,7 @@ class EngineManager:
             observer=self.metrics.engine_observer(version.name, version.version),
             name=f"{version.name}-v{version.version}",
             latency_profile_ms=latency_ms,
+            policy=self.settings.queue_policy(),
         )
         batcher.start()
         return batcher
