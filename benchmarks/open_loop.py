@@ -49,6 +49,7 @@ class Stream:
     retry_after: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     lags: list[float] = field(default_factory=list)
+    retry_after_ms: list[float] = field(default_factory=list)
     in_time: int = 0
     sent: int = 0
     sample_error: str = ""
@@ -74,6 +75,7 @@ class Connection(asyncio.Protocol):
         self.need = -1
         self.status = 0
         self.retry_after = ""
+        self.retry_after_ms = -1.0
         self.current: tuple[Stream, float] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,6 +97,7 @@ class Connection(asyncio.Protocol):
                 self.status = int(head[0].split(" ", 2)[1])
                 length = 0
                 self.retry_after = ""
+                self.retry_after_ms = -1.0
                 for line in head[1:]:
                     key, _, value = line.partition(":")
                     key = key.lower()
@@ -102,6 +105,8 @@ class Connection(asyncio.Protocol):
                         length = int(value)
                     elif key == "retry-after":
                         self.retry_after = value.strip()
+                    elif key == "retry-after-ms":
+                        self.retry_after_ms = float(value)
                 self.need = end + 4 + length
             if len(self.buffer) < self.need:
                 return
@@ -112,7 +117,9 @@ class Connection(asyncio.Protocol):
             self.need = -1
             current, self.current = self.current, None
             if current is not None:
-                self.generator.answered(self, current[0], current[1], self.status, self.retry_after)
+                self.generator.answered(
+                    self, current[0], current[1], self.status, self.retry_after, self.retry_after_ms
+                )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -185,7 +192,9 @@ class Generator:
         stream.lags.append(_now() - scheduled)
         connection.send(stream, scheduled)
 
-    def answered(self, connection: Connection, stream: Stream, scheduled: float, status: int, retry: str) -> None:
+    def answered(
+        self, connection: Connection, stream: Stream, scheduled: float, status: int, retry: str, retry_ms: float
+    ) -> None:
         now = _now()
         latency = now - scheduled
         stream.statuses[status] = stream.statuses.get(status, 0) + 1
@@ -196,6 +205,8 @@ class Generator:
             stream.refusal_latencies.append(latency)
             if status in (429, 503):
                 stream.retry_after[retry or "none"] = stream.retry_after.get(retry or "none", 0) + 1
+                if retry_ms >= 0:
+                    stream.retry_after_ms.append(retry_ms / 1000)
         self.finish_one()
         if stream.closed and now < self.end:
             self.outstanding += 1
@@ -290,6 +301,8 @@ def summarize(stream: Stream, seconds: float) -> dict[str, Any]:
         "lag_p99_ms": _pct(stream.lags, 99),
         "lag_max_ms": _pct(stream.lags, 100),
         "sample_error": stream.sample_error,
+        "retry_after_ms_p50": _pct(stream.retry_after_ms, 50),
+        "retry_after_ms_p99": _pct(stream.retry_after_ms, 99),
     }
 
 

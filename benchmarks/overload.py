@@ -160,7 +160,7 @@ def generate(server: Server, streams: list[dict[str, Any]], seconds: float, work
                 "seconds": seconds,
                 "cpu": GENERATOR_CPU,
                 "max_connections": 2048,
-                "warm_connections": 64,
+                "warm_connections": 256,
                 "streams": streams,
             }
         )
@@ -295,7 +295,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     header = (
         f"{'model':<5} {'level':<8} {'stream':<8} {'cap/s':>6} {'goodput x':>14} {'200/s':>6} {'refused/s':>9} "
-        f"{'other':>14} {'200 p50':>7} {'200 p99':>7} {'refuse p99':>10} {'refuse max':>10} {'Retry-After':>12} "
+        f"{'other':>14} {'200 p50':>7} {'200 p99':>7} {'refuse p99':>10} {'refuse max':>10} {'Retry-After':>12} {'RA ms p50':>9} "
         f"{'lag p99':>7} {'lag max':>7} {'errors':>6} {'live p99':>8} {'RSS MB':>6} {'CPU us/ans':>10} "
         f"{'refusal us':>10}"
     )
@@ -336,7 +336,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{_fmt(med([s['ok_p50_ms'] for s in runs])):>7} {_fmt(med([s['ok_p99_ms'] for s in runs])):>7} "
             f"{_fmt(med([s['refusal_p99_ms'] for s in runs])):>10} "
             f"{_fmt(max((s['refusal_max_ms'] or 0) for s in runs)):>10} "
-            f"{','.join(sorted(retry)) or '-':>12} "
+            f"{','.join(sorted(retry)) or '-':>12} {_fmt(med([s.get('retry_after_ms_p50') for s in runs]), 0):>9} "
             f"{_fmt(med([s['lag_p99_ms'] for s in runs])):>7} {_fmt(max((s['lag_max_ms'] or 0) for s in runs)):>7} "
             f"{errors:>6} {_fmt(med([r['live_p99_ms'] for r in matching])):>8} "
             f"{_fmt(max(r['rss_max_mb'] for r in matching), 0):>6} "

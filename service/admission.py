@@ -43,6 +43,7 @@ DEMAND_WINDOW_S = 10.0
 SHARE_WINDOW_S = 2.0
 LATENCY_SMOOTHING = 0.1
 MAX_STRETCH = 5.0
+LATENESS_SMOOTHING = 0.02
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class QueuePolicy:
     queue_target_ms: float | None = None  # None: one full batch's run time; 0: no queue timeouts
     queue_interval_ms: float = 100.0
     max_request_rows: int = 65_536
+    inference_nice: int = 10  # instance threads yield the CPU to the event loop (0: same priority)
 
 
 def fit_batch_cost(latency_ms: Mapping[int, float]) -> tuple[float, float]:
@@ -167,6 +169,8 @@ class Admission:
         self._drained_at = now
         self._demand = RateMeter(DEMAND_WINDOW_S)
         self._taken = [RateMeter(SHARE_WINDOW_S) for _ in range(self.levels + 1)]
+        self._lateness = 0.0
+        self._lateness_spread = 0.0
 
     # -- levels -------------------------------------------------------------------
 
@@ -243,21 +247,23 @@ class Admission:
 
     # -- decisions ------------------------------------------------------------------
 
-    def check(self, level: int, rows: int, deadline: float, now: float, *, count: bool = True) -> None:
+    def check(self, level: int, rows: int, deadline: float, now: float, *, count: bool = True) -> float:
         """Raise ``QueueTimeout`` or ``DeadlineUnmeetable`` if a request of ``rows``
         at ``level`` should not be queued; work queued ahead of it is the only
         reason ever given (a request with nothing ahead is always tried).
         ``count``: the request counts as demand (False for early checks of a
-        request that will be checked again)."""
+        request that will be checked again). Returns the predicted completion time.
+
+        A completion counts as in time only with the predictions' recent lateness
+        to spare (``slack_s``), so that a good prediction that ends up a little late
+        does not make a late answer."""
         if count:
             self._demand.add(rows, now)
         if self.queued_requests == 0:
             self._drained_at = now
-        if not self.policy.admission:
-            return
         wait, done, ahead = self.predict(level, rows, now)
-        if ahead == 0 and wait == 0.0:
-            return
+        if not self.policy.admission or (ahead == 0 and wait == 0.0):
+            return now + done
         budget = self.queue_timeout(now)
         if budget is not None and wait > budget:
             raise QueueTimeout(
@@ -265,12 +271,25 @@ class Admission:
                 f"wait about {1000 * wait:.0f} ms, over the {1000 * budget:.0f} ms budget of a standing queue",
                 retry_after_s=self.drain_s(level, now),
             )
-        if now + done > deadline:
+        if now + done + self.slack_s() > deadline:
             raise DeadlineUnmeetable(
                 f"{ahead} rows are queued ahead of this request; it would finish in about "
                 f"{1000 * done:.0f} ms, after its deadline ({1000 * max(deadline - now, 0):.0f} ms from now)",
                 retry_after_s=self.drain_s(level, now),
             )
+
+        return now + done
+
+    def slack_s(self) -> float:
+        """How late admitted requests have finished against their predictions lately:
+        the mean lateness plus twice its mean deviation (never negative)."""
+        return max(0.0, self._lateness + 2 * self._lateness_spread)
+
+    def finished_request(self, predicted: float, now: float) -> None:
+        """A request admitted with completion ``predicted`` was answered at ``now``."""
+        error = now - predicted
+        self._lateness += (error - self._lateness) * LATENESS_SMOOTHING
+        self._lateness_spread += (abs(error - self._lateness) - self._lateness_spread) * LATENESS_SMOOTHING
 
     def refused_early(self, rows: int, now: float) -> None:
         """Count a request refused before its own check (it is demand all the same)."""

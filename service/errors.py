@@ -5,7 +5,7 @@ answer ``{"error": "..."}`` as Triton does. 5xx bodies carry a generic message a
 the details go to the log.
 
 Overload is 503 with ``Retry-After`` (the backlog's drain time, rounded up to whole
-seconds), never 429: 429 says *this client* sent too many requests and should slow
+seconds; ``retry-after-ms`` carries it in milliseconds), never 429: 429 says *this client* sent too many requests and should slow
 down, while an overloaded engine is the server's shortage, which another replica
 may not share. Proxies and clients retry 503 elsewhere (Envoy's ``retry_on: 5xx``,
 nginx's ``proxy_next_upstream http_503``, gRPC's UNAVAILABLE) and do not retry
@@ -115,7 +115,7 @@ def status_of(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
     if isinstance(exc, ServiceError):
         return exc.status, exc.kind, exc.message, exc.headers
     if isinstance(exc, Refused):
-        return 503, "unavailable", exc.message, {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return 503, "unavailable", exc.message, retry_after_headers(exc.retry_after_s)
     if isinstance(exc, DeadlinePassed):
         return 504, "deadline_exceeded", exc.message, {}
     if isinstance(exc, engine_errors.EngineError):
@@ -126,6 +126,12 @@ def status_of(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
                 return status, exc.kind, message, {}
         return 500, "internal", "internal error; see the server log", {}
     return 500, "internal", "internal error; see the server log", {}
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds (all HTTP allows, rounded up) and
+    ``retry-after-ms`` with the estimate itself, as some APIs' clients read it."""
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}
 
 
 def retry_after_s(exc: BaseException) -> float | None:

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         "KILN_QUEUE_INTERVAL_MS); unset: one full batch's run time, at least 5 ms; 0: no budget",
     )
     queue_interval_ms: float = Field(100.0, gt=0, le=60_000)
+    inference_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="nice value of the instance threads that run engines, so that the event "
+        "loop (answers, refusals, health checks) goes first when they share a core; 0: same priority",
+    )
     max_request_rows: int = Field(
         65_536,
         ge=1,
@@ -166,6 +173,7 @@ class Settings(BaseSettings):
             queue_target_ms=self.queue_target_ms,
             queue_interval_ms=self.queue_interval_ms,
             max_request_rows=self.max_request_rows,
+            inference_nice=self.inference_nice,
         )
 
     def backend_options(self) -> dict[str, dict[str, object]]:
