@@ -303,7 +303,7 @@ class EngineManager:
         if self.cluster is not None:
             committed = await self.cluster.is_committed(version)
         else:
-            meta = await asyncio.to_thread(self._committed_meta, version.cache_key)  # hashes the artifact
+            meta = self._committed_meta(version.cache_key)
             if meta is not None:
                 self.metrics.builds.labels("cached").inc()
                 return meta
