@@ -201,7 +201,7 @@ class Generator:
         if status == 200:
             stream.ok_latencies.append(latency)
             stream.in_time += latency <= stream.deadline_s
-        else:
+        elif status in (429, 503):
             stream.refusal_latencies.append(latency)
             if status in (429, 503):
                 stream.retry_after[retry or "none"] = stream.retry_after.get(retry or "none", 0) + 1

@@ -247,10 +247,14 @@ class Admission:
 
     # -- decisions ------------------------------------------------------------------
 
-    def check(self, level: int, rows: int, deadline: float, now: float, *, count: bool = True) -> float:
+    def check(
+        self, level: int, rows: int, deadline: float, now: float, *, explicit: bool = True, count: bool = True
+    ) -> float:
         """Raise ``QueueTimeout`` or ``DeadlineUnmeetable`` if a request of ``rows``
         at ``level`` should not be queued; work queued ahead of it is the only
         reason ever given (a request with nothing ahead is always tried).
+        ``explicit``: the client gave the deadline; the standing-queue budget is for
+        requests that did not (a client's deadline says what wait it accepts).
         ``count``: the request counts as demand (False for early checks of a
         request that will be checked again). Returns the predicted completion time.
 
@@ -264,7 +268,7 @@ class Admission:
         wait, done, ahead = self.predict(level, rows, now)
         if not self.policy.admission or (ahead == 0 and wait == 0.0):
             return now + done
-        budget = self.queue_timeout(now)
+        budget = None if explicit else self.queue_timeout(now)
         if budget is not None and wait > budget:
             raise QueueTimeout(
                 f"the queue has not drained for {self.policy.queue_interval_ms:g} ms; this request would "

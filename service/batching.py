@@ -433,16 +433,22 @@ class DynamicBatcher:
 
     # -- intake ----------------------------------------------------------------
 
-    def precheck(self, *, priority: int | None = None, timeout_ms: float | None = None) -> None:
-        """Refuse now what ``infer`` would refuse whatever the request holds: routes
-        call it before reading (or decoding) a body, so that refusals under overload
-        stay cheap. Without ``priority`` and ``timeout_ms`` it assumes the best case
-        (the highest level, the engine's longest timeout, one row)."""
+    def precheck(
+        self, *, priority: int | None = None, timeout_ms: float | None = None, header_read: bool = False
+    ) -> None:
+        """Refuse now what ``infer`` would refuse: routes call it before reading (or
+        decoding) a body, so that refusals under overload stay cheap. Before the
+        request's header is read (``header_read`` False) it assumes the best case:
+        the highest level, the engine's longest timeout, given by the client; after,
+        ``priority`` and ``timeout_ms`` are the request's own."""
         now = time.monotonic()
-        level = self.admission.level_of(priority) if priority is not None else 1
+        level = self.admission.level_of(priority) if header_read else 1
+        explicit = timeout_ms is not None or not header_read
         try:
             self._check_open(level)
-            self.admission.check(level, 1, now + self._timeout_s(timeout_ms), now, count=False)
+            self.admission.check(
+                level, 1, now + self._timeout_s(timeout_ms), now, explicit=explicit, count=False
+            )
         except Refused:
             self.admission.refused_early(1, now)
             raise
@@ -495,7 +501,7 @@ class DynamicBatcher:
         except Refused:
             self.admission.refused_early(rows, now)
             raise
-        predicted = self.admission.check(level, rows, deadline, now)
+        predicted = self.admission.check(level, rows, deadline, now, explicit=timeout_ms is not None)
         if self.admission.queued_requests >= self.config.max_queue_size:
             self._shed_newest_below(level)
         loop = asyncio.get_running_loop()

@@ -4,8 +4,7 @@ check the feeds, queue them on its batcher, and count the request.
 Protocol routes decode their own body into numpy feeds, then call ``infer``.
 Refusals are asked for as early as each protocol can: ``RequestMetrics.admit``
 before the body is read (v2 REST) or decoded (native, gRPC), with what is known
-then, and ``RequestMetrics.admit_request`` once the deadline and priority are
-read, before any tensor is decoded. Every request is counted here once, under
+then, and again once the deadline and priority are read, before any tensor is decoded. Every request is counted here once, under
 its final status, and every refusal under its reason.
 """
 
@@ -34,25 +33,20 @@ class RequestMetrics:
         self.version = ""
         self.code = 500
 
-    def admit(
-        self, version: EngineVersion, *, priority: int | None = None, timeout_ms: float | None = None
-    ) -> Signature:
+    def admit(self, version: EngineVersion, *, header: tuple[int | None, float | None] | None = None) -> Signature:
         """Count the request under a ready ``version`` and refuse it now if its engine
         would refuse it (stopping, a full queue, a standing queue, a deadline it
-        cannot meet), before its body is read or decoded: overload stays cheap.
-        Without ``priority`` and ``timeout_ms`` the best case is assumed. Returns the
-        version's signature."""
+        cannot meet), before its body is read or its tensors decoded: overload
+        stays cheap. ``header`` is the request's (priority, timeout_ms) once read;
+        without it the best case is assumed. Returns the version's signature."""
         self.engine = version.name
         self.version = str(version.version)
         assert version.signature is not None and version.batcher is not None
-        version.batcher.precheck(priority=priority, timeout_ms=timeout_ms)
+        if header is None:
+            version.batcher.precheck()
+        else:
+            version.batcher.precheck(priority=header[0], timeout_ms=header[1], header_read=True)
         return version.signature
-
-    def admit_request(self, version: EngineVersion, priority: int | None, timeout_ms: float | None) -> None:
-        """Refuse now, before any tensor is decoded, a request that its priority and
-        deadline would have refused once queued."""
-        assert version.batcher is not None
-        version.batcher.precheck(priority=priority, timeout_ms=timeout_ms)
 
     def __enter__(self) -> RequestMetrics:
         return self

@@ -284,10 +284,10 @@ async def infer_v2(
                 parsed = await state.offload.in_process(
                     functools.partial(parse_infer_request, body, header_length, signature, **limits)
                 )
-                record.admit(found, priority=parsed.priority, timeout_ms=parsed.timeout_ms)
+                record.admit(found, header=(parsed.priority, parsed.timeout_ms))
             else:
                 header = read_header(body, header_length, **limits)
-                record.admit(found, priority=header.priority, timeout_ms=header.timeout_ms)
+                record.admit(found, header=(header.priority, header.timeout_ms))
                 parsed = decode_request(header, signature, max_tensor_elements=settings.max_tensor_elements)
         outputs = await infer(
             found,

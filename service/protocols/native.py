@@ -67,7 +67,7 @@ async def predict_native(
             raise BadRequest("'timeout_ms' must be a positive number")
         priority = parse_priority(payload.get("priority"))
         found = state.registry.servable(engine, version)
-        signature = record.admit(found, priority=priority, timeout_ms=timeout_ms)
+        signature = record.admit(found, header=(priority, timeout_ms))
         with tracing.span("decode"):
             decode = functools.partial(
                 decode_native_inputs, payload["inputs"], signature, max_elements=settings.max_tensor_elements

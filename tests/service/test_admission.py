@@ -102,8 +102,9 @@ def test_a_standing_queue_shrinks_the_wait_budget_until_it_drains() -> None:
     gate.left_queue(1, 1, last_part=True, waited=0.2, now=0.25)  # waited long, queue not empty
     assert gate.queue_timeout(0.31) == pytest.approx(target)
     gate.started({1: 8}, 8, now=0.31)
+    gate.check(1, 1, deadline=100.0, now=0.31)  # a client's own deadline is what it waits for
     with pytest.raises(QueueTimeout, match="budget of a standing queue"):
-        gate.check(1, 1, deadline=100.0, now=0.31)
+        gate.check(1, 1, deadline=100.0, now=0.31, explicit=False)  # the engine's timeout: the budget
     gate.left_queue(1, 1, last_part=True, waited=0.01, now=0.4)  # a short wait: it drains again
     assert gate.queue_timeout(0.41) is None
 

@@ -212,7 +212,7 @@ class InferenceService(services.GRPCInferenceServiceServicer):
             timeout_ms, priority = codec.timeout_ms(request), codec.priority(request)
             if deadline_s is not None:  # the client's own gRPC deadline bounds the queue too
                 timeout_ms = min(timeout_ms or deadline_s * 1000, deadline_s * 1000)
-            signature = record.admit(found, priority=priority, timeout_ms=timeout_ms)
+            signature = record.admit(found, header=(priority, timeout_ms))
             with tracing.span("decode"):
                 feeds = codec.decode_inputs(request, signature, settings.max_tensor_elements)
                 choices = codec.output_choices(request, signature)
