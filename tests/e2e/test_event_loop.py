@@ -102,30 +102,40 @@ def test_a_500_mb_upload_and_50_mb_json_bodies_do_not_stall_a_tiny_model(tmp_pat
         big_json = tmp_path / "big.json"
         big_json.write_bytes(b'{"engine": "wide", "inputs": [' + b",".join([row] * 6) + b"]}")
 
-        import os
         probe = Probe(server.port)
         probe.start()
         time.sleep(1.5)
         idle = list(probe.latencies_ms)
         curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"]
         uploading = subprocess.Popen(
-            ["true"] if os.environ.get("ONLY") == "json" else [*curl, "-F", "name=big", "-F", f"model=@{tmp_path / 'tiny.onnx'}", "-F", f"validation=@{validation}",
-             f"{server.url}/engines"],
+            [
+                *curl,
+                "-F",
+                "name=big",
+                "-F",
+                f"model=@{tmp_path / 'tiny.onnx'}",
+                "-F",
+                f"validation=@{validation}",
+                f"{server.url}/engines",
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
-        import os
-        if os.environ.get("ONLY") == "upload":
-            uploading.communicate(timeout=300)
         posting = [
             subprocess.run(
-                [*curl, "-H", "Content-Type: application/json", "--data-binary", f"@{big_json}",
-                 f"{server.url}/predict"],
+                [
+                    *curl,
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    f"@{big_json}",
+                    f"{server.url}/predict",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=120,
             ).stdout
-            for _ in range(0 if os.environ.get("ONLY") == "upload" else 2)
+            for _ in range(2)
         ]
         uploaded = uploading.communicate(timeout=300)[0]
         probe.stop.set()
