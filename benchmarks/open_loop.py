@@ -112,7 +112,9 @@ class Connection(asyncio.Protocol):
                 return
             if self.status != 200 and current_stream_has_no_sample(self.current):
                 assert self.current is not None
-                self.current[0].sample_error = bytes(self.buffer[self.need - 300 : self.need]).decode("latin-1")
+                self.current[0].sample_error = bytes(self.buffer[self.need - 300 : self.need]).decode(
+                    "latin-1"
+                )
             del self.buffer[: self.need]
             self.need = -1
             current, self.current = self.current, None
@@ -137,7 +139,10 @@ class Generator:
             Stream(
                 s["name"],
                 build_request(
-                    f"{self.host}:{self.port}", s["path"], Path(s["body_file"]).read_bytes(), s.get("headers", {})
+                    f"{self.host}:{self.port}",
+                    s["path"],
+                    Path(s["body_file"]).read_bytes(),
+                    s.get("headers", {}),
                 ),
                 float(s.get("rate", 0)),
                 float(s.get("deadline_ms", 1e9)) / 1000,
@@ -193,7 +198,13 @@ class Generator:
         connection.send(stream, scheduled)
 
     def answered(
-        self, connection: Connection, stream: Stream, scheduled: float, status: int, retry: str, retry_ms: float
+        self,
+        connection: Connection,
+        stream: Stream,
+        scheduled: float,
+        status: int,
+        retry: str,
+        retry_ms: float,
     ) -> None:
         now = _now()
         latency = now - scheduled

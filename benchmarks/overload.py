@@ -76,7 +76,11 @@ def request_body(
     """(body, path, headers) of one single-row request with its deadline."""
     row = np.random.default_rng(1).standard_normal((1, *model.row_shape)).astype(np.float32)
     if protocol == "native":
-        payload: dict[str, Any] = {"engine": model.name, "inputs": row.round(4).tolist(), "timeout_ms": deadline_ms}
+        payload: dict[str, Any] = {
+            "engine": model.name,
+            "inputs": row.round(4).tolist(),
+            "timeout_ms": deadline_ms,
+        }
         if priority is not None:
             payload["priority"] = priority
         return json.dumps(payload).encode(), "/predict", {"Content-Type": "application/json"}
@@ -94,7 +98,9 @@ def request_body(
                     "parameters": {"binary_data_size": row.nbytes},
                 }
             ],
-            "outputs": [{"name": "y" if model.name == "tiny" else "logits", "parameters": {"binary_data": True}}],
+            "outputs": [
+                {"name": "y" if model.name == "tiny" else "logits", "parameters": {"binary_data": True}}
+            ],
         }
     ).encode()
     return (
@@ -148,7 +154,9 @@ class Sampler(threading.Thread):
         self.sock.close()
 
 
-def generate(server: Server, streams: list[dict[str, Any]], seconds: float, work: Path) -> list[dict[str, Any]]:
+def generate(
+    server: Server, streams: list[dict[str, Any]], seconds: float, work: Path
+) -> list[dict[str, Any]]:
     """Run the open-loop generator (pinned to GENERATOR_CPU) and return its per-stream results."""
     host, port = server.url.removeprefix("http://").split(":")
     spec = work / "spec.json"
@@ -185,9 +193,7 @@ class Level:
     probes: Probes
 
 
-def run_level(
-    server: Server, label: str, streams: list[dict[str, Any]], seconds: float, work: Path
-) -> Level:
+def run_level(server: Server, label: str, streams: list[dict[str, Any]], seconds: float, work: Path) -> Level:
     sampler = Sampler(server)
     sampler.start()
     cpu_before = server.cpu_seconds()
@@ -196,14 +202,31 @@ def run_level(
     finally:
         sampler.stop.set()
         sampler.join(10)
-    return Level(label, sum(s.get("rate", 0) for s in streams), results, server.cpu_seconds() - cpu_before, sampler.probes)
+    return Level(
+        label,
+        sum(s.get("rate", 0) for s in streams),
+        results,
+        server.cpu_seconds() - cpu_before,
+        sampler.probes,
+    )
 
 
-def stream(name: str, body: Path, path: str, headers: dict[str, str], deadline_ms: float, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "path": path, "body_file": str(body), "headers": headers, "deadline_ms": deadline_ms, **kw}
+def stream(
+    name: str, body: Path, path: str, headers: dict[str, str], deadline_ms: float, **kw: Any
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "path": path,
+        "body_file": str(body),
+        "headers": headers,
+        "deadline_ms": deadline_ms,
+        **kw,
+    }
 
 
-def measure_model(model: Model, args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+def measure_model(
+    model: Model, args: argparse.Namespace, work: Path, env: dict[str, str]
+) -> list[dict[str, Any]]:
     """One server: capacity, then each level, ``args.runs`` times; one row per (run, level)."""
     server = start_kiln(work / f"store-{model.name}", env=env, cpu=SERVER_CPU, source=args.source)
     rows: list[dict[str, Any]] = []
@@ -279,6 +302,10 @@ def row_of(
     }
 
 
+def refused_of(stream: dict[str, Any]) -> int:
+    return sum(stream["statuses"].values()) - stream["statuses"].get("200", 0)
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -294,8 +321,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"{args.runs} run(s); medians over runs (min-max of goodput in brackets)"
     )
     header = (
-        f"{'model':<5} {'level':<8} {'stream':<8} {'cap/s':>6} {'goodput x':>14} {'200/s':>6} {'refused/s':>9} "
-        f"{'other':>14} {'200 p50':>7} {'200 p99':>7} {'refuse p99':>10} {'refuse max':>10} {'Retry-After':>12} {'RA ms p50':>9} "
+        f"{'model':<5} {'level':<8} {'stream':<8} {'cap/s':>6} {'goodput x':>14} {'200/s':>6} "
+        f"{'refused/s':>9} "
+        f"{'other':>14} {'200 p50':>7} {'200 p99':>7} {'refuse p99':>10} {'refuse max':>10} "
+        f"{'Retry-After':>12} {'RA ms p50':>9} "
         f"{'lag p99':>7} {'lag max':>7} {'errors':>6} {'live p99':>8} {'RSS MB':>6} {'CPU us/ans':>10} "
         f"{'refusal us':>10}"
     )
@@ -331,20 +360,25 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{model:<5} {level:<8} {name:<8} {_fmt(capacity, 0):>6} "
             f"{_fmt(med(goodputs), 2):>5} [{min(goodputs):.2f}-{max(goodputs):.2f}] "
             f"{_fmt(med([s['statuses'].get('200', 0) / seconds for s in runs]), 0):>6} "
-            f"{_fmt(med([(sum(s['statuses'].values()) - s['statuses'].get('200', 0)) / seconds for s in runs]), 0):>9} "
+            f"{_fmt(med([refused_of(s) / seconds for s in runs]), 0):>9} "
             f"{','.join(f'{k}:{v}' for k, v in sorted(other.items())) or '-':>14} "
             f"{_fmt(med([s['ok_p50_ms'] for s in runs])):>7} {_fmt(med([s['ok_p99_ms'] for s in runs])):>7} "
             f"{_fmt(med([s['refusal_p99_ms'] for s in runs])):>10} "
             f"{_fmt(max((s['refusal_max_ms'] or 0) for s in runs)):>10} "
-            f"{','.join(sorted(retry)) or '-':>12} {_fmt(med([s.get('retry_after_ms_p50') for s in runs]), 0):>9} "
-            f"{_fmt(med([s['lag_p99_ms'] for s in runs])):>7} {_fmt(max((s['lag_max_ms'] or 0) for s in runs)):>7} "
+            f"{','.join(sorted(retry)) or '-':>12} "
+            f"{_fmt(med([s.get('retry_after_ms_p50') for s in runs]), 0):>9} "
+            f"{_fmt(med([s['lag_p99_ms'] for s in runs])):>7} "
+            f"{_fmt(max((s['lag_max_ms'] or 0) for s in runs)):>7} "
             f"{errors:>6} {_fmt(med([r['live_p99_ms'] for r in matching])):>8} "
             f"{_fmt(max(r['rss_max_mb'] for r in matching), 0):>6} "
             f"{_fmt(med([r['cpu_us_per_answer'] for r in matching]), 0):>10} "
             f"{_fmt(med([r['refusal_cpu_us'] for r in matching]), 0):>10}"
         )
     batch1 = {r["model"]: r["batch1_ms"] for r in rows}
-    print("batch-1 latency from the build report (ms): " + ", ".join(f"{m} {_fmt(v, 2)}" for m, v in batch1.items()))
+    print(
+        "batch-1 latency from the build report (ms): "
+        + ", ".join(f"{m} {_fmt(v, 2)}" for m, v in batch1.items())
+    )
 
 
 def main() -> None:
@@ -355,7 +389,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--levels", default="1,2,4,5", help="offered load as multiples of the capacity")
     parser.add_argument("--deadline-ms", type=float, default=100)
-    parser.add_argument("--priority", action="store_true", help="priority 1 at --high x inside a priority-2 flood")
+    parser.add_argument(
+        "--priority", action="store_true", help="priority 1 at --high x inside a priority-2 flood"
+    )
     parser.add_argument("--high", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE server setting")
     parser.add_argument("--source", type=Path, default=None, help="serve this source tree instead")

@@ -272,7 +272,8 @@ class Admission:
         if budget is not None and wait > budget:
             raise QueueTimeout(
                 f"the queue has not drained for {self.policy.queue_interval_ms:g} ms; this request would "
-                f"wait about {1000 * wait:.0f} ms, over the {1000 * budget:.0f} ms budget of a standing queue",
+                f"wait about {1000 * wait:.0f} ms, over the {1000 * budget:.0f} ms budget "
+                "of a standing queue",
                 retry_after_s=self.drain_s(level, now),
             )
         if now + done + self.slack_s() > deadline:

@@ -5,21 +5,20 @@ answer ``{"error": "..."}`` as Triton does. 5xx bodies carry a generic message a
 the details go to the log.
 
 Overload is 503 with ``Retry-After`` (the backlog's drain time, rounded up to whole
-seconds; ``retry-after-ms`` carries it in milliseconds), never 429: 429 says *this client* sent too many requests and should slow
-down, while an overloaded engine is the server's shortage, which another replica
-may not share. Proxies and clients retry 503 elsewhere (Envoy's ``retry_on: 5xx``,
-nginx's ``proxy_next_upstream http_503``, gRPC's UNAVAILABLE) and do not retry
-429 by default. A request whose own deadline passed before it could run is 504.
+seconds; ``retry-after-ms`` carries it in milliseconds), never 429: 429 says *this
+client* sent too many requests and should slow down, while an overloaded engine is
+the server's shortage, which another replica may not share. Proxies and clients
+retry 503 elsewhere (Envoy's ``retry_on: 5xx``, nginx's ``proxy_next_upstream
+http_503``, gRPC's UNAVAILABLE) and do not retry 429 by default. A request whose own deadline passed before it could run is 504.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
-import math
-
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -131,7 +130,10 @@ def status_of(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
 def retry_after_headers(seconds: float) -> dict[str, str]:
     """``Retry-After`` in whole seconds (all HTTP allows, rounded up) and
     ``retry-after-ms`` with the estimate itself, as some APIs' clients read it."""
-    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}
+    return {
+        "Retry-After": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, round(seconds * 1000))),
+    }
 
 
 def retry_after_s(exc: BaseException) -> float | None:

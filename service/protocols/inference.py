@@ -4,8 +4,9 @@ check the feeds, queue them on its batcher, and count the request.
 Protocol routes decode their own body into numpy feeds, then call ``infer``.
 Refusals are asked for as early as each protocol can: ``RequestMetrics.admit``
 before the body is read (v2 REST) or decoded (native, gRPC), with what is known
-then, and again once the deadline and priority are read, before any tensor is decoded. Every request is counted here once, under
-its final status, and every refusal under its reason.
+then, and again once the deadline and priority are read, before any tensor is
+decoded. Every request is counted here once, under its final status, and every
+refusal under its reason.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class RequestMetrics:
         self.version = ""
         self.code = 500
 
-    def admit(self, version: EngineVersion, *, header: tuple[int | None, float | None] | None = None) -> Signature:
+    def admit(
+        self, version: EngineVersion, *, header: tuple[int | None, float | None] | None = None
+    ) -> Signature:
         """Count the request under a ready ``version`` and refuse it now if its engine
         would refuse it (stopping, a full queue, a standing queue, a deadline it
         cannot meet), before its body is read or its tensors decoded: overload
@@ -151,4 +154,3 @@ async def infer(
     return await version.batcher.infer(
         feeds, timeout_ms=timeout_ms, priority=priority, disconnected=disconnected
     )
-

@@ -272,7 +272,9 @@ async def infer_v2(
             encoding = content_encoding(headers("content-encoding"))
             if encoding is not None:
                 inflate = functools.partial(decompress_body, body, encoding, settings.max_request_bytes)
-                body = await state.offload.in_thread(inflate) if len(body) > INFLATE_INLINE_BYTES else inflate()
+                body = (
+                    await state.offload.in_thread(inflate) if len(body) > INFLATE_INLINE_BYTES else inflate()
+                )
             header_length = headers(INFERENCE_HEADER.lower())
             limits = {
                 "max_json_depth": settings.max_json_depth,

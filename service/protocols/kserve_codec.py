@@ -27,7 +27,7 @@ import orjson
 
 from engines.errors import UnsupportedModel
 from engines.types import Signature, TensorSpec
-from service.errors import BadRequest, PayloadTooLarge
+from service.errors import BadRequest
 from service.protocols.intake import check_json_shape, parse_priority
 from service.protocols.native_codec import cast_checked
 from service.protocols.offload import inflate
@@ -189,7 +189,9 @@ def decode_request(header: InferHeader, signature: Signature, *, max_tensor_elem
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
-    binary_outputs_by_default = _flag(_parameters(payload, "the request"), "binary_data_output", "the request")
+    binary_outputs_by_default = _flag(
+        _parameters(payload, "the request"), "binary_data_output", "the request"
+    )
     feeds = _decode_inputs(payload.get("inputs"), header.binary, signature, max_tensor_elements)
     outputs = _output_choices(payload.get("outputs"), signature, binary_outputs_by_default)
     return InferRequest(feeds, outputs, request_id, header.timeout_ms, header.priority)

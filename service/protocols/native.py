@@ -82,7 +82,8 @@ async def predict_native(
 
 @router.post("/predict")
 async def predict() -> Response:
-    """``{"engine", "version"?, "inputs", "timeout_ms"?, "priority"?}`` → ``{"engine", "version", "outputs"}``.
+    """``{"engine", "version"?, "inputs", "timeout_ms"?, "priority"?}`` →
+    ``{"engine", "version", "outputs"}``.
 
     Declared for the OpenAPI schema only: ``FastPathApp`` answers this path with
     ``predict_native`` before routing, so this handler never runs."""

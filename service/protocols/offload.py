@@ -108,7 +108,9 @@ def inflate(body: bytes | bytearray, encoding: str, limit: int) -> bytes:
             size += len(piece)
             pieces.append(piece)
             if size > limit or decompressor.unconsumed_tail:
-                raise PayloadTooLarge(f"the decompressed request body is larger than the limit of {limit} bytes")
+                raise PayloadTooLarge(
+                    f"the decompressed request body is larger than the limit of {limit} bytes"
+                )
         pieces.append(decompressor.flush())
     except zlib.error as exc:
         raise BadRequest(f"the {encoding} request body cannot be decompressed: {exc}") from None

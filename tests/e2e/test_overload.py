@@ -70,11 +70,19 @@ class HealthSampler(threading.Thread):
             self.client.close()
 
 
-def generate(server: ServerProcess, work: Path, seconds: float, streams: list[dict[str, Any]]) -> dict[str, Any]:
+def generate(
+    server: ServerProcess, work: Path, seconds: float, streams: list[dict[str, Any]]
+) -> dict[str, Any]:
     spec = work / "spec.json"
     spec.write_text(
         json.dumps(
-            {"host": "127.0.0.1", "port": server.port, "seconds": seconds, "warm_connections": 64, "streams": streams}
+            {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "seconds": seconds,
+                "warm_connections": 64,
+                "streams": streams,
+            }
         )
     )
     output = subprocess.run(
@@ -90,7 +98,9 @@ def generate(server: ServerProcess, work: Path, seconds: float, streams: list[di
 def body(work: Path, name: str, priority: int) -> str:
     row = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32).round(4).tolist()
     path = work / f"{name}.json"
-    path.write_text(json.dumps({"engine": "slow", "inputs": row, "timeout_ms": DEADLINE_MS, "priority": priority}))
+    path.write_text(
+        json.dumps({"engine": "slow", "inputs": row, "timeout_ms": DEADLINE_MS, "priority": priority})
+    )
     return str(path)
 
 
@@ -102,7 +112,9 @@ def test_5x_overload_refuses_the_excess_at_once_and_serves_high_priority_in_time
     headers = {"Content-Type": "application/json"}
     low, high = body(tmp_path, "low", 2), body(tmp_path, "high", 1)
     stream = {"path": "/predict", "headers": headers, "deadline_ms": DEADLINE_MS}
-    capacity_run = generate(server, tmp_path, 1.5, [{**stream, "name": "cap", "body_file": low, "closed": 8}])["cap"]
+    capacity_run = generate(
+        server, tmp_path, 1.5, [{**stream, "name": "cap", "body_file": low, "closed": 8}]
+    )["cap"]
     capacity = capacity_run["statuses"]["200"] / capacity_run["seconds"]
 
     rss_before = process.memory_info().rss
@@ -138,8 +150,10 @@ def test_5x_overload_refuses_the_excess_at_once_and_serves_high_priority_in_time
     print(
         f"capacity {capacity:.0f}/s; flood {flood['statuses']} refusal p99 {flood['refusal_p99_ms']} ms, "
         f"Retry-After {flood['retry_after']} (ms p50 {flood['retry_after_ms_p50']}); high {vip['statuses']} "
-        f"in time {vip['in_time']}, p99 {vip['ok_p99_ms']} ms; health p99 {live[int(0.99 * (len(live) - 1))]:.1f} "
-        f"ms; RSS {rss_before / 2**20:.0f} -> {max(rss) / 2**20:.0f} MB; generator lag p99 {flood['lag_p99_ms']} ms"
+        f"in time {vip['in_time']}, p99 {vip['ok_p99_ms']} ms; "
+        f"health p99 {live[int(0.99 * (len(live) - 1))]:.1f} ms; "
+        f"RSS {rss_before / 2**20:.0f} -> {max(rss) / 2**20:.0f} MB; "
+        f"generator lag p99 {flood['lag_p99_ms']} ms"
     )
 
     # Nothing is dropped or reset: every request gets an answer.
@@ -170,6 +184,7 @@ def test_5x_overload_refuses_the_excess_at_once_and_serves_high_priority_in_time
         assert response.status_code == 200, response.text
         metrics = client.get("/metrics").text
     assert 'kiln_engine_load_ratio{engine="slow",version="1"}' in metrics
-    assert 'kiln_rejected_requests_total{engine="slow",reason="deadline_unmeetable",version="1"}' in metrics or (
-        'reason="queue_timeout"' in metrics
+    assert (
+        'kiln_rejected_requests_total{engine="slow",reason="deadline_unmeetable",version="1"}' in metrics
+        or ('reason="queue_timeout"' in metrics)
     )

@@ -257,7 +257,7 @@ async def test_a_chunked_body_over_the_request_limit_is_cut_off(bare_app: FastAP
 async def test_a_v2_body_for_a_model_that_cannot_take_it_is_never_read(bare_app: FastAPI) -> None:
     receive = CountingBody(b"[", b"1," * (CHUNK // 2), GIB_OF_CHUNKS)
     scope = asgi_scope("POST", "/v2/models/mlp/infer", [(b"content-type", b"application/json")])
-    status, body = await run_asgi(bare_app, scope, receive)
+    status, _ = await run_asgi(bare_app, scope, receive)
     assert status == 404  # known from the path, before the body
     assert receive.given == 0
 

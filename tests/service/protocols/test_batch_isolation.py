@@ -28,7 +28,9 @@ async def app(tmp_path: Path) -> AsyncIterator[FastAPI]:
 
 async def ready(client: httpx.AsyncClient, model: Path, name: str, **fields: str) -> None:
     files = {"model": (model.name, model.read_bytes(), "application/octet-stream")}
-    response = await client.post("/engines", files=files, data={"name": name, "progressive": "false", **fields})
+    response = await client.post(
+        "/engines", files=files, data={"name": name, "progressive": "false", **fields}
+    )
     assert response.status_code == 202, response.text
     for _ in range(600):
         state = (await client.get(f"/engines/{name}")).json()["state"]
@@ -71,7 +73,9 @@ async def test_one_malformed_request_in_a_batch_fails_alone(app: FastAPI, tmp_pa
     assert metric(text, "kiln_requests_total", engine="emb", code="400") == 1
 
 
-async def test_540_rows_run_as_engine_sized_batches_and_are_answered_once(app: FastAPI, tmp_path: Path) -> None:
+async def test_540_rows_run_as_engine_sized_batches_and_are_answered_once(
+    app: FastAPI, tmp_path: Path
+) -> None:
     model = mlp(tmp_path / "mlp.onnx")
     x = np.random.default_rng(0).standard_normal((540, 16)).astype(np.float32)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kiln") as client:
