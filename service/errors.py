@@ -9,7 +9,8 @@ seconds; ``retry-after-ms`` carries it in milliseconds), never 429: 429 says *th
 client* sent too many requests and should slow down, while an overloaded engine is
 the server's shortage, which another replica may not share. Proxies and clients
 retry 503 elsewhere (Envoy's ``retry_on: 5xx``, nginx's ``proxy_next_upstream
-http_503``, gRPC's UNAVAILABLE) and do not retry 429 by default. A request whose own deadline passed before it could run is 504.
+http_503``, gRPC's UNAVAILABLE) and do not retry 429 by default. A request whose
+own deadline passed before it could run is 504.
 """
 
 from __future__ import annotations
