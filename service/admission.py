@@ -79,26 +79,33 @@ def fit_batch_cost(latency_ms: Mapping[int, float]) -> tuple[float, float]:
 
 
 class LatencyModel:
-    """Predicted run time of a batch: a line through the latency per batch size,
-    seeded by the build profile; each batch that runs replaces (then smooths) the
-    point of its size, so the line follows the engine as it runs here and now."""
+    """Predicted run time of a batch: a line through the latency per batch size. The
+    build profile seeds it; each batch that runs replaces (then smooths) the point
+    of its size, and scales the profile's other points by how the live runs compare
+    with the profile, so a profile measured on a busier (or idler) machine is
+    corrected even at batch sizes that do not run yet."""
 
     def __init__(self, profile_ms: Mapping[int, float] | None = None) -> None:
-        self._points_ms: dict[int, float] = {int(b): float(ms) for b, ms in (profile_ms or {}).items()}
-        self._live: set[int] = set()
+        self._profile_ms: dict[int, float] = {int(b): float(ms) for b, ms in (profile_ms or {}).items()}
+        self._profile_line = fit_batch_cost(self._profile_ms)
+        self._live_ms: dict[int, float] = {}
+        self._ratio: float | None = None  # live runs over the profile's line
         self._since_fit = 0
         self.fixed_s = 0.0
         self.per_row_s = 0.0
         self._fit()
 
     def _fit(self) -> None:
-        fixed_ms, per_row_ms = fit_batch_cost(self._points_ms)
+        ratio = self._ratio or 1.0
+        points = {b: ms * ratio for b, ms in self._profile_ms.items()}
+        points.update(self._live_ms)
+        fixed_ms, per_row_ms = fit_batch_cost(points)
         self.fixed_s, self.per_row_s = fixed_ms / 1000, per_row_ms / 1000
         self._since_fit = 0
 
     @property
     def known(self) -> bool:
-        return bool(self._points_ms)
+        return bool(self._profile_ms or self._live_ms)
 
     def cost(self, rows: int) -> float:
         """Seconds to run a batch of ``rows`` (0 while nothing is known)."""
@@ -106,14 +113,18 @@ class LatencyModel:
 
     def observe(self, rows: int, seconds: float) -> None:
         ms = seconds * 1000
-        if rows in self._live:
-            self._points_ms[rows] += (ms - self._points_ms[rows]) * LATENCY_SMOOTHING
+        fixed_ms, per_row_ms = self._profile_line
+        expected = fixed_ms + per_row_ms * rows
+        if expected > 0:
+            ratio = ms / expected
+            self._ratio = ratio if self._ratio is None else self._ratio + (ratio - self._ratio) * LATENCY_SMOOTHING
+        if rows in self._live_ms:
+            self._live_ms[rows] += (ms - self._live_ms[rows]) * LATENCY_SMOOTHING
             self._since_fit += 1
             if self._since_fit >= 16:
                 self._fit()
         else:  # the first live run at this size replaces the build profile's point
-            self._live.add(rows)
-            self._points_ms[rows] = ms
+            self._live_ms[rows] = ms
             self._fit()
 
 

@@ -35,6 +35,13 @@ def test_latency_model_follows_live_runs() -> None:
     assert LatencyModel().cost(8) == 0.0 and not LatencyModel().known
 
 
+def test_live_runs_at_one_size_correct_the_profile_at_the_others() -> None:
+    model = LatencyModel({1: 10.0, 8: 80.0})  # measured on a busy machine: twice too slow
+    for _ in range(20):
+        model.observe(1, 0.005)
+    assert model.cost(8) == pytest.approx(0.040, rel=0.1)
+
+
 def test_rate_meter_measures_events_per_second() -> None:
     meter = RateMeter(window_s=1.0)
     for i in range(2000):  # 200 per second for 10 s

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engines.errors import InvalidInput
-from service.admission import QueuePolicy, fit_batch_cost
+from service.admission import LatencyModel, QueuePolicy, fit_batch_cost
 from service.batching import BatchingConfig, DynamicBatcher, adaptive_plan
 from service.refusals import DeadlinePassed, DeadlineUnmeetable, QueueFull, Shed, Stopping
 
@@ -595,6 +595,13 @@ async def test_work_that_cannot_finish_in_time_is_dropped_before_it_runs() -> No
     assert engine.batches == [], "it never ran"
 
 
+class FixedLatency(LatencyModel):
+    """A latency model that live runs do not change."""
+
+    def observe(self, rows: int, seconds: float) -> None:
+        pass
+
+
 async def test_a_batch_closes_before_it_would_run_past_a_members_deadline() -> None:
     engine = FakeEngine()
     engine.gate.clear()
@@ -606,6 +613,7 @@ async def test_a_batch_closes_before_it_would_run_past_a_members_deadline() -> N
         policy=QueuePolicy(admission=False),
     )
     batcher.start()
+    batcher.admission.latency = FixedLatency({1: 200.0, 8: 1600.0})  # the fake's runs take no time
     running = asyncio.create_task(batcher.infer(rows(1)))
     await asyncio.to_thread(engine.started.wait, 5)
     queued = [asyncio.create_task(batcher.infer(rows(1), timeout_ms=1500)) for _ in range(8)]
