@@ -233,9 +233,14 @@ def measure_model(
     try:
         status = upload(server, model.make(work / f"{model.name}.onnx"), model.name, max_batch_size=MAX_BATCH)
         latency = (status.get("report") or {}).get("latency_ms") or {}
-        requests: dict[int | None, tuple[Path, str, dict[str, str]]] = {}
-        for priority in (None, 1, 2):
-            body, path, headers = request_body(model, args.protocol, args.deadline_ms, priority)
+        requests: dict[int | str | None, tuple[Path, str, dict[str, str]]] = {}
+        for priority in (None, 1, 2, "capacity"):
+            # Capacity is measured closed-loop with a deadline that admission never has to keep
+            # short: a refused closed-loop client resends at once and measures refusals instead.
+            deadline = 10_000 if priority == "capacity" else args.deadline_ms
+            body, path, headers = request_body(
+                model, args.protocol, deadline, priority if isinstance(priority, int) else None
+            )
             file = work / f"{model.name}-{priority}.body"
             file.write_bytes(body)
             requests[priority] = (file, path, headers)
@@ -243,7 +248,7 @@ def measure_model(
             capacity_level = run_level(
                 server,
                 "capacity",
-                [stream("capacity", *requests[None], args.deadline_ms, closed=2 * MAX_BATCH)],
+                [stream("capacity", *requests["capacity"], args.deadline_ms, closed=2 * MAX_BATCH)],
                 args.seconds,
                 work,
             )
