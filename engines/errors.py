@@ -87,3 +87,41 @@ class StoreInUse(EngineError):
     """Another server holds the store (single node: one server per store)."""
 
     kind = "store_in_use"
+
+
+class InvalidSource(EngineError):
+    """A model or data set named by a URI kiln cannot fetch as written: a malformed
+    ``s3://`` or ``https://`` URI, an unsupported scheme, or a key that names a prefix."""
+
+    kind = "invalid_source"
+
+
+class ObjectNotFound(EngineError):
+    """The object (or its bucket) named by a URI does not exist."""
+
+    kind = "source_not_found"
+
+
+class ObjectAccessDenied(EngineError):
+    """The object store refused kiln's credentials, or kiln has none."""
+
+    kind = "source_access_denied"
+
+
+class ObjectStoreUnavailable(EngineError):
+    """The object store or web server cannot be reached or failed (5xx, timeout):
+    retry later."""
+
+    kind = "source_unavailable"
+
+
+class ChecksumMismatch(EngineError):
+    """Fetched bytes do not have the sha256 the request named."""
+
+    kind = "checksum_mismatch"
+
+
+class TooLarge(EngineError):
+    """A fetched object is larger than its limit."""
+
+    kind = "payload_too_large"

@@ -120,7 +120,7 @@ def stage_path(store: EngineStore, source: Path, max_bytes: int) -> StagedModel:
         graph = package / intake.add_file(PACKAGE_GRAPH, "the graph")
         shutil.copyfile(source, graph)
         intake.add_bytes(graph.stat().st_size)
-        for location in sorted(_named_files(graph)):
+        for location in sorted(named_files(graph)):
             original = source.parent / location
             if not original.is_file():
                 continue  # the gate names the missing file
@@ -131,8 +131,9 @@ def stage_path(store: EngineStore, source: Path, max_bytes: int) -> StagedModel:
         return _check(graph, package, workdir)
 
 
-def _named_files(graph: Path) -> set[str]:
-    """The data files a graph names; none when it does not parse (the gate says why)."""
+def named_files(graph: Path) -> set[str]:
+    """The data files a graph names; none when it does not parse (the gate says why).
+    Raises ``InvalidModel`` for a location that would leave the graph's folder."""
     import onnx
     from google.protobuf.message import DecodeError
 

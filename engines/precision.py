@@ -231,6 +231,7 @@ def quantize_int8(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     started = time.perf_counter()
+    onnx_path, output_path = onnx_path.absolute(), output_path.absolute()  # _scratch_in changes directory
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = _load(onnx_path, "int8")
     _check_quantizable(model)

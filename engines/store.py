@@ -118,7 +118,7 @@ class EngineStore:
     def __init__(self, root: Path, temp_owner: str | None = None) -> None:
         """``temp_owner`` gives this process its own ``tmp/<owner>/`` (one per replica
         of a cluster), so that one replica's sweep never touches another's writes."""
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # every path below stays valid if the process changes directory
         for sub in ("models", "data", "engines", "records", "timing", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.temp_owner = temp_owner

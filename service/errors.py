@@ -107,6 +107,13 @@ _ENGINE_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.BackendUnavailable: 503,
     engine_errors.DeviceLost: 503,
     engine_errors.StoreCorrupted: 500,
+    # Models and data named by URI (s3://, https://)
+    engine_errors.InvalidSource: 400,
+    engine_errors.ObjectNotFound: 400,
+    engine_errors.ChecksumMismatch: 400,
+    engine_errors.ObjectAccessDenied: 403,
+    engine_errors.TooLarge: 413,
+    engine_errors.ObjectStoreUnavailable: 503,
 }
 
 

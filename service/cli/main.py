@@ -136,17 +136,27 @@ def cmd_build(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from engines.sources import is_uri
+
+    remote = is_uri(args.model)
     model_path = Path(args.model)
-    if not model_path.is_file():
+    if not remote and not model_path.is_file():
         print(f"kiln: no such model file: {model_path}", file=sys.stderr)
         return 2
-    fields = {"name": args.name or re.sub(r"\.(onnx|zip|tar|tar\.gz|tgz)$", "", model_path.name)}
+    file_name = args.model.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    fields = {"name": args.name or re.sub(r"\.(onnx|zip|tar|tar\.gz|tgz)$", "", file_name)}
+    if remote:
+        fields["source"] = args.model
+    if args.sha256:
+        fields["sha256"] = args.sha256
     files: dict[str, Path] = {}
     for option in UPLOAD_OPTIONS:
         value = getattr(args, option)
         if value is None:
             continue
-        if option == "calibration" and value != "synthetic":
+        if option in ("calibration", "validation") and is_uri(value):
+            fields[f"{option}_source"] = value
+        elif option == "calibration" and value != "synthetic":
             files["calibration"] = Path(value)
         elif option == "validation":
             files["validation"] = Path(value)
@@ -178,6 +188,7 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
     from service.lifecycle.jobs import BuildRunner
     from service.lifecycle.manager import EngineManager
     from service.lifecycle.registry import Registry
+    from service.lifecycle.sources import FetchedSources, check_sha256, fetch_sources
     from service.lifecycle.states import WORKING, VersionState
     from service.lifecycle.uploads import UploadedFile
     from service.lifecycle.versions import register_version
@@ -200,6 +211,7 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
             baselines=False,  # it serves nothing; the record keeps the progressive choice for servers
         )
         files: dict[str, UploadedFile] = {}
+        fetched = FetchedSources()
         try:
             for purpose, path in paths.items():
                 staged = store.temp_path(path.suffix)
@@ -207,7 +219,18 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
                 files[purpose] = UploadedFile(
                     purpose, path.name, staged, staged.stat().st_size, sha256_file(staged)
                 )
-            version = await register_version(manager, fields, files, model_on_disk=model)
+            if "source" not in fields and "sha256" in fields:
+                actual = await asyncio.to_thread(sha256_file, model)
+                check_sha256(actual, fields.pop("sha256"), "the model file")
+            fetched = await fetch_sources(fields, files, False, store, settings)
+            files.update(fetched.files)
+            version = await register_version(
+                manager,
+                fields,
+                files,
+                model_data=fetched.model_data,
+                model_on_disk=None if "model" in fetched.files else model,
+            )
             with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {desc}") as bar:
                 while version.state in WORKING:
                     bar.set_description_str(version.phase or "")
@@ -220,6 +243,7 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
         finally:
             for uploaded in files.values():
                 uploaded.path.unlink(missing_ok=True)
+            fetched.discard()
             await manager.shutdown(0)
     finally:
         store.unlock()  # for callers in this process (tests); exit releases it too
@@ -308,16 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build an engine offline into a store")
     build.add_argument(
         "model",
-        help="path to the .onnx model (its external data files beside it), or a .zip, .tar or "
-        ".tar.gz archive of the model and its data files",
+        help="the .onnx model (its external data files beside it), or a .zip, .tar or .tar.gz "
+        "archive of the model and its data files: a path, or an s3://bucket/key or https:// URI",
     )
     build.add_argument("--store", help="store directory (KILN_STORE)")
     build.add_argument("--name", help="engine name (default: the file name without .onnx)")
     build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
     build.add_argument(
-        "--calibration", help=".npz calibration data for int8, or 'synthetic' to calibrate on random data"
+        "--calibration",
+        help=".npz calibration data for int8 (a path or a URI), or 'synthetic' to calibrate on random data",
     )
-    build.add_argument("--validation", help=".npz validation data for the accuracy check")
+    build.add_argument("--validation", help=".npz validation data for the accuracy check (a path or a URI)")
+    build.add_argument("--sha256", help="the model file's expected sha256, checked before anything is built")
     for option in UPLOAD_OPTIONS:
         if option not in ("calibration", "validation"):
             build.add_argument(

@@ -8,6 +8,7 @@ from service import tracing
 from service.auth import require_management_key
 from service.errors import Unavailable
 from service.lifecycle import cluster_view
+from service.lifecycle.sources import FetchedSources, fetch_sources
 from service.lifecycle.uploads import ParsedForm, parse_multipart
 from service.lifecycle.versions import DATA_FILES, register_version
 from service.protocols.responses import JSONResponse
@@ -21,7 +22,8 @@ async def upload_engine(request: Request) -> JSONResponse:
     """Upload an ONNX model (multipart ``model`` file and ``name``) and start its build.
 
     A model with external data comes as the graph plus one ``model_data`` part per
-    data file, or as one archive in ``model`` (see ``engines.model_package``)."""
+    data file, or as one archive in ``model`` (see ``engines.model_package``). A
+    ``source`` URI (s3://, https://) replaces the ``model`` file (``sources.py``)."""
     state = get_state(request)
     if state.draining:
         raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
@@ -37,13 +39,21 @@ async def upload_engine(request: Request) -> JSONResponse:
         },
         repeated={"model_data"},
     )
+    fetched = FetchedSources()
     try:
         model_data = [(part.filename, part.path) for part in form.repeated.get("model_data", [])]
         # The build's spans (started in this context) join the upload's trace.
         with tracing.request_span("POST /engines", request.headers.get) as trace_headers:
-            version = await register_version(state.manager, form.fields, form.files, model_data=model_data)
+            fetched = await fetch_sources(form.fields, form.files, bool(model_data), state.store, settings)
+            version = await register_version(
+                state.manager,
+                form.fields,
+                {**form.files, **fetched.files},
+                model_data=model_data + fetched.model_data,
+            )
     finally:
         form.discard()
+        fetched.discard()
     return JSONResponse(
         {"name": version.name, "version": version.version, "state": str(version.state), "url": version.url},
         status_code=202,

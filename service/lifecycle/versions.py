@@ -53,7 +53,7 @@ async def register_version(
     published into the store on success (the caller removes what is left)."""
     settings = manager.settings
     if "model" not in files and model_on_disk is None:
-        raise BadRequest("the upload needs a 'model' file field holding the .onnx model")
+        raise BadRequest("the upload needs a 'model' file field holding the .onnx model, or a 'source' URI")
     if "name" not in fields:
         raise BadRequest("the upload needs a 'name' field")
     upload = parse_upload_fields(fields)
