@@ -117,7 +117,8 @@ class LatencyModel:
         expected = fixed_ms + per_row_ms * rows
         if expected > 0:
             ratio = ms / expected
-            self._ratio = ratio if self._ratio is None else self._ratio + (ratio - self._ratio) * LATENCY_SMOOTHING
+            previous = self._ratio
+            self._ratio = ratio if previous is None else previous + (ratio - previous) * LATENCY_SMOOTHING
         if rows in self._live_ms:
             self._live_ms[rows] += (ms - self._live_ms[rows]) * LATENCY_SMOOTHING
             self._since_fit += 1

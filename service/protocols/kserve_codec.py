@@ -123,7 +123,7 @@ def content_encoding(encoding: str | None) -> str | None:
     return name
 
 
-def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+def decompress_body(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes | bytearray:
     """The body with its ``Content-Encoding`` (gzip, deflate or identity) undone.
 
     Decompression stops one byte past ``limit`` so a small bomb cannot allocate
