@@ -33,8 +33,8 @@ from service.protocols.kserve_codec import (
     decode_request,
     decompress_body,
     encode_infer_response,
+    parse_big_request,
     parse_header_length,
-    parse_infer_request,
     read_header,
 )
 from service.protocols.responses import JSONResponse
@@ -284,7 +284,12 @@ async def infer_v2(
             if (len(body) if json_bytes is None else json_bytes) > LARGE_BODY_BYTES:
                 # A big JSON header is parsed in a worker process: orjson holds the GIL.
                 parsed = await state.offload.in_process(
-                    functools.partial(parse_infer_request, body, header_length, signature, **limits)
+                    parse_big_request,
+                    body,
+                    header_length,
+                    signature,
+                    settings.max_json_depth,
+                    settings.max_tensor_elements,
                 )
                 record.admit(found, header=(parsed.priority, parsed.timeout_ms))
             else:

@@ -17,6 +17,7 @@ nothing here raises anything that would answer 500.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -211,6 +212,21 @@ def parse_infer_request(
         body, header_length, max_json_depth=max_json_depth, max_tensor_elements=max_tensor_elements
     )
     return decode_request(header, signature, max_tensor_elements=max_tensor_elements)
+
+
+def parse_big_request(
+    body: bytes | bytearray,
+    header_length: str | None,
+    signature: Signature,
+    max_json_depth: int,
+    max_tensor_elements: int,
+) -> InferRequest:
+    """``parse_infer_request`` with positional limits, for a worker process (whose
+    binary inputs are copies, not views of a body it does not keep)."""
+    request = parse_infer_request(
+        body, header_length, signature, max_json_depth=max_json_depth, max_tensor_elements=max_tensor_elements
+    )
+    return dataclasses.replace(request, feeds={name: np.array(a) for name, a in request.feeds.items()})
 
 
 def _parameters(container: Mapping[str, Any], where: str) -> Mapping[str, Any]:

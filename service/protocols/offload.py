@@ -5,18 +5,26 @@ that builds Python objects) holds the GIL for a whole parse, so a 50 MB body
 stalls the event loop for tens of milliseconds even from another thread. Bodies
 past ``BIG_BODY_BYTES`` are therefore parsed, checked against the nesting and
 element limits and turned into arrays in a worker process (spawned on first use,
-one per server); only arrays come back. Decompression runs in a thread, a
-megabyte at a time, so the GIL is handed back between pieces.
+one per server). Neither the body nor the arrays are pickled (copying tens of
+megabytes holds the GIL too): the body goes to the worker as a temporary file
+written from a thread, and each array comes back as a ``.npy`` file that is
+memory-mapped, then removed. Decompression runs in a thread, a megabyte at a
+time, so the GIL is handed back between pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import multiprocessing
+import os
+import tempfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,22 +42,78 @@ INFLATE_STEP = 1 << 20
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class Spilled:
+    """An array the worker process wrote to a ``.npy`` file (what comes back instead of it)."""
+
+    path: str
+
+
+def spill(value: Any, directory: str) -> Any:
+    """``value`` with every array in it (in dicts, lists and tuples) written to a file."""
+    if isinstance(value, np.ndarray):
+        handle, path = tempfile.mkstemp(suffix=".npy", prefix="kiln-decoded-", dir=directory)
+        with os.fdopen(handle, "wb") as file:
+            np.save(file, value, allow_pickle=False)
+        return Spilled(path)
+    if isinstance(value, dict):
+        return {key: spill(item, directory) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(spill(item, directory) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: spill(getattr(value, f.name), directory) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **fields)
+    return value
+
+
+def unspill(value: Any) -> Any:
+    """The arrays back, memory-mapped from their files (which are removed at once)."""
+    if isinstance(value, Spilled):
+        try:
+            return np.load(value.path, mmap_mode="r", allow_pickle=False)
+        finally:
+            os.unlink(value.path)
+    if isinstance(value, dict):
+        return {key: unspill(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(unspill(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: unspill(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        )
+    return value
+
+
+def _in_worker(function: Callable[..., Any], path: str, args: tuple[Any, ...]) -> Any:
+    """Runs in the worker: read the body from its file, decode it, spill the arrays."""
+    body = Path(path).read_bytes()
+    return spill(function(body, *args), os.path.dirname(path))
+
+
 class Offload:
     """The worker process big JSON bodies are decoded in (and a thread for the rest)."""
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
 
-    async def in_process(self, function: Callable[..., T], *args: Any) -> T:
+    async def in_process(self, function: Callable[..., T], body: bytes | bytearray, *args: Any) -> T:
+        """``function(body, *args)`` in the worker process; what it returns must be
+        picklable, and the arrays in it come back memory-mapped."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        handle, path = tempfile.mkstemp(suffix=".body", prefix="kiln-body-")
         try:
-            return await asyncio.wrap_future(self._pool.submit(function, *args))
+            await asyncio.to_thread(_write_all, handle, body)
+            spilled = await asyncio.wrap_future(self._pool.submit(_in_worker, function, path, args))
+            return await asyncio.to_thread(unspill, spilled)
         except BrokenProcessPool:
             self._pool = None  # the worker died (killed for memory?): a new one next time
             raise Unavailable(
                 "the request decoder stopped while decoding this body; retry", headers={"Retry-After": "1"}
             ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(function, *args)
@@ -58,6 +122,11 @@ class Offload:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _write_all(handle: int, body: bytes | bytearray) -> None:
+    with os.fdopen(handle, "wb") as file:
+        file.write(body)
 
 
 def decode_json(body: bytes | bytearray | memoryview, max_depth: int, max_elements: int) -> Any:

@@ -109,3 +109,26 @@ async def test_rows_past_the_request_limit_are_refused_naming_it(tmp_path: Path)
         body["inputs"] = np.zeros((1, 16)).tolist()
         response = await client.post("/predict", json=body)
         assert response.status_code == 400 and "'priority'" in response.json()["error"]["message"]
+
+
+async def test_big_json_bodies_are_decoded_off_the_event_loop_and_answered_the_same(
+    app: FastAPI, tmp_path: Path
+) -> None:
+    model = mlp(tmp_path / "mlp.onnx")
+    x = np.random.default_rng(1).standard_normal((20_000, 16)).astype(np.float32)  # about 3 MB of JSON
+    want = reference_outputs(model, {"x": x})["y"]
+    v2 = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://kiln", timeout=60
+    ) as client:
+        await ready(client, model, "mlp", max_batch_size="8")
+        native = await client.post("/predict", json={"engine": "mlp", "inputs": x.tolist()})
+        kserve = await client.post("/v2/models/mlp/infer", json=v2)
+        ragged = await client.post("/predict", json={"engine": "mlp", "inputs": [*x.tolist(), [1.0]]})
+    assert native.status_code == 200, native.text
+    np.testing.assert_allclose(native.json()["outputs"]["y"], want, rtol=1e-5, atol=1e-6)
+    assert kserve.status_code == 200, kserve.text
+    np.testing.assert_allclose(
+        np.asarray(kserve.json()["outputs"][0]["data"]).reshape(want.shape), want, rtol=1e-5, atol=1e-6
+    )
+    assert ragged.status_code == 400 and "rectangular" in ragged.json()["error"]["message"]
