@@ -38,6 +38,7 @@ BIG_BODY_BYTES = 1 << 20
 """Bodies (or JSON headers) larger than this are decoded off the event loop."""
 
 INFLATE_STEP = 1 << 20
+DECODER_NICE = 10
 
 T = TypeVar("T")
 
@@ -100,7 +101,9 @@ class Offload:
         """``function(body, *args)`` in the worker process; what it returns must be
         picklable, and the arrays in it come back memory-mapped."""
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_yield_to_the_server
+            )
         handle, path = tempfile.mkstemp(suffix=".body", prefix="kiln-body-")
         try:
             await asyncio.to_thread(_write_all, handle, body)
@@ -122,6 +125,12 @@ class Offload:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _yield_to_the_server() -> None:
+    """The decoder process runs at a lower priority than the server's event loop."""
+    with contextlib.suppress(OSError):
+        os.nice(DECODER_NICE)
 
 
 def _write_all(handle: int, body: bytes | bytearray) -> None:

@@ -149,6 +149,5 @@ def test_a_500_mb_upload_and_50_mb_json_bodies_do_not_stall_a_tiny_model(tmp_pat
     assert probe.errors == []
     assert len(busy) >= 50
     # On a quiet machine (docs/BENCHMARKS.md): the upload alone adds 2-3 ms to the p99,
-    # the JSON bodies about 30 ms (moving them to and from the worker process copies
-    # them under the GIL). The margin is for a loaded CI machine.
+    # the JSON bodies about 25 ms. The margin is for a loaded CI machine.
     assert p99(busy) < p99(idle) + 100
