@@ -94,7 +94,7 @@ def wait_ready(server: Server, name: str, timeout_s: float = 600) -> dict[str, A
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = client.get(f"/engines/{name}").json()
-            if status["state"] in ("ready", "failed"):
+            if status["state"] in ("ready", "fallback", "failed"):
                 if status["state"] == "failed":
                     raise RuntimeError(f"build of {name} failed: {status['error']}")
                 return dict(status)

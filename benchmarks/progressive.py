@@ -121,7 +121,7 @@ def measure(case: Case, progressive: bool, work: Path) -> Run:
             while True:
                 status = client.get("/engines/m").json()
                 run.statuses.append((time.time(), status))
-                if status["state"] in ("ready", "failed"):
+                if status["state"] in ("ready", "fallback", "failed"):
                     break
                 time.sleep(0.05)
             time.sleep(2.0)  # load goes on after the swap

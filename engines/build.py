@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,8 +25,12 @@ from engines.backends import backend_class
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
 from engines.errors import AccuracyRejected, CalibrationError, EngineError, InvalidInput, InvalidModel
 from engines.onnx_model import load_model, read_signature
+from engines.output_rules import OutputRule
 from engines.store import EngineStore
 from engines.types import BuildOptions, CalibrationMethod, Precision, Signature
+
+if TYPE_CHECKING:
+    from engines.int8_calibration import Int8Calibration
 
 SYNTHETIC_CALIBRATION_SAMPLES = 64
 SYNTHETIC_VALIDATION_SAMPLES = 32
@@ -120,9 +124,15 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
         model = load_model(model_path, external_data=store.is_package(job.model_sha256))
         signature = read_signature(model)
         names = shapes.dim_names(model)
+        from engines.output_rules import check_metrics, rules_for
         from engines.precision import already_quantized
 
         quantized_ops = already_quantized(model)
+        try:
+            check_metrics(dict(options.metrics), signature)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        output_rules = rules_for(signature, model, dict(options.metrics))
         del model
     batch_sizes = job.batch_sizes if signature.batchable else (1,)
 
@@ -130,6 +140,13 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
     try:
         with phase_timer("precision"):
             plan = _precision_plan(options, signature, store, model_path, names, batch_sizes, quantized_ops)
+            if plan.calibration is not None and Precision.INT8 in plan.precisions:
+                from engines.int8_calibration import Int8Calibration
+
+                # One calibration pass per build, shared by every INT8 attempt.
+                plan.int8 = Int8Calibration(
+                    model_path, plan.calibration, signature, workdir / "int8-calibration"
+                )
             candidates, dropped = _transform(
                 plan,
                 model_path,
@@ -170,6 +187,7 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     workdir,
                     timing_cache,
                     lambda fraction: progress("accuracy", fraction),
+                    output_rules,
                 ),
             )
         with phase_timer("profile"):
@@ -185,7 +203,15 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                     from engines.repair import add_latency_costs
 
                     add_latency_costs(candidate.report["repair"], candidate.latency_ms)
-        chosen, choice_reason = _choose(candidates, options.precision)
+        try:
+            chosen, choice_reason = _choose(candidates, options.precision)
+        except AccuracyRejected as exc:
+            # How long the failure took, and that calibration ran once, with the numbers.
+            timings["total"] = time.perf_counter() - started
+            exc.details["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            if plan.int8 is not None:
+                exc.details["calibration"] = plan.int8.report()
+            raise
         with phase_timer("commit"):
             meta: dict[str, Any] = {
                 "backend": backend.name,
@@ -197,8 +223,12 @@ def run_build(job: BuildJob, progress: ProgressCallback = no_progress) -> dict[s
                 "report": {
                     "precision": str(chosen.precision),
                     "requested_precision": str(options.precision),
-                    "choice": choice_reason,
-                    "calibration": plan.calibration_report,
+                    "choice": plan.fallback or choice_reason,
+                    **({"fallback": plan.fallback} if plan.fallback else {}),
+                    "calibration": {
+                        **plan.calibration_report,
+                        **(plan.int8.report() if plan.int8 is not None else {}),
+                    },
                     "validation": plan.validation_report,
                     "shapes": shapes.report(plan.shapes),
                     "skipped": _skipped_phases(plan),
@@ -251,6 +281,10 @@ class _PrecisionPlan:
     synthetic_rejected: str | None = None
     """Why the model refused kiln's synthetic inputs (None when it took them)."""
     note: str | None = None
+    int8: Int8Calibration | None = None
+    """The build's INT8 calibration (prepared once, one pass over the samples)."""
+    fallback: str | None = None
+    """Why the engine is not the requested precision, when it is not."""
 
 
 def _skipped_phases(plan: _PrecisionPlan) -> dict[str, str]:
@@ -320,11 +354,14 @@ def _precision_plan(
     if requested == Precision.FP32:
         return plan([Precision.FP32])
     if quantized_ops:
-        return plan(
+        quantized = plan(
             [Precision.FP32],
             f"the model is already quantized ({', '.join(quantized_ops)}): served as uploaded, "
             f"not converted to {requested}",
         )
+        if requested == Precision.FP16:
+            quantized.fallback = f"fp16 was requested; {quantized.note}"
+        return quantized
 
     how = f"{shapes.HOW_TO_GIVE_SHAPES}"
     if calibration is None and options.synthetic_calibration:
@@ -441,6 +478,18 @@ def _transform(
                 raise
             dropped.append({"precision": str(precision), "accepted": False, "dropped": exc.message})
             continue
+        if report.get("transform", {}).get("converted_nothing"):
+            kept = ", ".join(report["transform"]["fp32_op_types"]) or "none"
+            unchanged = (
+                f"{precision} was requested, and the float16 conversion changed nothing: every op "
+                f"stays FP32 (op types kept in FP32: {kept}), so the engine is FP32"
+            )
+            if auto:
+                dropped.append({"precision": str(precision), "accepted": False, "dropped": unchanged})
+                continue
+            # The FP32 engine is what this request gives; say so instead of calling it fp16.
+            plan.fallback = unchanged
+            precision, onnx_path, report = Precision.FP32, model_path, {"transform": report["transform"]}
         candidates.append(_Candidate(precision, onnx_path, workdir / f"{precision}.engine", report=report))
         progress("precision", (index + 1) / len(plan.precisions))
     return candidates, dropped
@@ -475,6 +524,7 @@ def _convert(
         symmetric_activations=symmetric_activations,
         exclude_nodes=keep_fp32,
         signature=signature,
+        calibration=plan.int8,
     )
 
 
@@ -492,11 +542,16 @@ class _AccuracySetup:
     timing_cache: Path
     progress: Callable[[float], None]
     """The accuracy phase's progress while a repair runs (share of its time budget)."""
+    rules: dict[str, OutputRule]
+    """How each output is judged (``engines.output_rules``)."""
 
 
 def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None:
     backend, signature, options, plan = setup.backend, setup.signature, setup.options, setup.plan
     reference: Runner | None = None
+    # The FP32 reference's outputs on the validation samples, computed once for every
+    # candidate and repair rebuild.
+    reference_outputs: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     try:
         for candidate in candidates:
             if candidate.precision == Precision.FP32:
@@ -517,7 +572,14 @@ def _check_accuracy(candidates: list[_Candidate], setup: _AccuracySetup) -> None
                 assert plan.validation is not None
                 runner = backend.load(artifact, signature, options)
                 try:
-                    comparison = accuracy.compare(reference, runner, plan.validation, list(setup.batch_sizes))
+                    comparison = accuracy.compare(
+                        reference,
+                        runner,
+                        plan.validation,
+                        list(setup.batch_sizes),
+                        setup.rules,
+                        reference_outputs,
+                    )
                 finally:
                     runner.close()
                 return comparison, accuracy.check(comparison, tolerance)
@@ -564,6 +626,13 @@ def _repair(
     def build(onnx_path: Path, artifact: Path) -> dict[str, Any]:
         return backend.build(onnx_path, signature, options, artifact, timing_cache_path=setup.timing_cache)
 
+    def convert_dynamic(onnx_path: Path, kept: frozenset[str]) -> dict[str, Any]:
+        from engines.calibration import iter_batches
+        from engines.precision import quantize_int8_dynamic
+
+        first = next(iter_batches(validation, 1, signature))
+        return quantize_int8_dynamic(model_path, onnx_path, exclude_nodes=kept, feeds=first)
+
     def profile(artifact: Path) -> dict[int, float]:
         runner = backend.load(artifact, signature, options)
         try:
@@ -593,8 +662,16 @@ def _repair(
         options.repair_max_nodes or repair.default_node_budget(repair.weighted_node_count(model_path)),
         options.repair_seconds,
     )
+    # Dynamic INT8 (MatMulInteger, DynamicQuantizeLinear) runs on ONNX Runtime only.
+    dynamic = candidate.precision == Precision.INT8 and backend.name == "onnxruntime"
     tools = repair.RepairTools(
-        convert, build, gate, None if plan.synthetic_rejected else profile, fp32_artifact, setup.progress
+        convert,
+        build,
+        gate,
+        None if plan.synthetic_rejected else profile,
+        fp32_artifact,
+        setup.progress,
+        convert_dynamic if dynamic else None,
     )
     result, report = repair.repair(
         candidate.precision, model_path, validation, signature, failed, tools, budget, setup.workdir
@@ -713,4 +790,6 @@ def _candidate_summary(candidate: _Candidate) -> dict[str, Any]:
         repair = candidate.report["repair"]
         summary["repaired"] = repair["passed"]
         summary["kept_fp32"] = [node["name"] for node in repair["kept_fp32"]]
+        if "chosen" in repair:
+            summary["chosen"] = repair["chosen"]
     return summary

@@ -32,7 +32,7 @@ import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -42,17 +42,10 @@ from engines.errors import BuildFailed, CalibrationError, UnsupportedModel
 from engines.store import atomic_output
 from engines.types import CalibrationMethod, Signature
 
+if TYPE_CHECKING:
+    from engines.int8_calibration import Int8Calibration
+
 log = logging.getLogger(__name__)
-
-PER_CHANNEL_MIN_OPSET = 13
-"""DequantizeLinear has an ``axis`` (per-channel scales) from opset 13 on. Below it, ORT
-quantizes per-channel without complaint and the result fails to load."""
-
-CALIBRATION_PASS_SAMPLES = 32
-"""Samples per calibration pass. ORT's histogram calibrators hold every activation of a
-pass until they bin it, so passes bound memory; histograms and min/max merge across
-passes. A model with a dynamic batch axis runs each pass as one batch (the histogram
-collector also needs equal-sized runs within a pass); others run it one sample at a time."""
 
 TRT_QDQ_OPTIONS: dict[str, Any] = {
     # TensorRT accepts only zero points of 0 for activations and weights alike.
@@ -160,6 +153,7 @@ def convert_fp16(
     # converted nodes; ONNX Runtime refuses such graphs.
     del converted.graph.value_info[:]
     repaired = _restore_io_types(model_types, converted.graph)
+    moved = _place_subgraph_casts(converted.graph)
     _sort_topologically(converted.graph)
     _drop_float16_round_trips(converted)  # after sorting: shape inference reads in order
 
@@ -168,13 +162,19 @@ def convert_fp16(
         _check(temp_path, "fp16")
         _smoke_run(temp_path, "fp16", feeds=feeds)
 
+    float16_values = _float16_values(converted.graph)
     return {
         "converter": (
             f"onnxruntime {onnxruntime.__version__} transformers.float16.convert_float_to_float16"
             "(keep_io_types=True)"
         ),
+        # No float16 weight, constant or cast anywhere: every op stayed float32.
+        "float16_values": float16_values,
+        "converted_nothing": float16_values == 0,
         "fp32_op_types": sorted({node.op_type for node in kept_fp32}),
         "fp32_nodes": [node.name for node in kept_fp32],
+        "fp32_subgraph_nodes": _blocked_in_subgraphs(converted.graph, block_ops),
+        "casts_moved_into_subgraphs": moved,
         "cast_nodes_added": sum(node.op_type == "Cast" for node in converted.graph.node) - casts_before,
         "initializer_values_clamped": clamped,
         "fp32_constants_outside_fp16_range": sorted(out_of_range),
@@ -195,14 +195,14 @@ def quantize_int8(
     symmetric_activations: bool = True,
     exclude_nodes: Collection[str] = (),
     signature: Signature | None = None,
+    calibration: Int8Calibration | None = None,
 ) -> dict[str, Any]:
     """Insert int8 Q/DQ nodes calibrated on ``samples``.
 
     Steps: refuse a model with no float weighted op (``UnsupportedModel``); upgrade the
     opset to 13 when per-channel needs it; ``quant_pre_process`` (symbolic shape
     inference, retried without it when it fails on the graph); calibrate on the samples
-    with ``method`` (in passes of CALIBRATION_PASS_SAMPLES, each one batch when the
-    model's first axis is a dynamic batch, else one sample at a time); insert Q/DQ with
+    with ``method``; insert Q/DQ with
     ``quantize_static`` (QDQ, int8 per-channel weights, biases in float32),
     leaving out the nodes named in ``exclude_nodes`` (unnamed nodes are named
     ``<op type>_<index>``, as in ``convert_fp16``); run ``onnx.checker`` and run the
@@ -215,20 +215,25 @@ def quantize_int8(
     QLinearConv), uint8 activations with calibrated zero points and int8 weights
     (U8S8, the fastest int8 kernels on x86; int8 activations ran slower than FP32).
 
-    ORT's quantization tools write scratch files into the working directory and the
-    system temp dir; both point at a work dir beside ``output_path`` while they run,
-    which is removed afterwards (the build runs in its own process).
+    The preparation and the calibration pass come from ``calibration``
+    (``engines.int8_calibration``), which a build shares between attempts so that the
+    samples run through the model once; without it they are made here, in a scratch
+    directory beside ``output_path`` removed afterwards. ORT's quantization tools write
+    scratch files into the working directory and the system temp dir; both point at
+    the calibration's directory while they run.
 
     ``samples`` are keyed by input name with samples on axis 0, as ``load_samples``
     returns them (``signature`` tells how inputs without a sample axis are fed).
     Returns a report: method, sample count, opsets, Q/DQ node counts,
     ``quantized_op_types`` (op types reading at least one int8 tensor through a
     DequantizeLinear, with counts), per-channel weight count, sizes, pre-processing
-    mode. Raises ``CalibrationError`` when the samples do not fit the model's inputs,
-    ``UnsupportedModel`` when nothing in the model can be quantized, ``BuildFailed`` for
-    any other failed step.
+    mode, the calibration's report (passes, phase times). Raises ``CalibrationError``
+    when the samples do not fit the model's inputs, ``UnsupportedModel`` when nothing
+    in the model can be quantized, ``BuildFailed`` for any other failed step.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from engines.int8_calibration import Int8Calibration, _calibration_batch_size
 
     started = time.perf_counter()
     onnx_path, output_path = onnx_path.absolute(), output_path.absolute()  # _scratch_in changes directory
@@ -238,6 +243,7 @@ def quantize_int8(
     count = _check_samples(model, samples)
     batch_size = _calibration_batch_size(model)
     opset_before = _opset(model)
+    del model
     report: dict[str, Any] = {
         "method": str(method),
         "samples": count,
@@ -248,29 +254,19 @@ def quantize_int8(
         "opset_before": opset_before,
     }
 
-    with (
-        tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent) as workdir,
-        atomic_output(output_path) as temp_path,
-        _scratch_in(Path(workdir)),
-    ):
-        work = Path(workdir)
-        source = onnx_path
-        if per_channel and opset_before < PER_CHANNEL_MIN_OPSET:
-            source = work / "upgraded.onnx"
-            model = _upgrade_opset(model, PER_CHANNEL_MIN_OPSET)
-            _name_nodes(model.graph)
-            _save(model, source, "int8")
-        elif _name_nodes(model.graph):
-            source = work / "named.onnx"
-            _save(model, source, "int8")
-        del model  # the quantizer reads from disk; do not hold a second copy
-
-        prepared = work / "prepared.onnx"
-        report["pre_process"] = _pre_process(source, prepared)
-
-        tensor_ranges = work / "ranges.json"
-        op_types = list(QUANTIZED_OP_TYPES)
-        unusable = _calibrate(prepared, samples, method, op_types, batch_size, work, tensor_ranges, signature)
+    with contextlib.ExitStack() as stack:
+        if calibration is None:
+            scratch = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=".int8-", dir=output_path.parent)
+            )
+            calibration = Int8Calibration(
+                onnx_path, samples, signature, Path(scratch), per_channel=per_channel
+            )
+        temp_path = stack.enter_context(atomic_output(output_path))
+        prepared = calibration.prepared()
+        tensor_ranges, unusable = calibration.ranges(method)
+        stack.enter_context(_scratch_in(calibration.workdir))
+        report["pre_process"] = calibration.report()["pre_process"]
         kept_float = _touching(prepared, unusable)
         if kept_float:
             report["kept_float_for_nonfinite_range"] = kept_float
@@ -285,6 +281,7 @@ def quantize_int8(
             # NVIDIA's recipe: quantize the inputs of weighted ops, not their outputs.
             # ONNX Runtime needs the Q after a Conv to fuse it into a QLinearConv.
             extra_options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+        quantize_started = time.perf_counter()
         try:
             with _quiet_logger("root"), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
@@ -297,7 +294,7 @@ def quantize_int8(
                     activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=_ort_method(method),
-                    op_types_to_quantize=op_types,
+                    op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                     nodes_to_exclude=[*exclude_nodes, *kept_float],
                     extra_options=extra_options,
                 )
@@ -318,11 +315,92 @@ def quantize_int8(
         _check(temp_path, "int8")
         first = next(iter_batches(samples, batch_size, signature))
         _smoke_run(temp_path, "int8", feeds=first)
+        report["quantize_seconds"] = round(time.perf_counter() - quantize_started, 3)
+        report["calibration"] = calibration.report()
 
     report["size_before_bytes"] = onnx_path.stat().st_size
     report["size_after_bytes"] = output_path.stat().st_size
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+DYNAMIC_OP_TYPES = ("MatMul",)
+"""What dynamic INT8 quantizes: MatMuls with constant weights (int8 weights, activations
+quantized per run). Convolutions stay float: on raw audio the first convolutions are
+where int8 hurts, and ONNX Runtime's ConvInteger is slower than its float Conv."""
+
+
+def quantize_int8_dynamic(
+    onnx_path: Path,
+    output_path: Path,
+    *,
+    exclude_nodes: Collection[str] = (),
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Dynamic INT8 with ONNX Runtime's ``quantize_dynamic``: int8 weights for the
+    DYNAMIC_OP_TYPES, activations quantized at run time from each run's own range
+    (MatMulInteger after DynamicQuantizeLinear), no calibration. The usual CPU recipe
+    for transformer and speech models; ONNX Runtime only (TensorRT has no dynamic
+    quantization). Checked with ``onnx.checker`` and run once on ``feeds``.
+
+    Raises ``UnsupportedModel`` when no MatMul has constant weights, ``BuildFailed``
+    for any other failed step.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    started = time.perf_counter()
+    onnx_path, output_path = onnx_path.absolute(), output_path.absolute()  # _scratch_in changes directory
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    model = _load(onnx_path, "int8 dynamic")
+    weights = {init.name for init in model.graph.initializer}
+    if not any(node.op_type in DYNAMIC_OP_TYPES and node.input[1] in weights for node in model.graph.node):
+        raise UnsupportedModel(
+            "int8 dynamic: nothing to quantize: no MatMul with constant weights in the main graph"
+        )
+    renamed = _name_nodes(model.graph)
+    with (
+        tempfile.TemporaryDirectory(prefix=".int8-dynamic-", dir=output_path.parent) as scratch,
+        atomic_output(output_path) as temp_path,
+        _scratch_in(Path(scratch)),
+    ):
+        source = onnx_path
+        if renamed:
+            source = Path(scratch) / "named.onnx"
+            _save(model, source, "int8 dynamic")
+        del model
+        try:
+            with _quiet_logger("root"), contextlib.redirect_stdout(io.StringIO()):
+                quantize_dynamic(
+                    str(source),
+                    str(temp_path),
+                    op_types_to_quantize=list(DYNAMIC_OP_TYPES),
+                    per_channel=False,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude_nodes),
+                    extra_options={"MatMulConstBOnly": True},
+                )
+        except Exception as exc:  # ORT's quantizer raises whatever its helpers raise
+            raise BuildFailed(f"int8 dynamic: quantization failed: {_short(exc)}") from exc
+        quantized = _load(temp_path, "int8 dynamic")
+        integer_ops = Counter(
+            node.op_type for node in quantized.graph.node if node.op_type.endswith("Integer")
+        )
+        if not integer_ops:
+            raise UnsupportedModel(
+                "int8 dynamic: nothing to quantize: no MatMul with constant weights in the main graph"
+            )
+        del quantized
+        _check(temp_path, "int8 dynamic")
+        _smoke_run(temp_path, "int8 dynamic", feeds=feeds)
+    return {
+        "mode": "dynamic",
+        "quantizer": "onnxruntime quantize_dynamic (int8 weights, activations quantized per run)",
+        "quantized_op_types": dict(sorted(integer_ops.items())),
+        "excluded_nodes": sorted(exclude_nodes),
+        "size_before_bytes": onnx_path.stat().st_size,
+        "size_after_bytes": output_path.stat().st_size,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 QUANTIZED_MODEL_OPS = frozenset(
@@ -409,106 +487,6 @@ def _check_samples(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) ->
     return count
 
 
-def _calibration_batch_size(model: onnx.ModelProto) -> int:
-    """Batch calibration runs only along a real batch axis: every input and output with a
-    dynamic first dim. Otherwise feed one sample at a time, which keeps a fixed leading
-    dim of 1 (see engines.calibration for the sample layout)."""
-    initializers = {init.name for init in model.graph.initializer}
-    values = [v for v in model.graph.input if v.name not in initializers]
-    values += list(model.graph.output)
-    for value in values:
-        dims = value.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value"):
-            return 1
-    return CALIBRATION_PASS_SAMPLES
-
-
-def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    from onnx import version_converter
-
-    try:
-        upgraded = version_converter.convert_version(model, target)
-    except Exception as exc:  # the converter raises RuntimeError and C++ errors
-        raise BuildFailed(
-            f"int8: per-channel quantization needs opset {target}, and upgrading the model "
-            f"from opset {_opset(model)} failed: {_short(exc)}"
-        ) from exc
-    # The converter leaves shapes of the old opset behind; quant_pre_process re-infers them.
-    del upgraded.graph.value_info[:]
-    return upgraded
-
-
-def _pre_process(source: Path, prepared: Path) -> str:
-    """Shape inference and basic graph optimization before quantization (ORT's advice).
-
-    Symbolic shape inference fails on some real graphs (and needs sympy); ONNX shape
-    inference alone is then enough for what the quantizer needs to know.
-    """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
-        return "symbolic shape inference"
-    except Exception as first:
-        log.info("int8: symbolic shape inference failed (%s); retrying without it", first)
-        try:
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:
-            raise BuildFailed(
-                f"int8: preparing the model for quantization failed: {_short(exc)} "
-                f"(after symbolic shape inference failed: {_short(first)})"
-            ) from exc
-        return f"onnx shape inference only (symbolic shape inference failed: {_short(first)})"
-
-
-def _calibrate(
-    prepared: Path,
-    samples: Mapping[str, np.ndarray],
-    method: CalibrationMethod,
-    op_types: list[str],
-    batch_size: int,
-    workdir: Path,
-    ranges_path: Path,
-    signature: Signature | None,
-) -> list[str]:
-    """Run the calibration passes and save the tensor ranges for ``quantize_static``.
-    Returns the tensors whose range is not finite (an attention mask's -inf, say):
-    they cannot be quantized, so their ranges are left out.
-
-    Calibrating here rather than inside ``quantize_static`` bounds memory: ORT's
-    histogram calibrators hold every activation of one ``collect_data`` call, so the
-    samples go through in passes of CALIBRATION_PASS_SAMPLES (one ``collect_data`` each)
-    and the histograms (or min/max) merge across passes.
-    """
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    try:
-        calibrator = create_calibrator(
-            prepared,
-            op_types,
-            augmented_model_path=str(workdir / "augmented.onnx"),
-            calibrate_method=_ort_method(method),
-            providers=["CPUExecutionProvider"],
-        )
-        # ORT's calibrators print progress to stdout; keep the build's output clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            for chunk in iter_batches(samples, CALIBRATION_PASS_SAMPLES):
-                calibrator.collect_data(_SampleReader(chunk, batch_size, signature))
-            ranges = calibrator.compute_data()
-        unusable = sorted(name for name in ranges if not _finite_range(ranges[name].range_value))
-        for name in unusable:
-            del ranges.data[name]
-        save_tensors_data(ranges, ranges_path)
-    except Exception as exc:  # calibration runs the model: any runtime error can come out
-        raise BuildFailed(f"int8: calibration ({method}) failed: {_short(exc)}") from exc
-    return unusable
-
-
-def _finite_range(range_value: Any) -> bool:
-    low, high = (np.asarray(bound, dtype=np.float64) for bound in range_value)
-    return bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(high - low < 1e30))
-
-
 def _touching(path: Path, tensors: Collection[str]) -> list[str]:
     """Names of the nodes that read or write any of ``tensors``."""
     if not tensors:
@@ -522,26 +500,6 @@ def _ort_method(method: CalibrationMethod) -> Any:
     from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 
     return OrtCalibrationMethod[_ORT_METHODS[CalibrationMethod(method)]]
-
-
-class _SampleReader:
-    """ORT's CalibrationDataReader protocol (``get_next`` → feeds or None) over samples."""
-
-    def __init__(
-        self, samples: Mapping[str, np.ndarray], batch_size: int, signature: Signature | None
-    ) -> None:
-        self._batches = iter_batches(samples, batch_size, signature)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        if batch is None:
-            return None
-        # Contiguous copies: ORT would copy strided views anyway.
-        return {name: np.ascontiguousarray(array) for name, array in batch.items()}
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while (batch := self.get_next()) is not None:
-            yield batch
 
 
 def _qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
@@ -745,6 +703,93 @@ def _drop_float16_round_trips(model: onnx.ModelProto) -> None:
     graph.node.extend(kept)
 
 
+def _place_subgraph_casts(graph: onnx.GraphProto) -> int:
+    """Move the Casts the converter put in the main graph for block-listed nodes inside
+    If, Loop and Scan bodies into the body that defines their input.
+
+    ONNX Runtime's converter appends every Cast it makes around a block-listed node to
+    the main graph, where a value computed inside a subgraph (the boxes a NonMaxSuppression
+    in an If branch reads) does not exist. Repeated until no Cast reads a value the main
+    graph lacks, since a moved Cast's output may feed another misplaced Cast. Returns how
+    many Casts moved.
+    """
+    homes: dict[str, onnx.GraphProto] = {}
+
+    def index(owner: onnx.GraphProto) -> None:
+        for node in owner.node:
+            for subgraph in _subgraphs_of(node):
+                names = [v.name for v in subgraph.input] + [i.name for i in subgraph.initializer]
+                names += [out for inner in subgraph.node for out in inner.output]
+                homes.update(dict.fromkeys(names, subgraph))
+                index(subgraph)
+
+    index(graph)
+    moved = 0
+    while True:
+        in_scope = {v.name for v in graph.input} | {i.name for i in graph.initializer}
+        in_scope |= {out for node in graph.node for out in node.output}
+        misplaced = [
+            node
+            for node in graph.node
+            if node.op_type == "Cast" and node.input[0] not in in_scope and node.input[0] in homes
+        ]
+        if not misplaced:
+            return moved
+        for node in misplaced:
+            home = homes[node.input[0]]
+            graph.node.remove(node)
+            home.node.append(node)
+            homes.update(dict.fromkeys(node.output, home))
+            moved += 1
+
+
+def _float16_values(graph: onnx.GraphProto) -> int:
+    """Float16 initializers, Constants and Casts to float16 that something computes with
+    (not a round trip straight back to float32), subgraphs included."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in {*node.input, *_subgraph_inputs(node)}:
+            readers.setdefault(name, []).append(node)
+    count = sum(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Cast" and _cast_target(node) == onnx.TensorProto.FLOAT16:
+            count += any(
+                not (reader.op_type == "Cast" and _cast_target(reader) == onnx.TensorProto.FLOAT)
+                for reader in readers.get(node.output[0], [])
+            )
+        elif node.op_type == "Constant":
+            count += any(
+                a.t.data_type == onnx.TensorProto.FLOAT16 for a in node.attribute if a.name == "value"
+            )
+        for subgraph in _subgraphs_of(node):
+            count += _float16_values(subgraph)
+    return count
+
+
+def _blocked_in_subgraphs(graph: onnx.GraphProto, block_ops: Collection[str]) -> list[str]:
+    """The block-listed ops inside If, Loop and Scan bodies, which stay float32:
+    ``"NonMaxSuppression in If 'name'"``."""
+    found = []
+    for node in graph.node:
+        for subgraph in _subgraphs_of(node):
+            found += [
+                f"{inner.op_type} in {node.op_type} '{node.name}'"
+                for inner in subgraph.node
+                if inner.op_type in block_ops
+            ]
+            found += _blocked_in_subgraphs(subgraph, block_ops)
+    return sorted(set(found))
+
+
+def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs: list[onnx.GraphProto] = []
+    for attribute in node.attribute:
+        graphs += list(attribute.graphs)
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+    return graphs
+
+
 def _cast_target(node: onnx.NodeProto) -> int | None:
     return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
 
@@ -890,4 +935,4 @@ def _short(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["convert_fp16", "quantize_int8"]
+__all__ = ["convert_fp16", "quantize_int8", "quantize_int8_dynamic"]

@@ -7,7 +7,10 @@ served batch size, and stops at the first candidate that passes, when a budget r
 
 1. INT8: the other calibration methods first (percentile, entropy, minmax), without
    keeping any node in FP32. The first that passes wins; otherwise the best of them
-   (the highest worst-case metric) is repaired further.
+   (the highest worst-case metric) is repaired further. Their ranges all come from the
+   build's one calibration pass (``engines.int8_calibration``).
+   Where the backend runs it (ONNX Runtime), dynamic INT8 is tried next as a candidate
+   of its own: int8 MatMul weights, activations quantized per run, no calibration.
 2. FP16: tensors whose FP32 values leave float16's range (|x| > 65504) on the samples
    become inf in float16 whatever their consumer does, so their producers and
    consumers are kept in FP32 at once.
@@ -20,7 +23,13 @@ served batch size, and stops at the first candidate that passes, when a budget r
 4. Keep the worst nodes in FP32 (FP16: the converter's node block list; INT8: the
    weighted ops left out of Q/DQ insertion, a blamed node together with the quantized
    nodes whose Q/DQ pairs feed it, through a Relu or pooling between them), 1, 1, 2,
-   4... at a time, measuring the new candidate again each round.
+   4... at a time, measuring the new candidate again each round. A blamed node that
+   belongs to a stage (exporters name nodes by module path: the weighted nodes of
+   ``feature_extractor/conv_layers.0``, ``.1``... form the stage ``conv_layers``) brings
+   its whole stage when it fits the node budget, else its own block (``conv_layers.3``):
+   sensitivity runs along a stage (raw audio's first convolutions), not node by node.
+5. When both a static repair and dynamic INT8 pass, the faster one is served (the
+   static one where latency cannot be measured); ``chosen`` in the report says which.
 
 The repair owns no build step: the pipeline lends it ``RepairTools`` (convert, build,
 gate, profile), so a repaired candidate is made exactly like any other.
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -81,6 +91,7 @@ class Attempt:
     violations: list[str]
     method: CalibrationMethod | None = None
     kept: tuple[str, ...] = ()
+    dynamic: bool = False
 
     @property
     def passed(self) -> bool:
@@ -107,6 +118,8 @@ class RepairTools:
     profile: Callable[[Path], dict[int, float]] | None
     fp32_artifact: Callable[[], Path]
     progress: Callable[[float], None]
+    convert_dynamic: Callable[[Path, frozenset[str]], dict[str, Any]] | None = None
+    """Writes the dynamic INT8 transform; None where the backend cannot run one."""
 
 
 @dataclass(frozen=True)
@@ -192,17 +205,34 @@ def repair(
             )
         return None
 
+    def attempt_dynamic() -> Attempt:
+        assert tools.convert_dynamic is not None
+        onnx_path, artifact_path = workdir / "int8-dynamic.onnx", workdir / "int8-dynamic.engine"
+        transform = tools.convert_dynamic(onnx_path, frozenset())
+        build = tools.build(onnx_path, artifact_path)
+        comparison, violations = tools.gate(artifact_path)
+        tools.progress(min(1.0, progress.elapsed() / budget.seconds))
+        return Attempt(onnx_path, artifact_path, transform, build, comparison, violations, dynamic=True)
+
+    dynamic: Attempt | None = None
     try:
         if precision == Precision.INT8:
             best, tried = _try_calibration_methods(failed, attempt, out_of_time)
             report["calibration_methods"] = tried
             report["calibration_method"] = str(best.method)
+            if not best.passed and tools.convert_dynamic is not None and not out_of_time(0.0):
+                dynamic, report["dynamic_int8"] = _try_dynamic(attempt_dynamic)
         if not best.passed:
             best, stopped = _keep_nodes(
                 precision, model_path, samples, signature, best, attempt, out_of_time, budget, progress
             )
     except EngineError as exc:
         stopped = f"the repair failed: {exc.message}"
+    if dynamic is not None and dynamic.passed:
+        best, report["chosen"] = _choose(best, dynamic, tools)
+        stopped = None
+    elif best.passed:
+        report["chosen"] = _static_choice(best)
 
     kept_ops = _op_types(best.onnx_path, progress.kept)
     report.update(
@@ -222,6 +252,38 @@ def repair(
         report["latency_ms"] = _baseline_latency(tools, failed)
     report["seconds"] = round(progress.elapsed(), 3)
     return best, report
+
+
+def _try_dynamic(attempt_dynamic: Callable[[], Attempt]) -> tuple[Attempt | None, dict[str, Any]]:
+    started = time.perf_counter()
+    try:
+        dynamic = attempt_dynamic()
+    except EngineError as exc:  # nothing to quantize dynamically, or a failed step
+        return None, {"passed": False, "error": exc.message}
+    return dynamic, {
+        "passed": dynamic.passed,
+        "violations": dynamic.violations,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _static_choice(static: Attempt) -> str:
+    kept = f" with {len(static.kept)} node(s) kept in FP32" if static.kept else ""
+    return f"static int8 ({static.method} calibration){kept}"
+
+
+def _choose(static: Attempt, dynamic: Attempt, tools: RepairTools) -> tuple[Attempt, str]:
+    """Dynamic INT8 passed: serve it unless a passing static repair is faster."""
+    if not static.passed:
+        return dynamic, "dynamic int8: static int8 did not pass, dynamic int8 did"
+    if tools.profile is None:
+        return static, f"{_static_choice(static)}: both passed; latency cannot be measured on this model"
+    static_ms, dynamic_ms = tools.profile(static.artifact_path), tools.profile(dynamic.artifact_path)
+    ratios = [math.log(dynamic_ms[b] / max(static_ms[b], 1e-9)) for b in static_ms if b in dynamic_ms]
+    ratio = math.exp(sum(ratios) / len(ratios)) if ratios else 1.0
+    if ratio < 1.0:
+        return dynamic, f"dynamic int8: both passed, dynamic ran at {ratio:.2f}x the static repair's latency"
+    return static, f"{_static_choice(static)}: both passed, dynamic int8 ran at {ratio:.2f}x its latency"
 
 
 def _try_calibration_methods(
@@ -282,12 +344,16 @@ def _keep_nodes(
             step *= 2
         if not pending:
             return current, "no node left adds measurable error"
+        units = _stage_units(current.onnx_path) if precision == Precision.INT8 else {}
         chosen: dict[str, str] = {}
         for blame in pending:
-            new = [name for name in blame.nodes if name not in progress.kept and name not in chosen]
-            if len(progress.kept) + len(chosen) + len(new) > budget.max_nodes:
+            for nodes, reason in _widenings(blame, units):
+                new = [name for name in nodes if name not in progress.kept and name not in chosen]
+                if len(progress.kept) + len(chosen) + len(new) <= budget.max_nodes:
+                    chosen.update(dict.fromkeys(new, reason))
+                    break
+            else:
                 break
-            chosen.update(dict.fromkeys(new, blame.reason))
         if not chosen:
             return current, (
                 f"the node budget is spent: {len(progress.kept)} of {budget.max_nodes} nodes kept, "
@@ -309,8 +375,61 @@ def _keep_nodes(
             return current, None
 
 
+_INDEXED = re.compile(r"^(.+?)[._](\d+)$")
+"""A module path component with an index: ``conv_layers.0``, ``layers_3``."""
+
+
+def _stage_units(onnx_path: Path) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """For each quantized weighted node named by module path, the units it belongs to,
+    largest first: its stage (every block of ``.../conv_layers``) and its block
+    (``.../conv_layers.3``), each as (label, node names in graph order)."""
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    quantized = [
+        node.name
+        for node in graph.node
+        if node.op_type in WEIGHTED_OP_TYPES and any(name in dequantized for name in node.input)
+    ]
+    stages: dict[str, list[str]] = {}
+    blocks: dict[str, list[str]] = {}
+    places: dict[str, tuple[str, str]] = {}
+    for name in quantized:
+        parts = name.strip("/").split("/")
+        for index in range(len(parts) - 2, -1, -1):  # the last component is the op itself
+            match = _INDEXED.match(parts[index])
+            if match:
+                stage = "/".join([*parts[:index], match.group(1)])
+                block = "/".join(parts[: index + 1])
+                stages.setdefault(stage, []).append(name)
+                blocks.setdefault(block, []).append(name)
+                places[name] = (stage, block)
+                break
+    units: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for name, (stage, block) in places.items():
+        found = [(f"stage '{stage}'", tuple(stages[stage]))]
+        if blocks[block] != stages[stage]:
+            found.append((f"block '{block}'", tuple(blocks[block])))
+        units[name] = [unit for unit in found if len(unit[1]) > 1]
+    return units
+
+
+def _widenings(
+    blame: _Blame, units: Mapping[str, list[tuple[str, tuple[str, ...]]]]
+) -> list[tuple[tuple[str, ...], str]]:
+    """What to keep for a blamed node, largest first: its stage, its block, itself."""
+    head = blame.nodes[0]
+    found = [
+        (
+            tuple(dict.fromkeys((*members, *blame.nodes))),
+            f"{label} of a sensitive node: '{head}' {blame.reason}",
+        )
+        for label, members in units.get(head, [])
+    ]
+    return [*found, (blame.nodes, blame.reason)]
+
+
 def _overflows(
-    candidate_path: Path, reference: Mapping[str, np.ndarray], fp32_already: set[str]
+    candidate_path: Path, reference: Mapping[str, list[np.ndarray]], fp32_already: set[str]
 ) -> list[_Blame]:
     """Producers and consumers of tensors whose FP32 values overflow float16, worst
     first, leaving out the nodes the candidate already runs in FP32."""
@@ -318,9 +437,8 @@ def _overflows(
     producer = {output: node for node in graph.node for output in node.output}
     sources = _sources_of(graph)
     largest = {
-        name: float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0))
+        name: max(float(np.max(np.abs(v[np.isfinite(v)]), initial=0.0)) for v in values)
         for name, values in reference.items()
-        if values.dtype.kind == "f"
     }
     over = sorted((name for name, value in largest.items() if value > FP16_MAX), key=lambda n: -largest[n])
     blames = []
@@ -340,7 +458,7 @@ def _overflows(
 def _rank(
     precision: Precision,
     current: Attempt,
-    reference: Mapping[str, np.ndarray],
+    reference: Mapping[str, list[np.ndarray]],
     samples: Mapping[str, np.ndarray],
     signature: Signature,
     kept: set[str],
@@ -425,31 +543,54 @@ def _sources_of(graph: onnx.GraphProto) -> dict[str, tuple[str, ...]]:
 
 def _intermediates(
     model_path: Path, samples: Mapping[str, np.ndarray], signature: Signature
-) -> dict[str, np.ndarray]:
-    """Every float tensor of the model on the first MEASURE_SAMPLES samples, flattened
-    per tensor, as float32."""
+) -> dict[str, list[np.ndarray]]:
+    """Every float tensor of the model on each of the first MEASURE_SAMPLES samples, run
+    one at a time, flattened, as float32: errors are then measured per sample, so a
+    quiet input counts as much as a loud one."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         modify_model_output_intermediate_tensors,
     )
 
     first = {name: array[:MEASURE_SAMPLES] for name, array in samples.items()}
-    batch = MEASURE_SAMPLES if signature.batchable else 1
     with tempfile.TemporaryDirectory(prefix=".repair-", dir=model_path.parent) as scratch:
         augmented = Path(scratch) / "augmented.onnx"
         try:
             modify_model_output_intermediate_tensors(model_path, augmented)
-            activations = collect_activations(str(augmented), list(iter_batches(first, batch, signature)))
+            activations = collect_activations(str(augmented), list(iter_batches(first, 1, signature)))
         except Exception as exc:  # shape inference and ONNX Runtime raise their own types
             text = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise BuildFailed(f"measuring the intermediate tensors of {model_path.name}: {text}") from exc
     return {
-        name: np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
+        name: [np.asarray(a, dtype=np.float32).ravel() for a in arrays]
         for name, arrays in activations.items()
+        if arrays and np.asarray(arrays[0]).dtype.kind == "f"
     }
 
 
-def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+def _relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """The mean over samples of each sample's relative error."""
+    if len(reference) != len(candidate) or not reference:
+        return 0.0
+    if len({array.shape for array in (*reference, *candidate)}) > 1:
+        return float(np.mean([_sample_error(r, c) for r, c in zip(reference, candidate, strict=True)]))
+    # All samples alike: one vectorised pass, as _sample_error computes each (in
+    # float32: a relative error needs no more digits, and these arrays are large).
+    ref, cand = np.stack(reference), np.stack(candidate)
+    finite = np.isfinite(ref)
+    candidate_finite = np.isfinite(cand)
+    broken = np.any(finite & ~candidate_finite, axis=1)
+    if not (finite.all() and candidate_finite.all()):
+        ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+    norm = np.linalg.norm(ref, axis=1)
+    difference = np.linalg.norm(ref - cand, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(norm > 0, difference / np.where(norm > 0, norm, 1.0), 0.0)
+    errors = np.where(norm == 0, np.where(difference == 0, 0.0, ERROR_CAP), np.minimum(relative, ERROR_CAP))
+    return float(np.mean(np.where(broken, ERROR_CAP, errors)))
+
+
+def _sample_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     if reference.shape != candidate.shape:
         return 0.0  # a tensor the two graphs shape differently: not comparable
     finite = np.isfinite(reference)

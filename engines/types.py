@@ -106,6 +106,8 @@ class BuildOptions:
     validation_sha256: str | None = None
     synthetic_calibration: bool = False
     tolerance: tuple[tuple[str, float], ...] = ()
+    metrics: tuple[tuple[str, str], ...] = ()
+    """Output name → how it is judged (``engines.output_rules``), the upload's overrides."""
     shapes: tuple[ShapeRange, ...] = ()
     workspace_bytes: int | None = None
     optimization_level: int | None = None
@@ -119,6 +121,10 @@ class BuildOptions:
         data["precision"] = str(self.precision)
         data["calibration_method"] = str(self.calibration_method)
         data["tolerance"] = dict(self.tolerance)
+        # Left out when empty, so that engines built before it keep their cache keys.
+        data["metrics"] = dict(self.metrics)
+        if not self.metrics:
+            del data["metrics"]
         data["shapes"] = [
             {"input": s.input_name, "min": list(s.min), "opt": list(s.opt), "max": list(s.max)}
             for s in self.shapes
@@ -136,6 +142,7 @@ class BuildOptions:
             validation_sha256=data.get("validation_sha256"),
             synthetic_calibration=bool(data.get("synthetic_calibration", False)),
             tolerance=tuple(sorted((k, float(v)) for k, v in data.get("tolerance", {}).items())),
+            metrics=tuple(sorted((k, str(v)) for k, v in data.get("metrics", {}).items())),
             shapes=tuple(
                 ShapeRange(s["input"], tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))
                 for s in data.get("shapes", [])

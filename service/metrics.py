@@ -179,6 +179,13 @@ class KilnMetrics:
             ["engine", "version", "tier", "backend", "precision"],
             registry=r,
         )
+        self.fallback = Gauge(
+            "kiln_engine_fallback",
+            "1 while a version serves but not as requested (state fallback: its requested "
+            "FP16 or INT8 engine failed, or the transform left every op in FP32); 0 otherwise",
+            ["engine", "version"],
+            registry=r,
+        )
         # Cluster mode (a PostgreSQL catalog); absent from a single node's output.
         self.catalog = CatalogMetrics(r) if cluster else None
         for result in BUILD_RESULTS:
@@ -199,6 +206,7 @@ class KilnMetrics:
         labels = {"engine": engine, "version": str(version)}
         for family in (
             self.serving,
+            self.fallback,
             self.queue_duration,
             self.compute_duration,
             self.batch_size,

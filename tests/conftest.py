@@ -47,7 +47,7 @@ def wait_for_state(
     version: int | None = None,
     *,
     timeout_s: float = 90.0,
-    states: tuple[str, ...] = ("ready", "failed"),
+    states: tuple[str, ...] = ("ready", "fallback", "failed"),
 ) -> dict[str, Any]:
     """Poll an engine version's status until it reaches one of ``states``."""
     url = f"/engines/{name}" + (f"/versions/{version}" if version else "")

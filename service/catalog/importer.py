@@ -37,7 +37,7 @@ def read_store(store: EngineStore) -> tuple[list[VersionRecord], list[ImportedBu
     for record in sorted(records, key=lambda r: (r.get("name", ""), r.get("version", 0))):
         label = f"{record.get('name')} v{record.get('version')}"
         state = record.get("state")
-        if state not in ("ready", "failed"):
+        if state not in ("ready", "fallback", "failed"):
             report.skipped.append(f"{label} ({state}: interrupted, upload it again)")
             continue
         try:
@@ -49,7 +49,7 @@ def read_store(store: EngineStore) -> tuple[list[VersionRecord], list[ImportedBu
                     model_filename=record.get("model_filename", ""),
                     options=record["options"],
                     batching=record["batching"],
-                    state=CatalogState.READY if state == "ready" else CatalogState.FAILED,
+                    state=CatalogState.FAILED if state == "failed" else CatalogState.READY,
                     error=record.get("error"),
                     created_at=float(record.get("created_at", 0.0)),
                     progressive=bool(record.get("progressive", False)),
@@ -60,7 +60,7 @@ def read_store(store: EngineStore) -> tuple[list[VersionRecord], list[ImportedBu
             continue
         report.versions.append(label)
         key = record.get("cache_key")
-        if state != "ready" or not key or key in builds:
+        if state == "failed" or not key or key in builds:
             continue
         try:
             meta = store.verify_engine(key)

@@ -175,7 +175,7 @@ class ClusterReplica:
             local = _find(registry, key)
             if local is None or record.state != CatalogState.PENDING:
                 continue
-            if local.state == VersionState.READY:
+            if local.state in (VersionState.READY, VersionState.FALLBACK):  # served
                 await self._set_catalog_state(local, CatalogState.READY, None)
             elif (
                 local.state == VersionState.FAILED

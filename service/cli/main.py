@@ -22,6 +22,7 @@ UPLOAD_OPTIONS = (
     "calibration_method",
     "validation",
     "tolerance",
+    "metrics",
     "shapes",
     "max_batch_size",
     "opt_batch_size",
@@ -247,6 +248,10 @@ async def _build(settings: Any, fields: dict[str, str], model: Path, paths: dict
             await manager.shutdown(0)
     finally:
         store.unlock()  # for callers in this process (tests); exit releases it too
+    if version.state == VersionState.FALLBACK:
+        error = version.error or {}
+        print(f"kiln: built, not as requested (fallback): {error.get('message')}", file=sys.stderr)
+        return 1
     if version.state != VersionState.READY:
         error = version.error or {}
         print(f"kiln: build failed ({error.get('type')}): {error.get('message')}", file=sys.stderr)

@@ -4,7 +4,7 @@ With progressive engines, a version whose optimized engine is not in the store
 first serves on its baseline engine (state ``baseline``); the optimized engine
 then builds, loads and warms up beside it and is swapped into the version's
 batcher (``ready``). If the optimized engine fails, the version stays on the
-baseline (``ready``, with the failure in ``error``).
+baseline (``fallback``, with the failure in ``error``).
 
 Every state change of a version goes through ``EngineManager.transition``, checked
 against the table in ``states.py``. The manager owns the background tasks of
@@ -52,6 +52,7 @@ BUILT = (VersionState.BUILDING, VersionState.BASELINE)
 PHASE_ON_ENTRY: dict[VersionState, str | None] = {
     VersionState.LOADING: "load",
     VersionState.READY: None,
+    VersionState.FALLBACK: None,
     VersionState.UNLOADING: "unload",
 }
 """The phase a version shows on entering a state (others keep theirs: a failed
@@ -152,7 +153,7 @@ class EngineManager:
         version.error = error
         if phase is not None or state in PHASE_ON_ENTRY:
             version.phase = phase if phase is not None else PHASE_ON_ENTRY[state]
-        if state == VersionState.READY:
+        if state in (VersionState.READY, VersionState.FALLBACK):
             version.progress = 1.0
         if state in SETTLED or state in SERVABLE or state == VersionState.UNLOADING:
             self._restoring.discard(version)
@@ -160,6 +161,9 @@ class EngineManager:
             serving = version.serving
             self.metrics.set_serving(
                 version.name, version.version, serving.tier, serving.backend, serving.precision
+            )
+            self.metrics.fallback.labels(version.name, str(version.version)).set(
+                1 if state == VersionState.FALLBACK else 0
             )
         if state in RECORDED:
             self.registry.save(version)
@@ -370,12 +374,23 @@ class EngineManager:
 
     def _fail(self, version: EngineVersion, error: dict[str, Any]) -> None:
         """The optimized engine failed: a version on its baseline keeps serving there
-        (ready, with the error); any other fails."""
+        (fallback, with the error); any other fails."""
         if version.state == VersionState.BASELINE:
             log.warning("%s v%d keeps serving on its baseline engine", version.name, version.version)
-            self.transition(version, VersionState.READY, error=error)
+            self.transition(version, VersionState.FALLBACK, error=error)
         else:
             self.transition(version, VersionState.FAILED, error=error)
+
+    def _settle_served(self, version: EngineVersion, meta: dict[str, Any]) -> None:
+        """The built engine serves: ``ready`` when it is what was asked, ``fallback`` (with
+        the build's reason) when it is not (a transform that left every op in FP32)."""
+        fallback = meta.get("report", {}).get("fallback")
+        if fallback:
+            log.warning("%s v%d serves, not as requested: %s", version.name, version.version, fallback)
+            self.transition(version, VersionState.FALLBACK, error={"type": "fallback", "message": fallback})
+        else:
+            self.transition(version, VersionState.READY)
+            _log_ready(version, meta)
 
     def _committed_meta(self, cache_key: str) -> dict[str, Any] | None:
         """The stored engine for this key if its checksum holds; a corrupt one is
@@ -469,8 +484,7 @@ class EngineManager:
         version.batcher = self._start_batcher(version, runner, signature, batching, _latency_profile(meta))
         version.runner = runner
         version.serving = Serving.optimized(meta, runner)
-        self.transition(version, VersionState.READY)
-        _log_ready(version, meta)
+        self._settle_served(version, meta)
 
     async def _serve_baseline(self, version: EngineVersion) -> None:
         """Load the upload itself as the baseline engine, warm it up and serve on it
@@ -538,7 +552,7 @@ class EngineManager:
             return
         version.runner = runner
         version.serving = Serving.optimized(meta, runner)
-        self.transition(version, VersionState.READY)
+        self._settle_served(version, meta)
         log.info(
             "engine %s v%d swapped from its %s engine (%s, %s) to its optimized engine (%s, %s)",
             version.name,
@@ -549,7 +563,6 @@ class EngineManager:
             version.serving.backend,
             version.serving.precision,
         )
-        _log_ready(version, meta)
         if previous is not None:
             await asyncio.to_thread(previous.close)
 

@@ -23,6 +23,7 @@ class UploadFields(BaseModel):
     calibration: Literal["synthetic"] | None = None
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     tolerance: dict[str, float] | None = None
+    metrics: dict[str, str] | None = None
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     opt_batch_size: int | None = Field(None, ge=1, le=4096)
     max_queue_delay_ms: float | None = Field(None, ge=0, le=10_000)
@@ -41,7 +42,7 @@ class UploadFields(BaseModel):
     repair_seconds: float = Field(600.0, gt=0, le=86_400)
     progressive: bool | None = None
 
-    @field_validator("tolerance", "shapes", mode="before")
+    @field_validator("tolerance", "shapes", "metrics", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -112,6 +113,14 @@ def to_options(
             )
         except ValueError as exc:
             raise BadRequest(f"tolerance: {exc}") from None
+    metrics: dict[str, str] = {}
+    if fields.metrics is not None:
+        from engines.output_rules import parse_metrics
+
+        try:
+            metrics = parse_metrics(json.dumps(fields.metrics))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
     shapes = []
     for input_name, ranges in (fields.shapes or {}).items():
         try:
@@ -129,6 +138,7 @@ def to_options(
         validation_sha256=validation_sha256,
         synthetic_calibration=fields.calibration == "synthetic",
         tolerance=tuple(sorted((fields.tolerance or {}).items())),
+        metrics=tuple(sorted(metrics.items())),
         shapes=tuple(shapes),
         workspace_bytes=fields.workspace_bytes,
         optimization_level=fields.optimization_level,

@@ -18,7 +18,11 @@ class VersionState(StrEnum):
     # Serves on its baseline engine (the upload at FP32 on ONNX Runtime) while its
     # optimized engine builds, loads and warms up; ready once that is swapped in.
     BASELINE = "baseline"
-    READY = "ready"  # its batcher runs: requests are served
+    READY = "ready"  # the requested engine serves
+    # Serves, settled, but not what was asked: the requested FP16 or INT8 engine failed
+    # and the baseline serves on, or the transform left every op in FP32. ``error``
+    # says why.
+    FALLBACK = "fallback"
     FAILED = "failed"  # the build or load failed; ``error`` says why
     UNLOADING = "unloading"  # being deleted; gone from the registry once unloaded
 
@@ -27,23 +31,30 @@ ALLOWED: dict[VersionState, frozenset[VersionState]] = {
     VersionState.BUILDING: frozenset(
         {VersionState.BASELINE, VersionState.LOADING, VersionState.FAILED, VersionState.UNLOADING}
     ),
-    # BASELINE -> READY: the optimized engine swapped in, or it failed and the
-    # baseline serves on (``error`` says why).
-    VersionState.BASELINE: frozenset({VersionState.READY, VersionState.UNLOADING}),
+    # BASELINE -> READY: the optimized engine swapped in; -> FALLBACK: it failed and the
+    # baseline serves on, or it is not the requested precision (``error`` says why).
+    VersionState.BASELINE: frozenset({VersionState.READY, VersionState.FALLBACK, VersionState.UNLOADING}),
     # LOADING -> BUILDING: a stored artifact that passed its checksum but does not
     # load (a plan recorded for another device) is rebuilt once.
     VersionState.LOADING: frozenset(
-        {VersionState.READY, VersionState.FAILED, VersionState.UNLOADING, VersionState.BUILDING}
+        {
+            VersionState.READY,
+            VersionState.FALLBACK,
+            VersionState.FAILED,
+            VersionState.UNLOADING,
+            VersionState.BUILDING,
+        }
     ),
     VersionState.READY: frozenset({VersionState.UNLOADING}),
+    VersionState.FALLBACK: frozenset({VersionState.UNLOADING}),
     VersionState.FAILED: frozenset({VersionState.UNLOADING}),
     VersionState.UNLOADING: frozenset(),
 }
 
-SERVABLE = frozenset({VersionState.BASELINE, VersionState.READY})
+SERVABLE = frozenset({VersionState.BASELINE, VersionState.READY, VersionState.FALLBACK})
 """States in which a version answers requests."""
 
-SETTLED = frozenset({VersionState.READY, VersionState.FAILED})
+SETTLED = frozenset({VersionState.READY, VersionState.FALLBACK, VersionState.FAILED})
 """States no background work will move on its own: a version's record is written in
 these (and when it is registered), pruning considers only these."""
 
@@ -56,6 +67,7 @@ restart brings back what was servable."""
 
 RESTORED_AS: dict[VersionState, VersionState | None] = {
     VersionState.READY: VersionState.BUILDING,  # rebuilt if needed, loaded, warmed up
+    VersionState.FALLBACK: VersionState.BUILDING,  # the requested engine is tried again
     VersionState.BASELINE: VersionState.BUILDING,  # on its baseline again while it is rebuilt
     VersionState.FAILED: VersionState.FAILED,
     VersionState.BUILDING: VersionState.FAILED,  # interrupted by the restart

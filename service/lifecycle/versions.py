@@ -4,7 +4,7 @@
 fields of an upload and its files already written to the store's ``tmp/``.
 Everything that can be checked before a build is checked here (name, engine
 limit, the model and its signature, calibration and validation data against the
-signature, shapes, batching limits, tolerance, the INT8 data rule) and answers a
+signature, shapes, batching limits, tolerance, metrics, the INT8 data rule) and answers a
 4xx ``ServiceError`` or an ``EngineError`` before anything is registered.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engines.calibration import load_samples
 from engines.model_package import StagedModel, stage_path, stage_upload
+from engines.output_rules import check_metrics
 from engines.shapes import validate_shapes
 from engines.types import Precision
 from service.errors import BadRequest
@@ -80,6 +81,7 @@ async def register_version(
         signature = staged.signature
         try:
             validate_shapes(signature, options.shapes)
+            check_metrics(dict(options.metrics), signature)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         for purpose in DATA_FILES:

@@ -70,7 +70,7 @@ def test_upload_form_shows_the_build_to_ready_and_its_report(
     def state() -> bool:
         badge = browser.find_element(By.CSS_SELECTOR, 'tr[data-version="1"] .state')
         seen.append(f"{badge.get_attribute('data-state')}:{badge.text}")
-        return badge.get_attribute("data-state") in ("ready", "failed")
+        return badge.get_attribute("data-state") in ("ready", "fallback", "failed")
 
     wait_until(state, timeout_s=90, what="the build to finish")
     assert seen[-1].startswith("ready"), seen

@@ -76,7 +76,7 @@ def watch(client: httpx.Client, name: str, timeout_s: float = 120.0) -> list[dic
         status = client.get(f"/engines/{name}/versions/1").json()
         if not seen or (status["state"], status["serving"]) != (seen[-1]["state"], seen[-1]["serving"]):
             seen.append(status)
-        if status["state"] in ("ready", "failed"):
+        if status["state"] in ("ready", "fallback", "failed"):
             return seen
         time.sleep(0.02)
     raise AssertionError(f"{name} did not settle; seen {seen}")

@@ -145,7 +145,10 @@ def test_flipped_decisions_break_top1_with_the_numbers() -> None:
     )
     violations = check(comparison, {"top1_agreement": 0.99, "exact_match": 0.5})
 
-    assert violations == ["output 'probs' at batch 10: top1_agreement 0.8 < 0.99"]
+    assert violations == [
+        "output 'probs' at batch 10: top1_agreement 0.8 < 0.99 "
+        "(4 of 20 positions changed their top-1 over axis 1, 0 of them near-ties)"
+    ]
 
 
 def test_error_metrics_use_less_or_equal() -> None:
@@ -292,3 +295,70 @@ def test_fp16_keeps_the_classifier_decisions(
     assert check(comparison, parse_tolerance(None, Precision.FP16)) == []
     for result in comparison["results"]:
         assert result["outputs"][DIGITS_OUTPUT]["top1_agreement"] >= 0.99
+
+
+# -- strict top-1, near ties, the class axis ---------------------------------------------
+
+
+def test_a_near_tie_flip_is_a_flip_and_is_reported_beside_it() -> None:
+    tied = {"x": np.array([[1.0, 0.999, 0.0, 0.0]] * 10, np.float32)}
+
+    def swap_first_two(feeds: Mapping[str, np.ndarray]) -> Outputs:
+        outputs = classify(feeds)
+        outputs["probs"] = outputs["probs"][:, [1, 0, 2, 3]]
+        return outputs
+
+    comparison = compare(
+        FunctionRunner(CLASSIFIER, classify), FunctionRunner(CLASSIFIER, swap_first_two), tied, [10]
+    )
+    probs = comparison["results"][0]["outputs"]["probs"]
+    assert probs["top1_agreement"] == 0.0
+    assert probs["top1_flips"] == 10 and probs["top1_near_tie_flips"] == 10
+    assert probs["cosine_similarity"] > 0.99  # the scores barely moved, the decisions did
+    assert any("10 of them near-ties" in v for v in check(comparison, {"top1_agreement": 0.98}))
+
+
+SEGMENTER = Signature(
+    inputs=(TensorSpec("x", "float32", (DYNAMIC, 3, 8, 8)),),
+    outputs=(TensorSpec("logits", "float32", (DYNAMIC, 5, 8, 8)),),
+    batchable=True,
+)
+
+
+def test_segmentation_logits_are_judged_per_pixel_over_the_class_axis() -> None:
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((5, 3)).astype(np.float32)
+
+    def segment(feeds: Mapping[str, np.ndarray]) -> Outputs:
+        return {"logits": np.einsum("cd,ndhw->nchw", weights, feeds["x"])}
+
+    def one_pixel_wrong(feeds: Mapping[str, np.ndarray]) -> Outputs:
+        logits = segment(feeds)["logits"].copy()
+        logits[:, :, 0, 0] = -logits[:, :, 0, 0]  # pixel (0, 0) of every image changes class
+        return {"logits": logits}
+
+    data = {"x": rng.random((4, 3, 8, 8)).astype(np.float32)}
+    comparison = compare(
+        FunctionRunner(SEGMENTER, segment), FunctionRunner(SEGMENTER, one_pixel_wrong), data, [2]
+    )
+    logits = comparison["results"][0]["outputs"]["logits"]
+    assert logits["rule"] == "top1:axis=1" and logits["decided_by"] == "top1_agreement"
+    assert logits["top1_positions"] == 4 * 8 * 8  # one decision per pixel, not per image row
+    assert logits["top1_flips"] == 4
+    assert logits["top1_agreement"] == pytest.approx(1 - 4 / 256)
+
+
+def test_an_embedding_is_judged_by_cosine_not_top1() -> None:
+    encoder = Signature(
+        inputs=(TensorSpec("x", "float32", (DYNAMIC, 4)),),
+        outputs=(TensorSpec("last_hidden_state", "float32", (DYNAMIC, DYNAMIC, 4)),),
+        batchable=True,
+    )
+
+    def encode(feeds: Mapping[str, np.ndarray]) -> Outputs:
+        return {"last_hidden_state": np.repeat(feeds["x"][:, None, :], 3, axis=1)}
+
+    comparison = compare(FunctionRunner(encoder, encode), FunctionRunner(encoder, encode), samples(), [4])
+    hidden = comparison["results"][0]["outputs"]["last_hidden_state"]
+    assert hidden["rule"] == "cosine" and hidden["decided_by"] == "cosine_similarity"
+    assert "top1_agreement" not in hidden

@@ -147,7 +147,7 @@ def test_calibration_failure_leaves_no_output(cnn: Path, tmp_path: Path) -> None
     output = tmp_path / "out" / "cnn.int8.onnx"
     wrong_shape = {CNN_INPUT: np.zeros((4, 3, 8, 8), np.float32)}
 
-    with pytest.raises(BuildFailed, match=r"^int8: calibration \(minmax\) failed"):
+    with pytest.raises(BuildFailed, match=r"^int8: calibration failed"):
         quantize_int8(cnn, output, wrong_shape, method=CalibrationMethod.MINMAX)
     assert leftovers(output.parent, set()) == []
 
@@ -326,3 +326,133 @@ def test_nodes_named_to_keep_stay_float(cnn: Path, tmp_path: Path) -> None:
         made_by.get(name) is None or made_by[name].op_type != "DequantizeLinear" for name in node.input
     )
     assert report["quantized_op_types"].get("Conv") == 1
+
+
+# -- FP16 through control flow -------------------------------------------------------------
+
+
+def _control_flow_model() -> onnx.ModelProto:
+    """NonMaxSuppression inside an If's else branch on boxes computed in that branch (as
+    torchvision's batched_nms exports), and a TopK inside a Loop body on a loop-carried
+    value: both block-listed, both reading values that exist only in their body."""
+    const = numpy_helper.from_array
+    else_branch = helper.make_graph(
+        [
+            helper.make_node("Add", ["boxes", "half"], ["shifted"]),
+            helper.make_node("Unsqueeze", ["shifted", "zero"], ["boxes3"]),
+            helper.make_node("Unsqueeze", ["scores", "zero01"], ["scores3"]),
+            helper.make_node("NonMaxSuppression", ["boxes3", "scores3", "most", "iou"], ["selected"]),
+            helper.make_node("Gather", ["selected", "two"], ["keep"], axis=1),
+        ],
+        "else",
+        [],
+        [helper.make_tensor_value_info("keep", TensorProto.INT64, ["k"])],
+        [
+            const(np.array([0.5], np.float32), "half"),
+            const(np.array([0], np.int64), "zero"),
+            const(np.array([0, 1], np.int64), "zero01"),
+            const(np.array([10], np.int64), "most"),
+            const(np.array([0.5], np.float32), "iou"),
+            const(np.array(2, np.int64), "two"),
+        ],
+    )
+    then_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["none"], value=const(np.zeros(0, np.int64)))],
+        "then",
+        [],
+        [helper.make_tensor_value_info("none", TensorProto.INT64, ["k"])],
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Mul", ["carried", "scale"], ["grown"]),
+            helper.make_node("TopK", ["grown", "one"], ["best", "where"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried", TensorProto.FLOAT, ["n"]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("grown", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("best", TensorProto.FLOAT, [1]),
+        ],
+        [const(np.array([1.5], np.float32), "scale"), const(np.array([1], np.int64), "one")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Size", ["boxes"], ["size"]),
+            helper.make_node("Equal", ["size", "zero_size"], ["empty"]),
+            helper.make_node("If", ["empty"], ["kept"], then_branch=then_branch, else_branch=else_branch),
+            helper.make_node("Gather", ["boxes", "kept"], ["kept_boxes"], axis=0),
+            helper.make_node("Loop", ["trips", "", "scores"], ["final", "bests"], body=body),
+        ],
+        "control_flow",
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n"]),
+        ],
+        [
+            helper.make_tensor_value_info("kept_boxes", TensorProto.FLOAT, ["k", 4]),
+            helper.make_tensor_value_info("bests", TensorProto.FLOAT, ["t", 1]),
+        ],
+        [const(np.array(0, np.int64), "zero_size"), const(np.array(3, np.int64), "trips")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp16_keeps_block_listed_ops_inside_if_and_loop_bodies_in_float32(tmp_path: Path) -> None:
+    source = tmp_path / "control_flow.onnx"
+    onnx.save(_control_flow_model(), source)
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    feeds = {"boxes": boxes, "scores": np.array([0.9, 0.8, 0.7], np.float32)}
+
+    report = convert_fp16(source, tmp_path / "fp16.onnx", feeds=feeds)
+
+    assert "NonMaxSuppression in If 'If_2'" in report["fp32_subgraph_nodes"]
+    assert "TopK in Loop 'Loop_4'" in report["fp32_subgraph_nodes"]
+    assert report["casts_moved_into_subgraphs"] >= 2
+    converted = onnx.load(tmp_path / "fp16.onnx")
+    onnx.checker.check_model(converted, full_check=True)
+    want = OrtRunner(source)._session.run(None, feeds)
+    got = OrtRunner(tmp_path / "fp16.onnx")._session.run(None, feeds)
+    np.testing.assert_array_equal(got[0], want[0])  # the same boxes survive NMS
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-3)
+
+
+# -- dynamic INT8 -------------------------------------------------------------------------
+
+
+def test_dynamic_int8_quantizes_matmul_weights_and_keeps_the_model_right(tmp_path: Path) -> None:
+    from engines.precision import quantize_int8_dynamic
+    from tests import repair_models
+
+    model = repair_models.fp16_overflow_mlp(tmp_path)  # MatMul layers, trained on the digits
+    x_test = repair_models.digits_split()[1][:64]
+    feeds = {repair_models.INPUT: x_test}
+    report = quantize_int8_dynamic(model, tmp_path / "dynamic.onnx", feeds={repair_models.INPUT: x_test[:1]})
+    assert report["mode"] == "dynamic" and report["quantized_op_types"].get("MatMulInteger", 0) >= 1
+    ops = {node.op_type for node in onnx.load(tmp_path / "dynamic.onnx").graph.node}
+    assert "DynamicQuantizeLinear" in ops  # activations quantized per run, no calibration
+    want = OrtRunner(model)._session.run(None, feeds)[0]
+    got = OrtRunner(tmp_path / "dynamic.onnx")._session.run(None, feeds)[0]
+    assert float(np.mean(got == want)) >= 0.98  # the labels
+
+
+def test_dynamic_int8_refuses_a_model_without_matmul_weights(tmp_path: Path) -> None:
+    from engines.precision import quantize_int8_dynamic
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "conv.onnx")
+    with pytest.raises(UnsupportedModel, match="nothing to quantize"):
+        quantize_int8_dynamic(tmp_path / "conv.onnx", tmp_path / "dynamic.onnx")
+    assert not (tmp_path / "dynamic.onnx").exists()

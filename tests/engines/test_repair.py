@@ -143,6 +143,11 @@ def test_int8_repair_tries_calibration_methods_then_excludes_the_outlier_layer(
     assert any(name.startswith(repair_models.THIRD_LAYER_MATMUL) for name in kept), kept
     assert set(meta["report"]["transform"]["excluded_nodes"]) == set(kept)
     assert meta["report"]["transform"]["method"] == repair["calibration_method"]
+    # Every method's ranges and every round came from one pass over the samples.
+    calibration = meta["report"]["calibration"]
+    assert calibration["passes"] == 1
+    assert calibration["methods_derived"] == ["entropy", "minmax", "percentile"]
+    assert {"pre_process", "collect", "ranges_minmax"} <= set(calibration["timings_s"])
     served_outputs_match_fp32(tmp_path, meta, models["int8"])
 
 

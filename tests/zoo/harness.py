@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import io
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from engines import accuracy
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.build import BuildJob, run_build
 from engines.calibration import iter_batches, load_samples
 from engines.errors import EngineError
+from engines.output_rules import rules_for
 from engines.store import EngineStore, sha256_file
 from engines.types import BuildOptions, Precision, ShapeRange, Signature, engine_cache_key
 from tests.zoo.models import ZooModel
@@ -63,7 +65,7 @@ def data_for(model: ZooModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarr
     return model.samples(rng, CALIBRATION_SAMPLES), model.samples(rng, VALIDATION_SAMPLES)
 
 
-def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Path) -> Cell:
+def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Path, **overrides: Any) -> Cell:
     """Build ``model`` at ``precision`` (int8 and auto with calibration data, fp16 and
     auto with validation data) and compare the engine with ONNX Runtime on the original."""
     store = EngineStore(store_root)
@@ -88,6 +90,7 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
         # minutes per cell and is measured by benchmarks/repair.py instead.
         repair=False,
     )
+    options = replace(options, **overrides)
     backend = OnnxRuntimeBackend()
     key = engine_cache_key(model_sha, options, backend.device_signature())
     try:
@@ -95,7 +98,9 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
             BuildJob(str(store.root), model_sha, options.to_dict(), backend.name, key, BATCH_SIZES)
         )
     except EngineError as exc:
-        return Cell(model.name, precision, "refused", message=f"{exc.kind}: {exc.message}")
+        return Cell(
+            model.name, precision, "refused", message=f"{exc.kind}: {exc.message}", report=exc.details or {}
+        )
     signature = Signature.from_dict(meta["signature"])
     report = meta["report"]
     latency = report.get("latency_ms", {}).get("1")
@@ -119,7 +124,8 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
         if meta["precision"] == "fp32" and not report.get("note"):
             cell.agreement = _fp32_agreement(reference, engine, samples, signature)
         else:
-            comparison = accuracy.compare(reference, engine, samples, [1])
+            rules = rules_for(signature, onnx.load(model_path, load_external_data=False))
+            comparison = accuracy.compare(reference, engine, samples, [1], rules)
             cell.agreement = {
                 name: {k: v for k, v in metrics.items() if k in _SHOWN}
                 for name, metrics in comparison["results"][0]["outputs"].items()
@@ -130,7 +136,7 @@ def build_cell(model: ZooModel, model_path: Path, precision: str, store_root: Pa
     return cell
 
 
-_SHOWN = ("cosine_similarity", "top1_agreement", "exact_match", "decided_by")
+_SHOWN = ("cosine_similarity", "top1_agreement", "exact_match", "decided_by", "rule")
 
 
 def _fp32_agreement(

@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tests.zoo import detector, language_model, segmenter, speech
+
 Samples = dict[str, np.ndarray]
+
+KERAS_DIGITS = Path(__file__).parent / "data" / "keras_digits.onnx"
+"""Made by tests/zoo/keras_digits.py in a throwaway TensorFlow environment (its doc)."""
 
 
 @dataclass(frozen=True)
@@ -288,21 +293,12 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
             names, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
             axes = {0: "batch", 1: "sequence"}
             dynamic = {"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes}
-        elif kind == "vit":
+        else:
             config = transformers.ViTConfig(image_size=32, patch_size=8, num_labels=10, **small)
             model = transformers.ViTForImageClassification(config)
             inputs = (torch.rand(2, 3, 32, 32),)
             names, outputs = ["pixel_values"], ["logits"]
             dynamic = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
-        else:
-            config = transformers.GPT2Config(
-                vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
-            )
-            config._attn_implementation = "eager"
-            model = transformers.GPT2LMHeadModel(config)
-            inputs = (torch.randint(0, 100, (2, 16)),)
-            names, outputs = ["input_ids"], ["logits"]
-            dynamic = {}
         model.eval()
 
         class Logits(torch.nn.Module):
@@ -311,37 +307,20 @@ def transformers_model(kind: str) -> Callable[[Path], Path]:
                 self.inner = model
 
             def forward(self, *args: torch.Tensor) -> torch.Tensor:
-                if kind == "gpt2":
-                    return self.inner(*args, return_dict=False, use_cache=False)[0]
                 return self.inner(*args, return_dict=False)[0]
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            if kind == "gpt2":
-                # The legacy exporter has no aten::diff, which transformers' causal mask uses.
-                batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
-                program = torch.onnx.export(
-                    Logits(),
-                    inputs,
-                    dynamo=True,
-                    input_names=names,
-                    output_names=outputs,
-                    dynamic_shapes={"args": ({0: batch, 1: sequence},)},
-                    verbose=False,
-                )
-                assert program is not None
-                onnx.save(program.model_proto, path)
-            else:
-                torch.onnx.export(
-                    Logits(),
-                    inputs,
-                    str(path),
-                    dynamo=False,
-                    input_names=names,
-                    output_names=outputs,
-                    dynamic_axes=dynamic,
-                    opset_version=17,
-                )
+            torch.onnx.export(
+                Logits(),
+                inputs,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                opset_version=17,
+            )
         return path
 
     return make
@@ -423,10 +402,34 @@ ZOO: tuple[ZooModel, ...] = (
         named(torch_samples("cnn"), "pixel_values"),
     ),
     ZooModel(
-        "hf-gpt2",
-        "transformers GPT2LMHeadModel (random config), dynamo exporter",
-        transformers_model("gpt2"),
-        lambda rng, count: {"input_ids": rng.integers(0, 100, (count, 16)).astype(np.int64)},
+        "gpt2-chars",
+        "transformers GPT2LMHeadModel (trained on text), dynamo exporter",
+        language_model.make,
+        language_model.samples,
+    ),
+    ZooModel(
+        "segformer",
+        "transformers SegformerForSemanticSegmentation (trained), legacy exporter",
+        segmenter.make,
+        segmenter.samples,
+    ),
+    ZooModel(
+        "detector-nms-in-if",
+        "torch.onnx.export (legacy), scripted batched NMS",
+        detector.make,
+        detector.samples,
+    ),
+    ZooModel(
+        "wav2vec2-words",
+        "transformers Wav2Vec2ForSequenceClassification (trained), legacy exporter",
+        speech.make,
+        speech.samples,
+    ),
+    ZooModel(
+        "keras-digits",
+        "tf2onnx 1.17 (Keras 3, TensorFlow 2.21)",
+        lambda directory: KERAS_DIGITS,
+        lambda rng, count: {"image": digits_samples(rng, count)["X"].reshape(-1, 8, 8, 1)},
     ),
 )
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import wait_for_state
+from tests.zoo import language_model
 from tests.zoo.harness import npz_bytes
 from tests.zoo.models import BY_NAME
 
@@ -103,7 +104,7 @@ def test_silero_vad_stateful_with_a_scalar_input(client: TestClient, tmp_path: P
         # Its weighted ops all sit inside an If subgraph, which the quantizer does not
         # enter: a specific refusal, not a stack trace; the version keeps serving on its
         # FP32 baseline (progressive engines).
-        assert status["state"] == "ready" and status["serving"]["tier"] == "baseline", status
+        assert status["state"] == "fallback" and status["serving"]["tier"] == "baseline", status
         assert "nothing to quantize" in str(status["error"]) and "subgraphs" in str(status["error"])
         return
     assert status["state"] == "ready" and status["serving"]["tier"] == "optimized", status
@@ -143,3 +144,45 @@ def test_sklearn_mlp_classifier(client: TestClient, tmp_path: Path, precision: s
         np.testing.assert_allclose(got["probabilities"], probabilities, atol=1e-5)
     else:
         assert agreement >= 0.98
+
+
+@pytest.fixture(scope="module")
+def language_model_path(zoo_dir: Path) -> Path:
+    return BY_NAME["gpt2-chars"].make(zoo_dir)
+
+
+def test_language_model_int8_serves_only_with_strict_next_token_agreement(
+    client: TestClient, language_model_path: Path
+) -> None:
+    """A causal LM's next-token logits [N, T, V] are judged by strict top-1 over the
+    vocabulary on held-out text: INT8 is ready only when that meets the tolerance,
+    otherwise the version is in fallback on its FP32 baseline, with the numbers."""
+    rng = np.random.default_rng(0)
+    files = {
+        "calibration": npz_bytes(language_model.training_samples(rng, 48)),
+        "validation": npz_bytes(language_model.samples(rng, 16)),  # held-out text
+    }
+    response = upload(client, language_model_path, "lm-int8", "int8", files, repair="false")
+    assert response.status_code == 202, response.text
+    status = wait_for_state(client, "lm-int8", timeout_s=240)
+    if status["state"] == "ready":
+        assert status["serving"]["precision"] == "int8"
+        logits = status["report"]["accuracy"]["results"][0]["outputs"]["logits"]
+    else:
+        assert status["state"] == "fallback" and status["serving"]["tier"] == "baseline", status
+        assert status["error"]["type"] == "accuracy_rejected"
+        assert "top1_agreement" in status["error"]["message"]
+        logits = status["error"]["details"]["accuracy"]["results"][0]["outputs"]["logits"]
+    assert logits["rule"] == "top1:axis=2"  # the vocabulary axis, one decision per token
+    assert logits["top1_positions"] == 16 * language_model.CONTEXT
+    # Strict: a near-tie flip is a flip.
+    strict = 1 - logits["top1_flips"] / logits["top1_positions"]
+    assert logits["top1_agreement"] == pytest.approx(strict)
+    assert (logits["top1_agreement"] >= 0.98) == (status["state"] == "ready")
+    if status["state"] == "ready":
+        # Next tokens on held-out text the gate never saw agree too.
+        text = language_model.samples(np.random.default_rng(11), 8)["input_ids"]
+        got = predict(client, "lm-int8", {"input_ids": text})["logits"].argmax(-1)
+        session = ort.InferenceSession(str(language_model_path), providers=["CPUExecutionProvider"])
+        want = session.run(None, {"input_ids": text})[0].argmax(-1)
+        assert float(np.mean(got == want)) >= 0.95

@@ -62,7 +62,7 @@ export function label(text) {
   return String(text).replaceAll("_", " ");
 }
 
-const STATE_MARKS = { ready: "✓", building: "◔", loading: "◑", failed: "✕", unloading: "…" };
+const STATE_MARKS = { ready: "✓", fallback: "!", building: "◔", loading: "◑", failed: "✕", unloading: "…" };
 
 // A state as a word with a mark, so it reads without colour; the colour only repeats it.
 export function stateBadge(state, progress) {

@@ -179,8 +179,11 @@ export function renderReport(status) {
   const report = status.report;
   const error = status.error;
   if (error) {
-    parts.push(h("div", { class: "callout error", role: "alert" },
-      h("strong", null, `Build failed (${error.type}): `), error.message));
+    // A version in fallback serves, but not the precision that was asked for.
+    const heading = status.state === "fallback"
+      ? `Serving, not as requested (fallback: ${error.type}): `
+      : `Build failed (${error.type}): `;
+    parts.push(h("div", { class: "callout error", role: "alert" }, h("strong", null, heading), error.message));
     if (error.details?.accuracy) {
       parts.push(section("Accuracy that failed the gate", accuracyTable(error.details.accuracy, error.details.tolerance)));
     }

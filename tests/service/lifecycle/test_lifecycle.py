@@ -398,6 +398,7 @@ async def test_restart_with_versions_in_every_state(tmp_path: Path) -> None:
             by_state["loading"]: "failed",
             by_state["baseline"]: "building",
             by_state["ready"]: "building",
+            by_state["fallback"]: "building",  # its requested engine is tried again
             by_state["failed"]: "failed",
         }
         interrupted = life.registry.get("m", by_state["building"])
@@ -405,20 +406,24 @@ async def test_restart_with_versions_in_every_state(tmp_path: Path) -> None:
         restoring = life.registry.get("m", by_state["ready"])
         # A version that served on its baseline when the server stopped comes back too.
         on_baseline = life.registry.get("m", by_state["baseline"])
-        assert life.manager.pending_restores() == [on_baseline, restoring]
+        in_fallback = life.registry.get("m", by_state["fallback"])
+        assert life.manager.pending_restores() == [on_baseline, restoring, in_fallback]
         # Until it has loaded, the ready record stays "ready": a crash now retries it.
         await until(lambda: restoring.state == "loading", "the restored version to load")
         assert life.records()[by_state["ready"]] == "ready"
         assert life.builds.started == []  # its engine was in the store
         life.release(by_state["ready"])
         life.release(by_state["baseline"])
+        life.release(by_state["fallback"])
         assert await settled(restoring) == "ready"
         assert await settled(on_baseline) == "ready"
+        assert await settled(in_fallback) == "ready"  # the stored engine is the requested one
         assert life.manager.pending_restores() == []
         assert by_state["unloading"] not in life.records()
         assert life.records() == {n: s for n, s in states.items() if s == "failed"} | {
             by_state["ready"]: "ready",
             by_state["baseline"]: "ready",
+            by_state["fallback"]: "ready",
         }
     finally:
         await life.close()

@@ -104,12 +104,44 @@ def test_strict_tolerance_rejects_int8_with_its_numbers(
     assert response.status_code == 202
     status = wait_for_state(client, "strict8", timeout_s=180)
     # The version goes on serving on its FP32 baseline, the gate's verdict in its error.
-    assert status["state"] == "ready" and status["serving"]["tier"] == "baseline"
+    assert status["state"] == "fallback" and status["serving"]["tier"] == "baseline"
     error = status["error"]
     assert error["type"] == "accuracy_rejected"
     assert "max_abs_error" in error["message"] and "1e-09" in error["message"]
     assert error["details"]["tolerance"]["max_abs_error"] == pytest.approx(1e-9)
     assert error["details"]["accuracy"]
+    # Never "ready": the metrics and the page say fallback too.
+    metrics = client.get("/metrics").text
+    assert 'kiln_engine_fallback{engine="strict8",version="1"} 1.0' in metrics
+    assert 'kiln_engines{state="fallback"}' in metrics
+    assert 'kiln_engines{state="fallback"} 0.0' not in metrics
+    page = client.get("/ui/api/engines/strict8").json()
+    assert [v["state"] for v in page["versions"]] == ["fallback"]
+    overview = client.get("/ui/api/overview").json()
+    assert next(e for e in overview["engines"] if e["name"] == "strict8")["state"] == "fallback"
+
+
+def test_fp16_that_changes_nothing_says_so_and_is_not_ready(client: TestClient, tmp_path: Path) -> None:
+    """A model whose every op stays FP32 under the float16 conversion (scikit-learn's
+    tree ensemble): the engine is FP32, the report and the state say so."""
+    from tests.zoo.models import BY_NAME
+
+    forest = BY_NAME["sklearn-forest"]
+    rng = np.random.default_rng(0)
+    response = upload(
+        client,
+        forest.make(tmp_path),
+        "forest16",
+        {"precision": "fp16"},
+        {"validation": npz(**forest.samples(rng, 16))},
+    )
+    assert response.status_code == 202
+    status = wait_for_state(client, "forest16", timeout_s=120)
+    assert status["state"] == "fallback" and status["serving"]["tier"] == "optimized"
+    report = status["report"]
+    assert report["precision"] == "fp32" and report["requested_precision"] == "fp16"
+    assert "changed nothing" in report["choice"] and report["fallback"] == report["choice"]
+    assert status["error"] == {"type": "fallback", "message": report["fallback"]}
 
 
 def test_auto_picks_a_precision_and_says_why(
@@ -162,3 +194,28 @@ def test_calibration_that_is_not_npz(client: TestClient, digits: tuple[Path, np.
     response = upload(client, model, "bad", {"precision": "int8"}, {"calibration": b"not a zip file"})
     assert response.status_code == 400
     assert "npz" in response.json()["error"]["message"].lower()
+
+
+def test_metrics_override_how_an_output_is_judged(
+    client: TestClient, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    model, _, x_test = digits
+    bad = upload(client, model, "judged", {"precision": "fp16", "metrics": '{"logits": "cosine"}'}, {})
+    assert bad.status_code == 400
+    assert "metrics names output 'logits', which the model does not have" in bad.json()["error"]["message"]
+    unreadable = upload(client, model, "judged", {"precision": "fp16", "metrics": '{"probs": "argmax"}'}, {})
+    assert unreadable.status_code == 400 and "top1:axis=K" in unreadable.json()["error"]["message"]
+
+    response = upload(
+        client,
+        model,
+        "judged",
+        {"precision": "fp16", "metrics": f'{{"{DIGITS_OUTPUT}": "cosine"}}'},
+        {"validation": npz(**{DIGITS_INPUT: x_test[:32]})},
+    )
+    assert response.status_code == 202, response.text
+    status = wait_for_state(client, "judged", timeout_s=120)
+    assert status["state"] == "ready", status["error"]
+    probs = status["report"]["accuracy"]["results"][0]["outputs"][DIGITS_OUTPUT]
+    assert probs["rule"] == "cosine" and probs["rule_reason"] == "the upload's metrics"
+    assert "top1_agreement" not in probs

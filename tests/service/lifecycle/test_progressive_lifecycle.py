@@ -93,7 +93,7 @@ async def test_a_failed_build_keeps_the_baseline_serving_with_the_error(setup: S
     version = setup.create()
     await wait_for(version, VersionState.BASELINE)
     setup.builds.release.set()
-    await wait_for(version, VersionState.READY)
+    await wait_for(version, VersionState.FALLBACK)
     assert version.error == {
         "type": "build_crashed",
         "message": "the build process was terminated by SIGKILL",
@@ -102,8 +102,9 @@ async def test_a_failed_build_keeps_the_baseline_serving_with_the_error(setup: S
     model = setup.store.model_path(setup.sha256)
     expected = reference_outputs(model, rows())[DIGITS_OUTPUT]
     np.testing.assert_allclose((await infer(version, rows()))[DIGITS_OUTPUT], expected, rtol=1e-5, atol=1e-6)
-    # The record says ready: a restart serves it again (and tries its optimized engine again).
-    assert setup.store.load_records()[0][0]["state"] == "ready"
+    # The record says fallback: a restart serves it again (and tries its optimized engine again).
+    assert setup.store.load_records()[0][0]["state"] == "fallback"
+    assert setup.manager.metrics.fallback.labels(version.name, str(version.version))._value.get() == 1
 
 
 async def test_a_version_on_its_baseline_when_the_server_stopped_comes_back_servable(setup: Setup) -> None:

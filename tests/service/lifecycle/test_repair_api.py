@@ -67,7 +67,7 @@ def test_repair_false_rejects_the_candidate_with_its_numbers(client: TestClient,
     upload(client, model, "overflow16-plain", precision="fp16", repair="false", files=validation())
     status = wait_for_state(client, "overflow16-plain", timeout_s=120)
     # The version goes on serving on its FP32 baseline, the gate's verdict in its error.
-    assert status["state"] == "ready" and status["serving"]["tier"] == "baseline"
+    assert status["state"] == "fallback" and status["serving"]["tier"] == "baseline"
     error = status["error"]
     assert error["type"] == "accuracy_rejected"
     assert "top1_agreement" in error["message"]
@@ -77,7 +77,7 @@ def test_repair_false_rejects_the_candidate_with_its_numbers(client: TestClient,
 def test_a_spent_node_budget_is_named_in_the_failure(client: TestClient, model: Path) -> None:
     upload(client, model, "overflow16-budget", precision="fp16", repair_max_nodes="1", files=validation())
     status = wait_for_state(client, "overflow16-budget", timeout_s=120)
-    assert status["state"] == "ready" and status["serving"]["tier"] == "baseline"
+    assert status["state"] == "fallback" and status["serving"]["tier"] == "baseline"
     assert status["error"]["type"] == "accuracy_rejected"
     repair = status["error"]["details"]["repair"]
     assert "the node budget is spent" in repair["stopped"]
