@@ -314,6 +314,7 @@ async def test_adaptive_batcher_follows_the_arrival_rate(monkeypatch: pytest.Mon
         observer=observer,
         name="adaptive",
         latency_profile_ms={1: 1.0, 8: 4.0},
+        policy=QueuePolicy(queue_target_ms=0),  # a burst of 200 without deadlines: no standing-queue budget
     )
     batcher.start()
     # A lone first request: no rate known yet, so it runs without waiting.
