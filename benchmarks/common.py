@@ -54,11 +54,22 @@ class Server:
             self.process.kill()
 
 
-def start_kiln(store: Path, env: dict[str, str] | None = None) -> Server:
+def start_kiln(
+    store: Path, env: dict[str, str] | None = None, *, cpu: int | None = None, source: Path | None = None
+) -> Server:
+    """``kiln serve`` on a free port; ``cpu`` pins it to one core (``taskset``), and
+    ``source`` runs the ``service`` package of another source tree (an exported
+    commit, to compare against) with this environment's libraries."""
     port = free_port()
+    command = [str(VENV_BIN / "kiln"), "serve", "--port", str(port), "--store", str(store)]
+    if source is not None:
+        command = [sys.executable, "-c", "from service.cli.main import main; main()", *command[1:]]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
     process = subprocess.Popen(
-        [str(VENV_BIN / "kiln"), "serve", "--port", str(port), "--store", str(store)],
+        command,
         env={**os.environ, "KILN_BACKEND": "onnxruntime", "KILN_LOG_LEVEL": "warning", **(env or {})},
+        cwd=source,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -57,6 +57,13 @@ class InvalidInput(EngineError):
     kind = "invalid_input"
 
 
+class InferenceFailed(EngineError):
+    """The engine failed while running inputs that passed every check, for a reason
+    that is not the input's (out of memory, a runtime fault): a server error."""
+
+    kind = "inference_failed"
+
+
 class BackendUnavailable(EngineError):
     """The requested backend cannot run on this machine (library or device missing)."""
 

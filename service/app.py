@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Under `kiln serve` the drain ran before this; this only bounds what is left.
             await manager.shutdown(min(settings.drain_timeout_s, 5.0))
             await catalog.close()
+            state.offload.close()
             tracing.shutdown()
             log.info("kiln stopped")
 

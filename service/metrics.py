@@ -9,6 +9,7 @@ Labels stay low-cardinality: engine name, version, protocol, status code.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
@@ -133,8 +134,24 @@ class KilnMetrics:
         )
         self.rejections = Counter(
             "kiln_rejected_requests",
-            "Requests refused by the batcher before running",
+            "Requests not run because of overload or a deadline, by reason: queue_full, "
+            "deadline_unmeetable (refused on arrival), queue_timeout (standing queue), shed (for "
+            "higher-priority work), stopping, deadline (passed, or too close to run)",
             ["engine", "version", "reason"],
+            registry=r,
+        )
+        self.load_ratio = Gauge(
+            "kiln_engine_load_ratio",
+            "Demand over capacity: rows arriving per second (refused ones too, averaged over about "
+            "10 s) over the rows per second the engine runs at full batches on all its instances; "
+            "above 1 the engine is overloaded",
+            ["engine", "version"],
+            registry=r,
+        )
+        self.batch_reruns = Counter(
+            "kiln_batch_reruns",
+            "Batches of several requests that failed and were run again one request at a time",
+            ["engine", "version"],
             registry=r,
         )
         self.builds = Counter(
@@ -205,6 +222,8 @@ class KilnMetrics:
             self.request_outcomes,
             self.batch_runs,
             self.rejections,
+            self.load_ratio,
+            self.batch_reruns,
         ):
             family.remove_by_labels(labels)
 
@@ -313,10 +332,8 @@ class EngineObserver:
         self._inferences = metrics.inferences.labels(engine, version)
         self._batches = metrics.batches.labels(engine, version)
         self._delay = metrics.batch_delay.labels(engine, version)
-        self._rejections = {
-            reason: metrics.rejections.labels(engine, version, reason)
-            for reason in ("queue_full", "deadline", "stopping")
-        }
+        self._load_ratio = metrics.load_ratio.labels(engine, version)
+        self._reruns = metrics.batch_reruns.labels(engine, version)
 
     def queue_depth(self, depth: int) -> None:
         self._queue_depth.set(depth)
@@ -338,7 +355,9 @@ class EngineObserver:
     def adapted(self, delay_s: float, batch_cap: int) -> None:
         self._delay.set(delay_s)
 
-    def rejected(self, reason: str) -> None:
-        counter = self._rejections.get(reason)
-        if counter is not None:
-            counter.inc()
+    def reran(self, requests: int) -> None:
+        self._reruns.inc()
+
+    def load_ratio_from(self, read: Callable[[], float]) -> None:
+        """Read the load ratio from ``read`` at every scrape."""
+        self._load_ratio.set_function(read)

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.admission import QueuePolicy
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -99,6 +101,41 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1)
     timeout_ms: float = Field(30_000.0, gt=0)
     instances: int = Field(1, ge=1, le=64)
+    priority_levels: int = Field(
+        2, ge=1, le=16, description="priority levels per engine (1 is the highest), as Triton's"
+    )
+    default_priority_level: int = Field(
+        1, ge=1, le=16, description="the level of requests that give no priority (or 0)"
+    )
+
+    # Overload (docs/OPERATIONS.md, "Overload")
+    admission: bool = Field(
+        True,
+        description="refuse at once (503, Retry-After) a request whose predicted completion falls "
+        "after its deadline, and shrink queue waits to KILN_QUEUE_TARGET_MS in a standing queue; "
+        "false: only a full queue refuses",
+    )
+    queue_target_ms: float | None = Field(
+        None,
+        ge=0,
+        le=60_000,
+        description="wait budget of a standing queue (one that has not drained for "
+        "KILN_QUEUE_INTERVAL_MS); unset: one full batch's run time, at least 5 ms; 0: no budget",
+    )
+    queue_interval_ms: float = Field(100.0, gt=0, le=60_000)
+    inference_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="nice value of the instance threads that run engines, so that the event "
+        "loop (answers, refusals, health checks) goes first when they share a core; 0: same priority",
+    )
+    max_request_rows: int = Field(
+        65_536,
+        ge=1,
+        description="rows one request may hold; more than an engine's max_batch_size are run as "
+        "engine-sized batches and answered once",
+    )
 
     # ONNX Runtime
     intra_op_threads: int | None = Field(None, ge=1, le=256)
@@ -164,9 +201,21 @@ class Settings(BaseSettings):
                 f"KILN_CATALOG_LEASE_TTL_S ({self.catalog_lease_ttl_s:g}): a replica must catch up "
                 "with the catalog several times within one lease"
             )
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError("KILN_DEFAULT_PRIORITY_LEVEL must not exceed KILN_PRIORITY_LEVELS")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError("KILN_PREFERRED_BATCH_SIZES must lie between 1 and KILN_MAX_BATCH_SIZE")
         return self
+
+    def queue_policy(self) -> QueuePolicy:
+        """The overload settings every batcher follows."""
+        return QueuePolicy(
+            admission=self.admission,
+            queue_target_ms=self.queue_target_ms,
+            queue_interval_ms=self.queue_interval_ms,
+            max_request_rows=self.max_request_rows,
+            inference_nice=self.inference_nice,
+        )
 
     def backend_options(self) -> dict[str, dict[str, object]]:
         """Constructor arguments per backend name, for the server and its build children."""

@@ -13,6 +13,7 @@ from service.lifecycle.manager import EngineManager
 from service.lifecycle.reconcile import Reconciler
 from service.lifecycle.registry import Registry
 from service.metrics import KilnMetrics
+from service.protocols.offload import Offload
 from service.settings import Settings
 
 
@@ -29,6 +30,7 @@ class AppState:
     reconciler: Reconciler
     api_keys: list[str] = field(default_factory=list)
     draining: bool = False
+    offload: Offload = field(default_factory=Offload)
 
 
 def get_state(request: Request) -> AppState:

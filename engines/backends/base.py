@@ -63,7 +63,10 @@ class Runner(ABC):
             raise InvalidInput("engine is closed")
         return self._infer(feeds)
 
-    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], *, max_rows: int | None = None) -> None:
+        """Raise ``InvalidInput`` unless ``feeds`` fit the signature: names, dtypes,
+        shapes, one batch size of 1 to ``max_batch_size`` rows (or to ``max_rows``,
+        for callers that split bigger requests into engine-sized runs)."""
         expected = {spec.name for spec in self.signature.inputs}
         missing = expected - feeds.keys()
         extra = feeds.keys() - expected
@@ -98,9 +101,17 @@ class Runner(ABC):
             if len(batch_sizes) > 1:
                 raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
             batch = batch_sizes.pop()
-            if batch < 1 or batch > self.max_batch_size:
+            if batch < 1:
+                raise InvalidInput("the request has no rows: send at least one")
+            if max_rows is None and batch > self.max_batch_size:
                 raise InvalidInput(
                     f"batch of {batch} rows is outside this engine's range 1..{self.max_batch_size}"
+                )
+            if max_rows is not None and batch > max(max_rows, self.max_batch_size):
+                raise InvalidInput(
+                    f"the request has {batch} rows; this server takes at most "
+                    f"{max(max_rows, self.max_batch_size)} in one request (KILN_MAX_REQUEST_ROWS): "
+                    "send the rest in further requests"
                 )
 
     @abstractmethod

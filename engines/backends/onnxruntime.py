@@ -9,7 +9,9 @@ keyed by the CPU's signature (see ``engines.device``).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +21,17 @@ import numpy as np
 
 from engines.backends.base import Backend, ProgressCallback, Runner, no_progress
 from engines.device import cpu_device_info
-from engines.errors import BuildFailed, InvalidInput, StoreCorrupted, UnsupportedModel
+from engines.errors import (
+    BuildFailed,
+    EngineError,
+    InferenceFailed,
+    InvalidInput,
+    StoreCorrupted,
+    UnsupportedModel,
+)
 from engines.types import BuildOptions, DeviceSignature, Signature
+
+_log = logging.getLogger("engines.backends.onnxruntime")
 
 INLINE_WEIGHTS_LIMIT = 1024**3
 """A model with external weights up to this size is optimized into one
@@ -195,14 +206,44 @@ class OnnxRuntimeRunner(Runner):
     def _run(self, session: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             results = session.run(self._output_names, dict(feeds))
-        except Exception as exc:  # a value the model rejects at run time
-            raise InvalidInput(f"the engine rejected the input: {_first_line(exc)}") from exc
+        except Exception as exc:
+            raise run_error(exc) from exc
         return dict(zip(self._output_names, results, strict=True))
 
     def _close(self) -> None:
         while not self._sessions.empty():
             self._sessions.get()
         self._session = None
+
+
+# "... while running Gather node. Name:'emb' Status Message: indices element out of data bounds, ..."
+_NODE_FAILURE = re.compile(r"while running (\S+) node\. Name:'([^']*)' Status Message: (.*)", re.DOTALL)
+
+
+def run_error(exc: BaseException) -> EngineError:
+    """ONNX Runtime's run-time exception as kiln's: ``InvalidArgument`` (a value the
+    model rejects: an index out of range, shapes that disagree) is the input's fault,
+    400; any other (``Fail``: out of memory, a kernel fault; ``RuntimeException``...)
+    is the server's, 500, and logged."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    text = str(exc).strip()
+    found = _NODE_FAILURE.search(text)
+    if found is not None:
+        op, name, message = found.groups()
+        where = f"its {op} node" + (f" '{name}'" if name else "")
+        detail = f"{where}: {message.strip().splitlines()[0][:400]}"
+    else:
+        detail = _first_line(exc)
+    if isinstance(exc, InvalidArgument):
+        return InvalidInput(
+            f"the engine rejected the input at {detail}; check the values against what the model "
+            "accepts (indices within their tables, shapes that agree)"
+            if found is not None
+            else f"the engine rejected the input: {detail}"
+        )
+    _log.error("ONNX Runtime failed to run a batch (%s): %s", type(exc).__name__, text[:2000])
+    return InferenceFailed(f"ONNX Runtime failed to run the batch: {detail}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -33,6 +33,8 @@ UPLOAD_OPTIONS = (
     "timeout_ms",
     "instances",
     "latency_target_ms",
+    "priority_levels",
+    "default_priority_level",
     "workspace_bytes",
     "optimization_level",
     "repair",

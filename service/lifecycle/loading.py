@@ -144,6 +144,7 @@ class EngineLoader:
             observer=self.metrics.engine_observer(version.name, version.version),
             name=f"{version.name}-v{version.version}",
             latency_profile_ms=latency_ms,
+            policy=self.settings.queue_policy(),
         )
         batcher.start()
         return batcher

@@ -32,6 +32,8 @@ class UploadFields(BaseModel):
     timeout_ms: float | None = Field(None, gt=0, le=3_600_000)
     instances: int | None = Field(None, ge=1, le=64)
     latency_target_ms: float | None = Field(None, gt=0, le=600_000)
+    priority_levels: int | None = Field(None, ge=1, le=16)
+    default_priority_level: int | None = Field(None, ge=1, le=16)
     shapes: dict[str, dict[str, list[int]]] | None = None
     workspace_bytes: int | None = Field(None, ge=1)
     optimization_level: int | None = Field(None, ge=0, le=5)
@@ -93,6 +95,10 @@ def to_options(
     preferred = tuple(sorted(set(fields.preferred_batch_sizes or settings.preferred_batch_sizes)))
     if any(size < 1 or size > max_batch for size in preferred):
         raise BadRequest(f"preferred_batch_sizes must lie between 1 and max_batch_size ({max_batch})")
+    levels = fields.priority_levels or settings.priority_levels
+    default_level = fields.default_priority_level or min(settings.default_priority_level, levels)
+    if default_level > levels:
+        raise BadRequest(f"default_priority_level must lie between 1 and priority_levels ({levels})")
     if fields.opt_batch_size is not None and fields.opt_batch_size > max_batch:
         raise BadRequest("opt_batch_size must not exceed max_batch_size")
     if fields.calibration == "synthetic" and calibration_sha256:
@@ -152,5 +158,7 @@ def to_options(
         timeout_ms=fields.timeout_ms or settings.timeout_ms,
         instances=fields.instances or settings.instances,
         latency_target_ms=fields.latency_target_ms,
+        priority_levels=levels,
+        default_priority_level=default_level,
     )
     return options, batching

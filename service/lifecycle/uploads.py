@@ -2,13 +2,16 @@
 
 Files are written straight into the store's ``tmp/`` while their sha256 is
 computed, and cut off (413) as soon as they pass their size limit: an upload is
-never held whole in memory. Text fields are small and capped. A field may appear
+never held whole in memory. The multipart parser runs on the event loop (it
+only finds boundaries); hashing and writing run in a worker thread, a megabyte at
+a time, so a big upload never holds the loop. Text fields are small and capped. A field may appear
 once, except the repeated file fields the caller names (a model's data files),
 whose limit holds for all their parts together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 64
+WRITE_BATCH_BYTES = 1 << 20  # file data handed to the writer thread at a time
 
 
 @dataclass
@@ -72,6 +76,9 @@ class _FormBuilder:
         self.header_name = b""
         self.header_value = b""
         self.parts = 0
+        # File data (or None: the part ended) waiting for the writer thread, in order.
+        self.pending: list[tuple[_Part, bytes | None]] = []
+        self.pending_bytes = 0
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -141,9 +148,8 @@ class _FormBuilder:
         total = self.field_bytes[part.name] = self.field_bytes.get(part.name, 0) + len(chunk)
         if total > part.limit:
             raise PayloadTooLarge(f"'{part.name}' is larger than its limit of {part.limit} bytes")
-        part.hasher.update(chunk)
-        assert part.handle is not None
-        part.handle.write(chunk)
+        self.pending.append((part, chunk))
+        self.pending_bytes += len(chunk)
 
     def on_part_end(self) -> None:
         part = self.part
@@ -153,14 +159,35 @@ class _FormBuilder:
             except UnicodeDecodeError as exc:
                 raise BadRequest(f"form field '{part.name}' is not UTF-8 text") from exc
             return
-        assert part.handle is not None
-        part.handle.close()
-        part.handle = None
-        part.upload.sha256 = part.hasher.hexdigest()
+        self.pending.append((part, None))
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Hash and write what the parser has passed on, in the writer thread, once a
+        megabyte has gathered or a part has ended (or ``force``)."""
+        if not self.pending or not (
+            force or self.pending_bytes >= WRITE_BATCH_BYTES or self.pending[-1][1] is None
+        ):
+            return
+        work, self.pending, self.pending_bytes = self.pending, [], 0
+        await asyncio.to_thread(_write, work)
 
     def close_open_file(self) -> None:
+        for part in {id(p): p for p, _ in self.pending}.values():
+            if part.handle is not None:
+                part.handle.close()
         if self.part.handle is not None:
             self.part.handle.close()
+
+
+def _write(work: list[tuple[_Part, bytes | None]]) -> None:
+    for part, data in work:
+        assert part.handle is not None and part.upload is not None
+        if data is None:
+            part.handle.close()
+            part.upload.sha256 = part.hasher.hexdigest()
+        else:
+            part.hasher.update(data)
+            part.handle.write(data)
 
 
 async def parse_multipart(
@@ -185,7 +212,9 @@ async def parse_multipart(
         parser = MultipartParser(boundary, builder.callbacks())  # type: ignore[arg-type]
         async for chunk in stream:
             parser.write(chunk)
+            await builder.flush()
         parser.finalize()
+        await builder.flush(force=True)
     except FormParserError as exc:
         builder.close_open_file()
         builder.form.discard()

@@ -94,12 +94,12 @@ async def register_version(
                     max_bytes=settings.max_data_bytes,
                 )
         manager.check_limits(name)  # the checks above yield to other uploads
-        staged.publish(manager.store)
+        await asyncio.to_thread(staged.publish, manager.store)  # fsyncs up to a GiB
     finally:
-        staged.discard()
+        await asyncio.to_thread(staged.discard)
     for purpose in DATA_FILES:
         if purpose in files:
-            manager.store.add_data(files[purpose].path, files[purpose].sha256)
+            await asyncio.to_thread(manager.store.add_data, files[purpose].path, files[purpose].sha256)
     return await manager.register(
         name,
         staged.sha256,

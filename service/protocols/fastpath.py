@@ -18,9 +18,8 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from engines.errors import EngineError
-from service.errors import ServiceError, kserve_body, native_body, status_of
-from service.protocols.inference import disconnect_waiter, read_body
+from service.errors import MAPPED_ERRORS, kserve_body, native_body, status_of
+from service.protocols.inference import Body, disconnect_waiter, read_body
 from service.protocols.kserve import infer_v2
 from service.protocols.native import predict_native
 from service.request_id import RequestIdMiddleware
@@ -33,6 +32,8 @@ _JSON = "application/json"
 _V2_PREFIX = "/v2/models/"
 
 _TARGET = "kiln.target"
+
+Reader = Callable[[], Awaitable[Body]]
 
 
 class FastPathApp(FastAPI):
@@ -59,15 +60,15 @@ class FastPathApp(FastAPI):
         name, version = scope[_TARGET]
         if not name:  # POST /predict
 
-            async def answer(body: bytes) -> tuple[bytes, dict[str, str]]:
-                content = await predict_native(state, body, headers=headers, disconnected=disconnected)
+            async def answer(read: Reader) -> tuple[bytes, dict[str, str]]:
+                content = await predict_native(state, read, headers=headers, disconnected=disconnected)
                 return content, {}
 
             await _respond(state, scope, receive, send, headers, answer, kserve=False)
             return
 
-        async def answer_v2(body: bytes) -> tuple[bytes, dict[str, str]]:
-            return await infer_v2(state, name, version, body, headers=headers, disconnected=disconnected)
+        async def answer_v2(read: Reader) -> tuple[bytes, dict[str, str]]:
+            return await infer_v2(state, name, version, read, headers=headers, disconnected=disconnected)
 
         await _respond(state, scope, receive, send, headers, answer_v2, kserve=True)
 
@@ -90,19 +91,24 @@ async def _respond(
     receive: Receive,
     send: Send,
     headers: HeaderLookup,
-    answer: Callable[[bytes], Awaitable[tuple[bytes, dict[str, str]]]],
+    answer: Callable[[Reader], Awaitable[tuple[bytes, dict[str, str]]]],
     *,
     kserve: bool,
 ) -> None:
-    """Read the body, run ``answer`` on it and send its result, or the error."""
+    """Run ``answer`` (which reads the body when it needs it: a refusal need not)
+    and send its result, or the error. A body left unread is dropped by the server
+    as it arrives, and the connection stays open."""
+
+    async def read() -> Body:
+        return await read_body(receive, state.settings.max_request_bytes, headers("content-length"))
+
     with request_span(scope["path"], headers) as trace_headers:
         try:
-            body = await read_body(receive, state.settings.max_request_bytes, headers("content-length"))
-            content, extra = await answer(body)
+            content, extra = await answer(read)
             status = 200
             if "Content-Type" not in extra:
                 extra = {"Content-Type": _JSON, **extra}
-        except (ServiceError, EngineError) as exc:
+        except MAPPED_ERRORS as exc:
             status, kind, message, extra = status_of(exc)
             content = kserve_body(message) if kserve else native_body(kind, message)
             extra = {"Content-Type": _JSON, **extra}

@@ -1,4 +1,5 @@
-"""Limits on decoded request bodies: nesting depth and element count.
+"""Checks every protocol applies to decoded requests: nesting depth and element
+count of JSON bodies, and the ``priority`` field.
 
 orjson parses deeply nested input without recursion limits of its own, and a
 body of a few MB can hold millions of numbers; both are checked before any
@@ -32,3 +33,13 @@ def check_json_shape(value: Any, max_depth: int, max_elements: int) -> None:
                     raise BadRequest(f"the JSON body holds more than {max_elements} numbers")
             else:
                 stack.extend((child, depth + 1) for child in item)
+
+
+def parse_priority(value: Any) -> int | None:
+    """Triton's ``priority``: a non-negative integer, 1 the highest; 0 (or a value
+    past the engine's levels) means the engine's default level."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest("'priority' must be a non-negative integer (1 is the highest; 0 the default)")
+    return value

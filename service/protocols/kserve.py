@@ -11,6 +11,7 @@ Triton does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
@@ -23,14 +24,18 @@ from service.auth import HeaderLookup, check_key, require_predict_key
 from service.errors import BadRequest, NotReady, ServiceError, Unavailable
 from service.health import not_ready_reason
 from service.lifecycle.registry import EngineVersion, Registry
-from service.protocols.inference import check_intake, counted, infer
+from service.protocols.inference import LARGE_BODY_BYTES, Body, check_intake, counted, infer
 from service.protocols.kserve_codec import (
     INFERENCE_HEADER,
     config_type_of,
+    content_encoding,
     datatype_of,
+    decode_request,
     decompress_body,
     encode_infer_response,
-    parse_infer_request,
+    parse_big_request,
+    parse_header_length,
+    read_header,
 )
 from service.protocols.responses import JSONResponse
 from service.state import AppState, get_state
@@ -40,9 +45,11 @@ model_router = APIRouter(prefix="/models/{name}", dependencies=[Depends(require_
 
 # Advertise only what is implemented: perf_analyzer changes behaviour on this list
 # (with "statistics" it calls the stats endpoints around every run).
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "schedule_policy", "statistics")
 
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+
+INFLATE_INLINE_BYTES = 64 * 1024  # larger compressed bodies are inflated in a thread
 
 
 def server_version() -> str:
@@ -231,7 +238,8 @@ def statistics_of(state: AppState, name: str | None, version: str | None) -> lis
 @model_router.post("/versions/{version}/infer")
 async def model_infer(name: str, version: str | None = None) -> Response:
     """Run one inference request: JSON tensors or the binary tensor data extension,
-    in and out. ``parameters.timeout`` (µs) bounds the time in the queue.
+    in and out. ``parameters.timeout`` (µs) is the request's deadline and
+    ``parameters.priority`` its level (1 the highest), Triton's schedule policy.
 
     Declared here for the OpenAPI schema only: ``FastPathApp`` answers this path
     with ``infer_v2`` before routing, so this handler never runs."""
@@ -242,14 +250,16 @@ async def infer_v2(
     state: AppState,
     name: str,
     version: str | None,
-    body: bytes,
+    read: Callable[[], Awaitable[Body]],
     *,
     headers: HeaderLookup,
     disconnected: Callable[[], Awaitable[None]] | None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Run one v2 infer request body; returns the response body and headers.
+    """Run one v2 infer request; returns the response body and headers. The model
+    is known from the path, so a request its engine would refuse anyway is refused
+    before its body is read (``read``).
 
-    Raises ``ServiceError``/``EngineError`` for every refusal."""
+    Raises the errors of ``service.errors.MAPPED_ERRORS`` for every refusal."""
     settings = state.settings
     with counted(state, "v2") as record:
         if settings.protect_predict:
@@ -257,16 +267,42 @@ async def infer_v2(
         check_intake(state)
         found = ready_version(state.registry, name, version)
         signature = record.admit(found)
+        body = await read()
         with tracing.span("decode"):
-            body = decompress_body(body, headers("content-encoding"), settings.max_request_bytes)
-            parsed = parse_infer_request(
-                body,
-                headers(INFERENCE_HEADER.lower()),
-                signature,
-                max_json_depth=settings.max_json_depth,
-                max_tensor_elements=settings.max_tensor_elements,
-            )
-        outputs = await infer(found, parsed.feeds, timeout_ms=parsed.timeout_ms, disconnected=disconnected)
+            encoding = content_encoding(headers("content-encoding"))
+            if encoding is not None:
+                inflate = functools.partial(decompress_body, body, encoding, settings.max_request_bytes)
+                body = (
+                    await state.offload.in_thread(inflate) if len(body) > INFLATE_INLINE_BYTES else inflate()
+                )
+            header_length = headers(INFERENCE_HEADER.lower())
+            limits = {
+                "max_json_depth": settings.max_json_depth,
+                "max_tensor_elements": settings.max_tensor_elements,
+            }
+            json_bytes = parse_header_length(header_length, len(body))
+            if (len(body) if json_bytes is None else json_bytes) > LARGE_BODY_BYTES:
+                # A big JSON header is parsed in a worker process: orjson holds the GIL.
+                parsed = await state.offload.in_process(
+                    parse_big_request,
+                    body,
+                    header_length,
+                    signature,
+                    settings.max_json_depth,
+                    settings.max_tensor_elements,
+                )
+                record.admit(found, header=(parsed.priority, parsed.timeout_ms))
+            else:
+                header = read_header(body, header_length, **limits)
+                record.admit(found, header=(header.priority, header.timeout_ms))
+                parsed = decode_request(header, signature, max_tensor_elements=settings.max_tensor_elements)
+        outputs = await infer(
+            found,
+            parsed.feeds,
+            timeout_ms=parsed.timeout_ms,
+            priority=parsed.priority,
+            disconnected=disconnected,
+        )
         with tracing.span("encode"):
             return encode_infer_response(
                 outputs,

@@ -17,8 +17,8 @@ nothing here raises anything that would answer 500.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +28,10 @@ import orjson
 
 from engines.errors import UnsupportedModel
 from engines.types import Signature, TensorSpec
-from service.errors import BadRequest, PayloadTooLarge
-from service.protocols.intake import check_json_shape
+from service.errors import BadRequest
+from service.protocols.intake import check_json_shape, parse_priority
 from service.protocols.native_codec import cast_checked
+from service.protocols.offload import inflate
 from service.protocols.responses import dumps
 
 # KServe v2 datatype names and their little-endian numpy dtypes. BYTES (strings)
@@ -86,45 +87,54 @@ class InferRequest:
     """A decoded infer request: what the route needs to run it and answer it.
 
     ``request_id`` is None when the client sent no ``id``; ``timeout_ms`` is None
-    when it sent no (or a zero) ``parameters.timeout``."""
+    when it sent no (or a zero) ``parameters.timeout``; ``priority`` is None when
+    it sent no ``parameters.priority``."""
 
     feeds: dict[str, np.ndarray]
     outputs: tuple[OutputChoice, ...]
     request_id: str | None
     timeout_ms: float | None
+    priority: int | None = None
+
+
+@dataclass(frozen=True)
+class InferHeader:
+    """The JSON header of an infer request, parsed, with the binary section after it
+    (``payload`` is None for a raw binary body: ``Inference-Header-Content-Length: 0``)."""
+
+    payload: dict[str, Any] | None
+    binary: memoryview
+    timeout_ms: float | None
+    priority: int | None
 
 
 # -- request body -------------------------------------------------------------
 
 
-def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+def content_encoding(encoding: str | None) -> str | None:
+    """``gzip`` or ``deflate`` for a compressed body, None for identity;
+    ``BadRequest`` for any other ``Content-Encoding``."""
+    if encoding is None:
+        return None
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return None
+    if name not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or identity")
+    return name
+
+
+def decompress_body(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes | bytearray:
     """The body with its ``Content-Encoding`` (gzip, deflate or identity) undone.
 
     Decompression stops one byte past ``limit`` so a small bomb cannot allocate
     more: ``PayloadTooLarge`` (413) past the limit, ``BadRequest`` for a corrupt or
-    truncated stream or an encoding other than these three."""
-    if encoding is None:
+    truncated stream or an encoding other than these three. (gzip: a gzip wrapper;
+    deflate: a zlib wrapper, what HTTP means by it and what tritonclient sends.)"""
+    name = content_encoding(encoding)
+    if name is None:
         return body
-    name = encoding.strip().lower()
-    if name in ("", "identity"):
-        return body
-    # gzip: a gzip wrapper; deflate: a zlib wrapper (what HTTP means by it, and what
-    # tritonclient sends).
-    window_bits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(name)
-    if window_bits is None:
-        raise BadRequest(f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or identity")
-    decompressor = zlib.decompressobj(window_bits)
-    try:
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"the {name} request body cannot be decompressed: {exc}") from None
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the decompressed request body is larger than the limit of {limit} bytes")
-    if not decompressor.eof:
-        raise BadRequest(f"the {name} request body is truncated")
-    if decompressor.unused_data:
-        raise BadRequest(f"the {name} request body has data after the end of its stream")
-    return data
+    return inflate(body, name, limit)
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:
@@ -141,23 +151,15 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     return length
 
 
-def parse_infer_request(
-    body: bytes,
-    header_length: str | None,
-    signature: Signature,
-    *,
-    max_json_depth: int,
-    max_tensor_elements: int,
-) -> InferRequest:
-    """Decode an infer request body into feeds for ``signature``'s inputs.
-
-    ``header_length`` is the raw ``Inference-Header-Content-Length`` value. The
-    feeds have the engine's dtypes and the shapes the client declared; binary
-    inputs are read-only views of ``body`` (copied only when unaligned). Raises
-    ``BadRequest`` or ``InvalidInput`` (both 400) for anything malformed."""
+def read_header(
+    body: bytes | bytearray, header_length: str | None, *, max_json_depth: int, max_tensor_elements: int
+) -> InferHeader:
+    """Parse the JSON header (``header_length`` is the raw
+    ``Inference-Header-Content-Length`` value) and its request-level parameters;
+    the tensors are decoded by ``decode_request``. ``BadRequest`` when malformed."""
     length = parse_header_length(header_length, len(body))
     if length == 0:
-        return _parse_raw_binary(body, signature, max_tensor_elements)
+        return InferHeader(None, memoryview(body), None, None)
     header_end = len(body) if length is None else length
     try:
         payload = orjson.loads(memoryview(body)[:header_end])
@@ -166,19 +168,65 @@ def parse_infer_request(
     if not isinstance(payload, dict):
         raise BadRequest('the inference header must be a JSON object: {"inputs": [...]}')
     check_json_shape(payload, max_json_depth, max_tensor_elements)
-
-    request_id = payload.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest("'id' must be a string")
     parameters = _parameters(payload, "the request")
     if parameters.get("sequence_id") not in (None, 0, ""):
         raise BadRequest("sequence requests are not supported: kiln engines keep no state")
-    binary_outputs_by_default = _flag(parameters, "binary_data_output", "the request")
+    return InferHeader(
+        payload,
+        memoryview(body)[header_end:],
+        _timeout_ms(parameters),
+        parse_priority(parameters.get("priority")),
+    )
 
-    binary = memoryview(body)[header_end:]
-    feeds = _decode_inputs(payload.get("inputs"), binary, signature, max_tensor_elements)
+
+def decode_request(header: InferHeader, signature: Signature, *, max_tensor_elements: int) -> InferRequest:
+    """The feeds of ``signature``'s inputs and the outputs to return. The feeds have
+    the engine's dtypes and the shapes the client declared; binary inputs are
+    read-only views of the body (copied only when unaligned). Raises ``BadRequest``
+    or ``InvalidInput`` (both 400) for anything malformed."""
+    if header.payload is None:
+        return _parse_raw_binary(header.binary, signature, max_tensor_elements)
+    payload = header.payload
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    binary_outputs_by_default = _flag(
+        _parameters(payload, "the request"), "binary_data_output", "the request"
+    )
+    feeds = _decode_inputs(payload.get("inputs"), header.binary, signature, max_tensor_elements)
     outputs = _output_choices(payload.get("outputs"), signature, binary_outputs_by_default)
-    return InferRequest(feeds, outputs, request_id, _timeout_ms(parameters))
+    return InferRequest(feeds, outputs, request_id, header.timeout_ms, header.priority)
+
+
+def parse_infer_request(
+    body: bytes | bytearray,
+    header_length: str | None,
+    signature: Signature,
+    *,
+    max_json_depth: int,
+    max_tensor_elements: int,
+) -> InferRequest:
+    """``read_header`` then ``decode_request``: a whole infer request body decoded
+    (what a worker process does with a big JSON body)."""
+    header = read_header(
+        body, header_length, max_json_depth=max_json_depth, max_tensor_elements=max_tensor_elements
+    )
+    return decode_request(header, signature, max_tensor_elements=max_tensor_elements)
+
+
+def parse_big_request(
+    body: bytes | bytearray,
+    header_length: str | None,
+    signature: Signature,
+    max_json_depth: int,
+    max_tensor_elements: int,
+) -> InferRequest:
+    """``parse_infer_request`` with positional limits, for a worker process (whose
+    binary inputs are copies, not views of a body it does not keep)."""
+    request = parse_infer_request(
+        body, header_length, signature, max_json_depth=max_json_depth, max_tensor_elements=max_tensor_elements
+    )
+    return dataclasses.replace(request, feeds={name: np.array(a) for name, a in request.feeds.items()})
 
 
 def _parameters(container: Mapping[str, Any], where: str) -> Mapping[str, Any]:
@@ -320,7 +368,7 @@ def binary_tensor(data: memoryview, name: str, dtype: np.dtype, shape: tuple[int
     return array
 
 
-def _parse_raw_binary(body: bytes, signature: Signature, max_elements: int) -> InferRequest:
+def _parse_raw_binary(body: memoryview, signature: Signature, max_elements: int) -> InferRequest:
     """``Inference-Header-Content-Length: 0``: the body is the one input's bytes,
     batch 1, and every output comes back binary."""
     if len(signature.inputs) != 1:
@@ -339,7 +387,7 @@ def _parse_raw_binary(body: bytes, signature: Signature, max_elements: int) -> I
     if math.prod(shape) > max_elements:
         raise BadRequest(f"input '{spec.name}' has more than {max_elements} elements")
     dtype = DATATYPES[datatype_of(spec.dtype)]
-    feeds = {spec.name: binary_tensor(memoryview(body), spec.name, dtype, shape)}
+    feeds = {spec.name: binary_tensor(body, spec.name, dtype, shape)}
     outputs = tuple(OutputChoice(out.name, binary=True) for out in signature.outputs)
     return InferRequest(feeds, outputs, None, None)
 

@@ -8,18 +8,19 @@ endpoint in the OpenAPI schema.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
-import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
 from service import tracing
 from service.auth import check_key
 from service.errors import BadRequest
-from service.protocols.inference import check_intake, counted, infer
-from service.protocols.intake import check_json_shape
+from service.protocols.inference import LARGE_BODY_BYTES, Body, check_intake, counted, infer
+from service.protocols.intake import parse_priority
 from service.protocols.native_codec import decode_native_inputs
+from service.protocols.offload import decode_json, decode_native_body
 from service.protocols.responses import dumps
 from service.state import AppState
 
@@ -28,27 +29,29 @@ router = APIRouter(tags=["inference"])
 
 async def predict_native(
     state: AppState,
-    body: bytes,
+    read: Callable[[], Awaitable[Body]],
     *,
     headers: Callable[[str], str | None],
     disconnected: Callable[[], Awaitable[None]] | None,
 ) -> bytes:
-    """Run one native request body; returns the response body.
+    """Read (``read``) and run one native request body; returns the response body.
 
-    Raises ``ServiceError``/``EngineError`` for every refusal (the caller maps them
-    to a status and an error body)."""
+    Raises the errors of ``service.errors.MAPPED_ERRORS`` for every refusal (the
+    caller maps them to a status and an error body)."""
     settings = state.settings
     with counted(state, "native") as record:
         if settings.protect_predict:
             check_key(headers, state.api_keys)
         check_intake(state)
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        body = await read()
+        large = len(body) > LARGE_BODY_BYTES
+        limits = (settings.max_json_depth, settings.max_tensor_elements)
+        if large:  # parsed in a worker process: orjson holds the GIL for a whole parse
+            payload = await state.offload.in_process(decode_native_body, body, *limits)
+        else:
+            payload = decode_json(body, *limits)
         if not isinstance(payload, dict):
             raise BadRequest('the body must be a JSON object: {"engine": ..., "inputs": ...}')
-        check_json_shape(payload, settings.max_json_depth, settings.max_tensor_elements)
         engine = payload.get("engine")
         if not isinstance(engine, str) or not engine:
             raise BadRequest("'engine' (the engine's name) is required")
@@ -62,20 +65,25 @@ async def predict_native(
             isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float) or timeout_ms <= 0
         ):
             raise BadRequest("'timeout_ms' must be a positive number")
+        priority = parse_priority(payload.get("priority"))
         found = state.registry.servable(engine, version)
-        signature = record.admit(found)
+        signature = record.admit(found, header=(priority, timeout_ms))
         with tracing.span("decode"):
-            feeds = decode_native_inputs(
-                payload["inputs"], signature, max_elements=settings.max_tensor_elements
+            decode = functools.partial(
+                decode_native_inputs, payload["inputs"], signature, max_elements=settings.max_tensor_elements
             )
-        outputs = await infer(found, feeds, timeout_ms=timeout_ms, disconnected=disconnected)
+            feeds = await state.offload.in_thread(decode) if large else decode()
+        outputs = await infer(
+            found, feeds, timeout_ms=timeout_ms, priority=priority, disconnected=disconnected
+        )
         with tracing.span("encode"):
             return dumps({"engine": engine, "version": found.version, "outputs": outputs})
 
 
 @router.post("/predict")
 async def predict() -> Response:
-    """``{"engine", "version"?, "inputs", "timeout_ms"?}`` → ``{"engine", "version", "outputs"}``.
+    """``{"engine", "version"?, "inputs", "timeout_ms"?, "priority"?}`` →
+    ``{"engine", "version", "outputs"}``.
 
     Declared for the OpenAPI schema only: ``FastPathApp`` answers this path with
     ``predict_native`` before routing, so this handler never runs."""

@@ -169,20 +169,24 @@ def test_resources_have_requests_and_limits(gpu_docs: Docs, cpu_docs: Docs) -> N
             assert key in resources["limits"]
 
 
-def adapter_rule() -> dict[str, Any]:
+def adapter_rules() -> dict[str, dict[str, Any]]:
+    """The adapter's rules by the metric name each exports."""
     rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
-    assert len(rules) == 1
-    rule: dict[str, Any] = rules[0]
-    return rule
+    return {rule["name"]["as"]: rule for rule in rules}
 
 
-def test_hpa_targets_the_metric_the_adapter_rule_exports(gpu_docs: Docs) -> None:
-    rule = adapter_rule()
-    assert "kiln_queue_duration_seconds" in rule["seriesQuery"]
-    query = rule["metricsQuery"]
-    assert "kiln_queue_duration_seconds_sum{<<.LabelMatchers>>}" in query
-    assert "kiln_queue_duration_seconds_count{<<.LabelMatchers>>}" in query
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+def test_hpa_targets_the_load_ratio_the_adapter_rule_exports(gpu_docs: Docs) -> None:
+    rules = adapter_rules()
+    assert set(rules) == {"kiln_load_ratio", "kiln_queue_duration_seconds_avg"}
+    load = rules["kiln_load_ratio"]
+    assert "kiln_engine_load_ratio" in load["seriesQuery"]
+    assert load["metricsQuery"] == "sum(kiln_engine_load_ratio{<<.LabelMatchers>>}) by (<<.GroupBy>>)"
+    queue = rules["kiln_queue_duration_seconds_avg"]["metricsQuery"]
+    assert "kiln_queue_duration_seconds_sum{<<.LabelMatchers>>}" in queue
+    assert "kiln_queue_duration_seconds_count{<<.LabelMatchers>>}" in queue
+    for rule in rules.values():
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    rule = load
 
     hpa = one(gpu_docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -206,9 +210,10 @@ def test_adapter_rule_is_documented_identically() -> None:
     def squash(text: str) -> str:
         return re.sub(r"[\s#]+", " ", text)
 
-    query = squash(adapter_rule()["metricsQuery"])
-    for doc in (CHART / "values.yaml", ROOT / "docs" / "OPERATIONS.md"):
-        assert query in squash(doc.read_text()), f"{doc} does not show the adapter rule's query"
+    for rule in adapter_rules().values():
+        query = squash(rule["metricsQuery"])
+        for doc in (CHART / "values.yaml", ROOT / "docs" / "OPERATIONS.md"):
+            assert query in squash(doc.read_text()), f"{doc} does not show the adapter rule's query"
 
 
 def render_notes(tools: Tools, workdir: Path, *values_files: Path, set_values: Sequence[str] = ()) -> str:
@@ -250,7 +255,7 @@ def test_notes_explain_keys_scraping_and_the_adapter_rule(
     assert "kubectl -n kiln get secret kiln-api-keys" in gpu
     assert "generated one key" in gpu
     assert ADAPTER_RULES.read_text().strip().splitlines()[-1].strip() in gpu
-    assert adapter_rule()["name"]["as"] in gpu
+    assert "kiln_load_ratio" in gpu
     assert "No ServiceMonitor" in gpu  # rendered without the CRDs
     assert "WARNING" not in gpu
 

@@ -470,7 +470,9 @@ def test_sigterm_under_load_answers_every_accepted_request(
     # connection or listener.
     refused = [o for o in outcomes if o.status == 503]
     assert refused, "no request was refused while draining"
-    assert all(o.retry_after == "1" for o in refused)
+    # (Draining says 1 s; an overloaded engine its backlog's drain time, whole seconds.)
+    assert all(o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
+    assert all(o.retry_after == "1" for o in refused if o.started > sigterm_at + 0.2)
     assert [o for o in outcomes if o.status is None] == []
     for outcome in after:
         if outcome.started > sigterm_at + 0.2:

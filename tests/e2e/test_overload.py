@@ -1,20 +1,24 @@
-"""A few seconds of overload against a real server: far more concurrent requests
-than a slow engine with a small queue can take. The excess is answered at once
-with 503 and Retry-After, nothing times out or is dropped, the health endpoint
+"""A few seconds of 5x overload against a real server, open-loop: Poisson arrivals
+that do not slow down when the server does, each with a deadline. A low-priority
+flood at 5x the engine's measured capacity, with high-priority requests inside
+it. The flood's excess is refused at once with 503 and a computed Retry-After,
+the high-priority requests are all answered in time, nothing is reset, health
 keeps answering, memory stays put, and the server serves normally afterwards.
 
-benchmarks/overload.py is the full version (hey, several levels, figures)."""
+benchmarks/overload.py is the full version (levels 1x-5x, two models, pinned
+cores, figures in docs/BENCHMARKS.md); here the margins allow for a loaded CI
+machine."""
 
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,72 +31,14 @@ from tests.e2e.test_faults import slow_model
 
 pytestmark = pytest.mark.slow
 
-CONCURRENCY = 64
 SECONDS = 3.0
-
-LOAD = """
-# A small load generator on raw asyncio streams (HTTP/1.1 keep-alive): Python
-# HTTP clients spend more time in their pools than the server takes to refuse.
-import asyncio, json, sys, time
-
-host, port = sys.argv[1].removeprefix("http://").split(":")
-body = open(sys.argv[2], "rb").read()
-concurrency, seconds = int(sys.argv[3]), float(sys.argv[4])
-request = (
-    f"POST /predict HTTP/1.1\\r\\nHost: {host}\\r\\nContent-Type: application/json\\r\\n"
-    f"Content-Length: {len(body)}\\r\\n\\r\\n"
-).encode() + body
-result = {"statuses": {}, "errors": {}, "retry_after": {}, "kinds": {}}
-
-
-def add(table, key):
-    table[key] = table.get(key, 0) + 1
-
-
-async def worker(deadline):
-    reader = writer = None
-    while time.monotonic() < deadline:
-        try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\\r\\n\\r\\n"), 10)
-            lines = head.decode("latin-1").split("\\r\\n")
-            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-            content = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
-            add(result["errors"], type(exc).__name__)
-            writer = None
-            continue
-        status = lines[0].split(" ")[1]
-        add(result["statuses"], status)
-        if status != "200":
-            add(result["kinds"], json.loads(content)["error"]["type"])
-            add(result["retry_after"], headers.get("retry-after", "none"))
-    if writer is not None:
-        writer.close()
-
-
-async def main():
-    deadline = time.monotonic() + seconds
-    await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
-
-
-asyncio.run(main())
-print(json.dumps(result))
-"""
+DEADLINE_MS = 1000
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     with ServerProcess(tmp_path / "store") as running, running.client() as client:
-        upload(
-            client,
-            slow_model(tmp_path / "slow.onnx", depth=200),
-            "slow",
-            max_batch_size="1",
-            max_queue_size="4",
-        )
+        upload(client, slow_model(tmp_path / "slow.onnx", depth=400), "slow", max_batch_size="1")
         assert wait_for_state(client, "slow", timeout_s=120)["state"] == "ready"
         yield running
 
@@ -124,60 +70,121 @@ class HealthSampler(threading.Thread):
             self.client.close()
 
 
-def test_overload_is_refused_with_503_and_the_server_stays_responsive(
+def generate(
+    server: ServerProcess, work: Path, seconds: float, streams: list[dict[str, Any]]
+) -> dict[str, Any]:
+    spec = work / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "seconds": seconds,
+                "warm_connections": 64,
+                "streams": streams,
+            }
+        )
+    )
+    output = subprocess.run(
+        [sys.executable, "-m", "benchmarks.open_loop", str(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 90,
+    ).stdout
+    return {s["name"]: s for s in json.loads(output.strip().splitlines()[-1])}
+
+
+def body(work: Path, name: str, priority: int) -> str:
+    row = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32).round(4).tolist()
+    path = work / f"{name}.json"
+    path.write_text(
+        json.dumps({"engine": "slow", "inputs": row, "timeout_ms": DEADLINE_MS, "priority": priority})
+    )
+    return str(path)
+
+
+def test_5x_overload_refuses_the_excess_at_once_and_serves_high_priority_in_time(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     assert server.process is not None
     process = psutil.Process(server.process.pid)
-    body = tmp_path / "body.json"
-    row = np.random.default_rng(0).standard_normal(512).astype(np.float32).round(4).tolist()
-    body.write_text(json.dumps({"engine": "slow", "inputs": [row]}))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD)
+    headers = {"Content-Type": "application/json"}
+    low, high = body(tmp_path, "low", 2), body(tmp_path, "high", 1)
+    stream = {"path": "/predict", "headers": headers, "deadline_ms": DEADLINE_MS}
+    capacity_run = generate(
+        server, tmp_path, 1.5, [{**stream, "name": "cap", "body_file": low, "closed": 8}]
+    )["cap"]
+    capacity = capacity_run["statuses"]["200"] / capacity_run["seconds"]
 
     rss_before = process.memory_info().rss
     sampler = HealthSampler(server.url)
     sampler.start()
-    rss_samples: list[int] = []
+    rss: list[int] = []
+    watching = threading.Event()
+
+    def watch_rss() -> None:
+        while not watching.is_set():
+            rss.append(process.memory_info().rss)
+            watching.wait(0.1)
+
+    watcher = threading.Thread(target=watch_rss, daemon=True)
+    watcher.start()
     try:
-        load = subprocess.Popen(
-            [sys.executable, str(script), server.url, str(body), str(CONCURRENCY), str(SECONDS)],
-            stdout=subprocess.PIPE,
-            text=True,
+        result = generate(
+            server,
+            tmp_path,
+            SECONDS,
+            [
+                {**stream, "name": "flood", "body_file": low, "rate": 5 * capacity},
+                {**stream, "name": "high", "body_file": high, "rate": 0.5 * capacity},
+            ],
         )
-        deadline = time.monotonic() + SECONDS + 30
-        while load.poll() is None and time.monotonic() < deadline:
-            rss_samples.append(process.memory_info().rss)
-            time.sleep(0.1)
-        output, _ = load.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         sampler.stop.set()
+        watching.set()
         sampler.join(10)
-    result = json.loads(output)
+        watcher.join(10)
+    flood, vip = result["flood"], result["high"]
+    live = sorted(sampler.latencies_ms)
     print(
-        f"overload: {result}; health p50 {statistics.median(sampler.latencies_ms):.1f} ms, "
-        f"max {max(sampler.latencies_ms):.1f} ms over {len(sampler.latencies_ms)} samples; "
-        f"RSS {rss_before / 2**20:.0f} -> {max(rss_samples) / 2**20:.0f} MB"
+        f"capacity {capacity:.0f}/s; flood {flood['statuses']} refusal p99 {flood['refusal_p99_ms']} ms, "
+        f"Retry-After {flood['retry_after']} (ms p50 {flood['retry_after_ms_p50']}); high {vip['statuses']} "
+        f"in time {vip['in_time']}, p99 {vip['ok_p99_ms']} ms; "
+        f"health p99 {live[int(0.99 * (len(live) - 1))]:.1f} ms; "
+        f"RSS {rss_before / 2**20:.0f} -> {max(rss) / 2**20:.0f} MB; "
+        f"generator lag p99 {flood['lag_p99_ms']} ms"
     )
 
-    # Overload is answered, at once and politely: 503 with Retry-After, never a
-    # timeout or a dropped connection.
-    assert result["errors"] == {}
-    assert set(result["statuses"]) == {"200", "503"}, result
-    assert result["statuses"]["503"] > result["statuses"]["200"]
-    assert result["retry_after"] == {"1": result["statuses"]["503"]}
-    assert result["kinds"] == {"unavailable": result["statuses"]["503"]}
-    # The event loop kept answering health checks.
+    # Nothing is dropped or reset: every request gets an answer.
+    assert flood["errors"] == {} and vip["errors"] == {}
+    # The flood's excess is refused, at once, with a computed Retry-After.
+    refused = flood["statuses"].get("503", 0)
+    assert refused > flood["statuses"].get("200", 0)
+    # (504: a low-priority request queued in time whose deadline the high-priority
+    # work then took; it never ran.)
+    assert set(flood["statuses"]) <= {"200", "503", "504"}, flood["statuses"]
+    assert flood["retry_after"].get("none", 0) == 0
+    assert flood["retry_after_ms_p50"] is not None and flood["retry_after_ms_p50"] > 0
+    # Refused on arrival within milliseconds (p99 under 10 ms for a uniform flood on a
+    # quiet machine: docs/BENCHMARKS.md); queued low-priority requests that high-priority
+    # work displaces are shed when it does, never after their deadline.
+    assert flood["refusal_p50_ms"] < 50
+    assert flood["refusal_p99_ms"] < DEADLINE_MS
+    # High priority inside the flood: every request answered 200, within its deadline.
+    assert vip["statuses"] == {"200": vip["sent"]}
+    assert vip["in_time"] == vip["sent"]
+    # The event loop kept answering health checks; memory stayed bounded.
     assert sampler.failures == []
-    assert len(sampler.latencies_ms) >= 20
-    assert statistics.median(sampler.latencies_ms) < 100
-    assert max(sampler.latencies_ms) < 1000
-    # Memory stayed bounded: the queue holds 4 requests, not the backlog.
-    assert max(rss_samples) - rss_before < 64 * 2**20
-    # And it serves normally afterwards.
+    assert len(live) >= 20 and live[int(0.99 * (len(live) - 1))] < 250
+    assert max(rss) - rss_before < 64 * 2**20
     with server.client() as client:
         assert client.get("/health/ready").status_code == 200
-        response = client.post(
-            "/predict", content=body.read_bytes(), headers={"Content-Type": "application/json"}
-        )
+        response = client.post("/predict", content=Path(high).read_bytes(), headers=headers)
         assert response.status_code == 200, response.text
+        metrics = client.get("/metrics").text
+    assert 'kiln_engine_load_ratio{engine="slow",version="1"}' in metrics
+    assert (
+        'kiln_rejected_requests_total{engine="slow",reason="deadline_unmeetable",version="1"}' in metrics
+        or ('reason="queue_timeout"' in metrics)
+    )

@@ -121,7 +121,12 @@ def test_server_and_model_metadata_and_config(client: triton.InferenceServerClie
     assert client.is_server_ready(headers=AUTH)
     metadata = client.get_server_metadata(as_json=True)
     assert metadata["name"] == "kiln"
-    assert metadata["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
+    assert metadata["extensions"] == [
+        "binary_tensor_data",
+        "model_configuration",
+        "schedule_policy",
+        "statistics",
+    ]
     assert client.is_model_ready("mlp", headers=AUTH)
     assert client.is_model_ready("mlp", "1", headers=AUTH)
     assert not client.is_model_ready("nope", headers=AUTH)

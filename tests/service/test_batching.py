@@ -11,8 +11,10 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from service.batching import BatchingConfig, DynamicBatcher, adaptive_plan, fit_batch_cost
-from service.errors import DeadlineExceeded, Unavailable
+from engines.errors import InvalidInput
+from service.admission import LatencyModel, QueuePolicy, fit_batch_cost
+from service.batching import BatchingConfig, DynamicBatcher, adaptive_plan
+from service.refusals import DeadlinePassed, DeadlineUnmeetable, QueueFull, Shed, Stopping
 
 
 class FakeEngine:
@@ -110,9 +112,9 @@ async def test_queue_full_is_rejected_at_once_with_retry_after() -> None:
     await asyncio.to_thread(engine.started.wait, 5)
     queued = [asyncio.create_task(batcher.infer(rows(1))) for _ in range(2)]
     await asyncio.sleep(0)
-    with pytest.raises(Unavailable, match="queued") as excinfo:
+    with pytest.raises(QueueFull, match="queued") as excinfo:
         await batcher.infer(rows(1))
-    assert excinfo.value.headers["Retry-After"] == "1"
+    assert excinfo.value.retry_after_s > 0
     engine.gate.set()
     await asyncio.gather(running, *queued)
     await batcher.stop()
@@ -124,7 +126,7 @@ async def test_deadline_passes_in_queue_and_the_request_never_runs() -> None:
     batcher = make(engine, max_batch_size=1)
     running = asyncio.create_task(batcher.infer(rows(1, start=100)))
     await asyncio.to_thread(engine.started.wait, 5)
-    with pytest.raises(DeadlineExceeded, match="deadline"):
+    with pytest.raises(DeadlinePassed, match="deadline"):
         await batcher.infer(rows(1, start=200), timeout_ms=30)
     engine.gate.set()
     await running
@@ -132,16 +134,26 @@ async def test_deadline_passes_in_queue_and_the_request_never_runs() -> None:
     assert engine.batches == [1], "the expired request must not run"
 
 
-async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+async def test_a_failed_batch_is_run_again_one_request_at_a_time() -> None:
     engine = FakeEngine()
     batcher = make(engine, max_batch_size=4, max_queue_delay_ms=100)
-    engine.fail_next = True
-    failed = await asyncio.gather(*(batcher.infer(rows(1)) for _ in range(3)), return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in failed)
-    ok = await batcher.infer(rows(1))
+    engine.fail_next = True  # the batch fails once, for no request's fault
+    results = await asyncio.gather(*(batcher.infer(rows(1, start=i)) for i in range(3)))
     await batcher.stop()
-    assert "y" in ok
-    assert engine.batches == [3, 1]
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], 2 * rows(1, start=i)["x"] + 1)
+    assert engine.batches == [3, 1, 1, 1]
+
+
+async def test_a_failing_lone_request_fails_alone() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4)
+    engine.fail_next = True
+    with pytest.raises(RuntimeError, match="exploded"):
+        await batcher.infer(rows(1))
+    assert "y" in await batcher.infer(rows(1))
+    await batcher.stop()
+    assert engine.batches == [1, 1]
 
 
 async def test_only_matching_shapes_share_a_batch() -> None:
@@ -248,7 +260,7 @@ async def test_stop_lets_queued_requests_finish_then_refuses_new_ones() -> None:
     await batcher.stop(drain_timeout_s=5)
     results = await asyncio.gather(*tasks)
     assert len(results) == 5 and sum(engine.batches) == 5
-    with pytest.raises(Unavailable):
+    with pytest.raises(Stopping):
         await batcher.infer(rows(1))
 
 
@@ -281,7 +293,10 @@ class RecordingObserver:
     def batch_done(self, rows: int, requests: int, compute_s: float, queue_waits_s: list[float]) -> None:
         pass
 
-    def rejected(self, reason: str) -> None:
+    def reran(self, requests: int) -> None:
+        pass
+
+    def load_ratio_from(self, read: object) -> None:
         pass
 
     def adapted(self, delay_s: float, batch_cap: int) -> None:
@@ -299,6 +314,7 @@ async def test_adaptive_batcher_follows_the_arrival_rate(monkeypatch: pytest.Mon
         observer=observer,
         name="adaptive",
         latency_profile_ms={1: 1.0, 8: 4.0},
+        policy=QueuePolicy(queue_target_ms=0),  # a burst of 200 without deadlines: no standing-queue budget
     )
     batcher.start()
     # A lone first request: no rate known yet, so it runs without waiting.
@@ -321,7 +337,7 @@ async def test_stop_during_a_running_batch_answers_its_requests() -> None:
     await asyncio.to_thread(engine.started.wait, 5)
     await batcher.stop(drain_timeout_s=0)
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=2)
-    assert all(isinstance(r, Unavailable) and "unloaded" in str(r) for r in results)
+    assert all(isinstance(r, Stopping) and "unloaded" in str(r) for r in results)
     engine.gate.set()
 
 
@@ -442,3 +458,169 @@ async def test_swap_gives_the_adaptive_plan_the_new_engines_latency() -> None:
     batcher._observe_arrival(next(arrivals))
     assert batcher.plan == (pytest.approx(0.002, rel=0.05), 3)
     await batcher.stop()
+
+
+class PickyEngine(FakeEngine):
+    """Refuses any batch holding a negative value, as an engine refuses an index out
+    of range: only the request that holds it is at fault."""
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.started.set()
+        self.gate.wait(10)
+        self.batches.append(feeds["x"].shape[0])
+        if (feeds["x"] < 0).any():
+            raise InvalidInput("index -1 is out of range")
+        return {"y": 2 * feeds["x"] + 1}
+
+
+async def test_one_bad_request_fails_alone_and_its_batch_mates_are_answered() -> None:
+    engine = PickyEngine()
+    batcher = make(engine, max_batch_size=8, max_queue_delay_ms=500)  # type: ignore[arg-type]
+    requests = [rows(1, start=i) for i in range(8)]
+    requests[5] = {"x": -np.ones((1, 3), np.float32)}
+    results = await asyncio.gather(*(batcher.infer(r) for r in requests), return_exceptions=True)
+    await batcher.stop()
+    assert engine.batches[0] == 8, "they were batched together"
+    assert engine.batches[1:] == [1] * 8, "then run again one by one"
+    assert isinstance(results[5], InvalidInput) and "out of range" in str(results[5])
+    for i, result in enumerate(results):
+        if i != 5:
+            assert isinstance(result, dict)
+            np.testing.assert_array_equal(result["y"], 2 * requests[i]["x"] + 1)
+
+
+async def test_a_request_bigger_than_the_batch_runs_as_engine_sized_batches() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8)
+    big = rows(20)
+    result = await batcher.infer(big)
+    await batcher.stop()
+    assert engine.batches == [8, 8, 4]
+    np.testing.assert_array_equal(result["y"], 2 * big["x"] + 1)
+    np.testing.assert_array_equal(result["total"], big["x"].sum(axis=1))
+    assert batcher.queue_depth == 0
+
+
+async def test_a_failing_part_fails_the_whole_split_request_and_drops_the_rest() -> None:
+    engine = PickyEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=4)  # type: ignore[arg-type]
+    blocker = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    big = rows(12)
+    big["x"][5] = -1  # in the second part
+    task = asyncio.create_task(batcher.infer(big))
+    await asyncio.sleep(0)
+    engine.gate.set()
+    with pytest.raises(InvalidInput):
+        await task
+    await blocker
+    await batcher.stop()
+    assert engine.batches == [1, 4, 4], "the third part never ran"
+    assert batcher.queue_depth == 0
+
+
+async def test_higher_priority_is_served_first() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=2)
+    order: list[str] = []
+
+    async def call(label: str, priority: int) -> None:
+        await batcher.infer(rows(1), priority=priority)
+        order.append(label)
+
+    first = asyncio.create_task(call("first", 2))
+    await asyncio.to_thread(engine.started.wait, 5)
+    low = [asyncio.create_task(call(f"low{i}", 2)) for i in range(3)]
+    await asyncio.sleep(0)
+    high = [asyncio.create_task(call(f"high{i}", 1)) for i in range(2)]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(first, *low, *high)
+    await batcher.stop()
+    assert order[:3] == ["first", "high0", "high1"]
+    assert engine.batches == [1, 2, 2, 1]
+
+
+async def test_a_full_queue_sheds_the_newest_lower_priority_request() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_size=1, max_queue_size=2)
+    running = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    low = [asyncio.create_task(batcher.infer(rows(1), priority=2)) for _ in range(2)]
+    await asyncio.sleep(0)
+    high = asyncio.create_task(batcher.infer(rows(1), priority=1))
+    await asyncio.sleep(0)
+    with pytest.raises(Shed, match="higher-priority"):
+        await low[1]
+    with pytest.raises(QueueFull):  # the queue is full of work as important as this
+        await batcher.infer(rows(1), priority=2)
+    engine.gate.set()
+    await asyncio.gather(running, high, low[0])
+    await batcher.stop()
+
+
+async def test_work_queued_past_the_deadline_is_refused_at_once() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    # The engine is believed to take 100 ms a batch.
+    batcher = DynamicBatcher(
+        engine, BatchingConfig(max_batch_size=1), batchable=True, latency_profile_ms={1: 100.0, 8: 100.0}
+    )
+    batcher.start()
+    running = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    queued = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with pytest.raises(DeadlineUnmeetable) as refused:
+        await batcher.infer(rows(1), timeout_ms=150)  # 100 ms running + 100 queued + its own 100
+    assert time.monotonic() - started < 0.1, "refused at once, not after waiting"
+    assert 0.1 <= refused.value.retry_after_s <= 0.3
+    engine.gate.set()
+    await asyncio.gather(running, queued)
+    await batcher.stop()
+
+
+async def test_work_that_cannot_finish_in_time_is_dropped_before_it_runs() -> None:
+    engine = FakeEngine()
+    batcher = DynamicBatcher(
+        engine, BatchingConfig(max_batch_size=8), batchable=True, latency_profile_ms={1: 500.0, 8: 500.0}
+    )
+    batcher.start()
+    with pytest.raises(DeadlinePassed, match="would end after its deadline"):
+        await batcher.infer(rows(1), timeout_ms=100)
+    await batcher.stop()
+    assert engine.batches == [], "it never ran"
+
+
+class FixedLatency(LatencyModel):
+    """A latency model that live runs do not change."""
+
+    def observe(self, rows: int, seconds: float) -> None:
+        pass
+
+
+async def test_a_batch_closes_before_it_would_run_past_a_members_deadline() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = DynamicBatcher(
+        engine,
+        BatchingConfig(max_batch_size=8),
+        batchable=True,
+        latency_profile_ms={1: 200.0, 8: 1600.0},  # 200 ms a row
+        policy=QueuePolicy(admission=False),
+    )
+    batcher.start()
+    batcher.admission.latency = FixedLatency({1: 200.0, 8: 1600.0})  # the fake's runs take no time
+    running = asyncio.create_task(batcher.infer(rows(1)))
+    await asyncio.to_thread(engine.started.wait, 5)
+    queued = [asyncio.create_task(batcher.infer(rows(1), timeout_ms=1500)) for _ in range(8)]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(running, *queued)
+    await batcher.stop()
+    # 7 rows would run 1,400 ms; 8 would run 1,600 ms, past the 1,500 ms deadline.
+    assert engine.batches == [1, 7, 1]

@@ -245,14 +245,21 @@ async def test_an_upload_is_cut_off_at_its_limit_not_read_whole(bare_app: FastAP
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
 
 
-@pytest.mark.parametrize("path", ["/predict", "/v2/models/mlp/infer"])
-async def test_a_chunked_body_over_the_request_limit_is_cut_off(bare_app: FastAPI, path: str) -> None:
+async def test_a_chunked_body_over_the_request_limit_is_cut_off(bare_app: FastAPI) -> None:
     receive = CountingBody(b"[", b"1," * (CHUNK // 2), GIB_OF_CHUNKS)  # no Content-Length
-    scope = asgi_scope("POST", path, [(b"content-type", b"application/json")])
+    scope = asgi_scope("POST", "/predict", [(b"content-type", b"application/json")])
     status, body = await run_asgi(bare_app, scope, receive)
     assert status == 413
     assert b"larger than the limit of 4096 bytes" in body
     assert receive.given <= MAX_REQUEST + CHUNK + 1
+
+
+async def test_a_v2_body_for_a_model_that_cannot_take_it_is_never_read(bare_app: FastAPI) -> None:
+    receive = CountingBody(b"[", b"1," * (CHUNK // 2), GIB_OF_CHUNKS)
+    scope = asgi_scope("POST", "/v2/models/mlp/infer", [(b"content-type", b"application/json")])
+    status, _ = await run_asgi(bare_app, scope, receive)
+    assert status == 404  # known from the path, before the body
+    assert receive.given == 0
 
 
 # -- request bodies ----------------------------------------------------------------

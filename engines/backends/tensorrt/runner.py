@@ -31,7 +31,7 @@ from engines.backends.tensorrt.library import (
 from engines.errors import (
     BackendUnavailable,
     DeviceLost,
-    EngineError,
+    InferenceFailed,
     InvalidInput,
     StoreCorrupted,
     UnsupportedModel,
@@ -41,10 +41,8 @@ from engines.types import DYNAMIC, Signature
 _log = logging.getLogger("engines.backends.tensorrt")
 
 
-class TensorRTExecutionError(EngineError):
+class TensorRTExecutionError(InferenceFailed):
     """TensorRT failed while running a batch that passed the input checks."""
-
-    kind = "inference_failed"
 
 
 @dataclass(frozen=True)

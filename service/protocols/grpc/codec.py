@@ -139,6 +139,18 @@ def timeout_ms(request: messages.ModelInferRequest) -> float | None:
     return parameter.int64_param / 1000.0 if parameter.int64_param else None
 
 
+def priority(request: messages.ModelInferRequest) -> int | None:
+    """Triton's ``priority`` parameter (tritonclient sends a uint64; an int64 is
+    taken too); 0 or absent means the engine's default level."""
+    parameter = request.parameters.get("priority")
+    if parameter is None:
+        return None
+    choice = parameter.WhichOneof("parameter_choice")
+    if choice not in ("uint64_param", "int64_param") or getattr(parameter, choice) < 0:
+        raise BadRequest("parameter 'priority' must be a non-negative integer (1 is the highest)")
+    return int(getattr(parameter, choice))
+
+
 def check_parameters(request: messages.ModelInferRequest) -> None:
     sequence = request.parameters.get("sequence_id")
     if sequence is not None and (sequence.int64_param or sequence.string_param):

@@ -25,10 +25,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engines.errors import EngineError
 from service import tracing
 from service.auth import check_key
-from service.errors import ServiceError, status_of
+from service.errors import MAPPED_ERRORS, ServiceError, retry_after_s, status_of
 from service.health import not_ready_reason
 from service.protocols.grpc import codec
 from service.protocols.grpc.stubs import messages, services
@@ -104,7 +103,7 @@ def _rpc(*, protected: bool) -> Callable[[Handler[Request, Response]], Handler[R
                     if protected and self.state.settings.protect_predict:
                         check_key(metadata, self.state.api_keys)
                     response = await method(self, request, context)
-                except (ServiceError, EngineError) as exc:
+                except MAPPED_ERRORS as exc:
                     await _abort(context, exc, trailers)
                     raise AssertionError("unreachable: abort raises") from None
                 except Exception:
@@ -129,8 +128,10 @@ async def _abort(
     retry_after = headers.get("Retry-After")
     if retry_after is not None:
         metadata.append(("retry-after", retry_after))
+        delay = Duration()
+        delay.FromNanoseconds(round((retry_after_s(exc) or float(retry_after)) * 1e9))
         detail = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
-        detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=Duration(seconds=int(retry_after))))
+        detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         metadata.append(("grpc-status-details-bin", detail.SerializeToString()))
     await context.abort(code, message, tuple(metadata))
 
@@ -196,7 +197,7 @@ class InferenceService(services.GRPCInferenceServiceServicer):
             adopt_request_id(None)
             try:
                 response = await self._infer(request, None)
-            except (ServiceError, EngineError) as exc:
+            except MAPPED_ERRORS as exc:
                 yield messages.ModelStreamInferResponse(error_message=status_of(exc)[2])
                 continue
             yield messages.ModelStreamInferResponse(infer_response=response)
@@ -207,15 +208,15 @@ class InferenceService(services.GRPCInferenceServiceServicer):
         with counted(state, "grpc") as record:
             check_intake(state)
             found = ready_version(state.registry, request.model_name, request.model_version or None)
-            signature = record.admit(found)
-            with tracing.span("decode"):
-                codec.check_parameters(request)
-                feeds = codec.decode_inputs(request, signature, settings.max_tensor_elements)
-                choices = codec.output_choices(request, signature)
-                timeout_ms = codec.timeout_ms(request)
+            codec.check_parameters(request)
+            timeout_ms, priority = codec.timeout_ms(request), codec.priority(request)
             if deadline_s is not None:  # the client's own gRPC deadline bounds the queue too
                 timeout_ms = min(timeout_ms or deadline_s * 1000, deadline_s * 1000)
-            outputs = await infer(found, feeds, timeout_ms=timeout_ms)
+            signature = record.admit(found, header=(priority, timeout_ms))
+            with tracing.span("decode"):
+                feeds = codec.decode_inputs(request, signature, settings.max_tensor_elements)
+                choices = codec.output_choices(request, signature)
+            outputs = await infer(found, feeds, timeout_ms=timeout_ms, priority=priority)
             with tracing.span("encode"):
                 return codec.encode_response(
                     outputs,

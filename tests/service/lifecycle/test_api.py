@@ -123,7 +123,7 @@ def test_integer_inputs_refuse_fractions_and_out_of_range(client: TestClient) ->
         ({"engine": "mlp", "version": "one", "inputs": [[1.0]]}, 400, "'version'"),
         ({"engine": "two_in_two_out", "inputs": [[1.0] * 4]}, 400, "keyed by input name"),
         ({"engine": "two_in_two_out", "inputs": {"a": [[1.0] * 4]}}, 400, "missing input"),
-        ({"engine": "mlp", "inputs": {"x": [[1.0] * 16] * 9}}, 400, "range 1..8"),
+        ({"engine": "mlp", "inputs": {"x": []}}, 400, "has rank 1"),
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_problem(
